@@ -1,0 +1,36 @@
+/* Incremental Internet checksum updates (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')).
+ * Values are taken as they sit in the packet; one's-complement sums do not care about
+ * byte order as long as old and new are loaded the same way. Prefixed xl_: BCC pulls in
+ * kernel headers whose csum_* helpers would collide. */
+#pragma once
+
+static __always_inline __u16 xl_csum_fold(__u32 s)
+{
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    return (__u16)s;
+}
+
+static __always_inline __u16 xl_csum_replace2(__u16 check, __u16 old, __u16 new)
+{
+    __u32 s = (__u16)~check + (__u16)~old + (__u32)new;
+    return (__u16)~xl_csum_fold(s);
+}
+
+static __always_inline __u16 xl_csum_replace4(__u16 check, __u32 old, __u32 new)
+{
+    __u32 s = (__u16)~check;
+    s += (__u16)~(old & 0xffff);
+    s += (__u16)~(old >> 16);
+    s += new & 0xffff;
+    s += new >> 16;
+    return (__u16)~xl_csum_fold(s);
+}
+
+/* UDP: a zero checksum means "none" and stays zero; a computed zero is sent as 0xffff. */
+static __always_inline __u16 xl_udp_fixup(__u16 old_check, __u16 new_check)
+{
+    if (old_check == 0)
+        return 0;
+    return new_check == 0 ? 0xffff : new_check;
+}

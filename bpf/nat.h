@@ -1,0 +1,84 @@
+/* Address/port rewriting with checksum updates, TTL decrement, and the next hop
+ * through bpf_fib_lookup (XDP_TX, XDP_REDIRECT or back to the kernel). */
+#pragma once
+
+#include "csum.h"
+
+static __always_inline void xl_count(__u32 idx)
+{
+    __u64 *v = counters.lookup(&idx);
+    if (v)
+        *v += 1;
+}
+
+/* Rewrite the IPv4 address at *addr (saddr or daddr) and, when new_port != 0, the port at
+ * *port. The L4 checksum covers the address through the pseudo-header. */
+static __always_inline void xl_rewrite(struct xl_pkt *p, __be32 *addr, __be32 new_addr,
+                                       __be16 *port, __be16 new_port)
+{
+    __be32 old_addr = *addr;
+    __u16 l4_old = *p->l4_check;
+    __u16 l4 = xl_csum_replace4(l4_old, old_addr, new_addr);
+
+    p->ip->check = xl_csum_replace4(p->ip->check, old_addr, new_addr);
+    *addr = new_addr;
+    if (new_port && new_port != *port) {
+        l4 = xl_csum_replace2(l4, *port, new_port);
+        *port = new_port;
+    }
+    if (p->proto == IPPROTO_UDP)
+        l4 = xl_udp_fixup(l4_old, l4);
+    *p->l4_check = l4;
+}
+
+static __always_inline void xl_decrement_ttl(struct iphdr *ip)
+{
+    /* TTL shares a 16-bit checksum word with the protocol byte. */
+    __u16 *word = (__u16 *)&ip->ttl;
+    __u16 old = *word;
+    ip->ttl -= 1;
+    ip->check = xl_csum_replace2(ip->check, old, *word);
+}
+
+/* Send a rewritten packet on its way. TTL was checked (> 1) by the caller; it is
+ * decremented only when we forward ourselves: a packet handed to the kernel is
+ * decremented by the kernel's own forwarding. */
+static __always_inline int xl_fib_forward(struct xdp_md *ctx, struct xl_pkt *p)
+{
+    struct bpf_fib_lookup fib = {};
+    struct iphdr *ip = p->ip;
+
+    fib.family = AF_INET;
+    fib.tos = ip->tos;
+    fib.l4_protocol = ip->protocol;
+    fib.tot_len = bpf_ntohs(ip->tot_len);
+    fib.ipv4_src = ip->saddr;
+    fib.ipv4_dst = ip->daddr;
+    fib.ifindex = ctx->ingress_ifindex;
+
+    int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+    if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+        /* NO_NEIGH: the kernel resolves ARP and forwards; others: it decides (ICMP...). */
+        xl_count(XL_C_FIB_MISS);
+        xl_count(XL_C_PASS_FIB);
+        return XDP_PASS;
+    }
+    __u32 egress = fib.ifindex;
+    __u32 *slot = NULL;
+    if (egress != ctx->ingress_ifindex) {
+        slot = tx_ports.lookup(&egress);
+        if (!slot) {
+            xl_count(XL_C_PASS_FOREIGN_EGRESS);
+            return XDP_PASS;
+        }
+    }
+    xl_decrement_ttl(ip);
+    __builtin_memcpy(p->eth->h_dest, fib.dmac, ETH_ALEN);
+    __builtin_memcpy(p->eth->h_source, fib.smac, ETH_ALEN);
+    if (!slot) {
+        xl_count(XL_C_TX);
+        return XDP_TX;
+    }
+    xl_count(XL_C_REDIRECT);
+    return tx_devs.redirect_map(*slot, 0);
+}

@@ -1,0 +1,379 @@
+"""The real BPF program under BPF_PROG_TEST_RUN: frames in, frames out, every byte checked.
+
+Runs inside a private network namespace holding veth interfaces, addresses and permanent
+neighbours, so bpf_fib_lookup resolves next hops as it would on a live balancer.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from collections import Counter
+
+import pytest
+from pyroute2 import netns as pr_netns
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.utils import checksum
+
+from xdplb.config import parse_config
+from xdplb.hashing import flow_hash
+from xdplb.testrun import BpfEngine
+
+pytestmark = pytest.mark.root
+
+NS = f"xlt-dp-{os.getpid()}"
+LB_MAC, CLIENT_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
+BE_MACS = {"10.20.0.11": "02:00:00:00:00:11", "10.20.0.12": "02:00:00:00:00:12",
+           "10.30.0.5": "02:00:00:00:00:35"}
+CLIENT, VIP = "10.10.0.2", "10.200.0.10"
+
+CONFIG = """
+vips:
+  - name: web
+    address: 10.200.0.10
+    port: 80
+    protocol: tcp
+    backends:
+      - address: 10.20.0.11
+        weight: 3
+      - address: 10.20.0.12
+        port: 8080
+  - name: dns
+    address: 10.200.0.10
+    port: 53
+    protocol: udp
+    backends:
+      - address: 10.20.0.11
+      - address: 10.20.0.12
+  - name: far
+    address: 10.200.0.20
+    port: 80
+    protocol: tcp
+    backends:
+      - address: 10.30.0.5
+  - name: empty
+    address: 10.200.0.30
+    port: 80
+    protocol: tcp
+    backends:
+      - address: 10.20.0.11
+        weight: 0
+  - name: noneigh
+    address: 10.200.0.40
+    port: 80
+    protocol: tcp
+    backends:
+      - address: 10.20.0.99
+maglev:
+  table_size: 65537
+  seed: 7
+flows:
+  max_entries: 65536
+"""
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", "-n", NS, *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """A namespace with two links (d0: clients + backends, d1: another backend net)."""
+    subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+    subprocess.run(["ip", "netns", "add", NS], check=True)
+    try:
+        # veth pairs, not dummy links: this kernel has no dummy module.
+        _ip("link", "add", "d0", "address", LB_MAC, "type", "veth", "peer", "name", "d0p")
+        _ip("link", "add", "d1", "type", "veth", "peer", "name", "d1p")
+        for a, dev in (("10.10.0.1/24", "d0"), ("10.20.0.1/24", "d0"), ("10.30.0.1/24", "d1")):
+            _ip("addr", "add", a, "dev", dev)
+        for dev in ("d0", "d0p", "d1", "d1p", "lo"):
+            _ip("link", "set", dev, "up")
+        _ip("neigh", "add", CLIENT, "lladdr", CLIENT_MAC, "dev", "d0", "nud", "permanent")
+        for addr, mac in BE_MACS.items():
+            dev = "d1" if addr.startswith("10.30.") else "d0"
+            _ip("neigh", "add", addr, "lladdr", mac, "dev", dev, "nud", "permanent")
+        subprocess.run(["ip", "netns", "exec", NS, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+                       check=True)
+        pr_netns.pushns(NS)
+        try:
+            from xdplb import xdp_link
+
+            idx = {d: xdp_link.ifindex(d) for d in ("d0", "d1")}
+            engine = BpfEngine(parse_config(CONFIG, "test.yaml"), [idx["d0"], idx["d1"]])
+            try:
+                yield engine, idx
+            finally:
+                engine.close()
+        finally:
+            pr_netns.popns()
+    finally:
+        subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+
+
+@pytest.fixture
+def eng(lab):
+    engine, idx = lab
+    engine.clear_flows()
+    return engine, idx["d0"], idx["d1"]
+
+
+def syn(sport=40000, dst=VIP, dport=80, ttl=64, flags="S", payload=b"", **ip):
+    return bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=CLIENT, dst=dst, ttl=ttl, **ip)
+                 / TCP(sport=sport, dport=dport, flags=flags, seq=1000) / payload)
+
+
+def udp(sport=40000, dst=VIP, dport=53, payload=b"hello", chksum=None):
+    pkt = Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=CLIENT, dst=dst) / UDP(
+        sport=sport, dport=dport) / payload
+    if chksum is not None:
+        pkt[UDP].chksum = chksum
+    return bytes(pkt)
+
+
+def assert_checksums(raw: bytes) -> Ether:
+    """IPv4 header and TCP/UDP checksums of a frame are valid (checked by scapy)."""
+    pkt = Ether(raw)
+    ip = pkt[IP]
+    hdr = bytes(ip)[: ip.ihl * 4]
+    assert checksum(hdr) == 0, "bad IPv4 header checksum"
+    l4 = ip.payload
+    if isinstance(l4, TCP | UDP):
+        if isinstance(l4, UDP) and l4.chksum == 0:
+            return pkt
+        fresh = ip.__class__(bytes(ip))
+        fresh[l4.__class__].chksum = None
+        want = ip.__class__(bytes(fresh))[l4.__class__].chksum
+        assert l4.chksum == want, f"bad L4 checksum {l4.chksum:#x}, want {want:#x}"
+    return pkt
+
+
+def expected_backend(engine: BpfEngine, vip_name: str, src: str, dst: str, sport: int,
+                     dport: int, proto: int) -> str:
+    """Where the Python model (hash + Maglev ring) says a new flow goes."""
+    import ipaddress
+
+    v = next(v for v in engine.state.vips if v.name == vip_name)
+    h = flow_hash(ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed,
+                  sport, dport, proto, engine.state.seed)
+    bid = int(v.ring[h % engine.state.ring_size])
+    return next(b.address for b in v.backends if b.backend_id == bid)
+
+
+def test_non_vip_passes_byte_identical(eng):
+    engine, d0, _ = eng
+    frames = [
+        syn(dst="10.10.0.1", dport=22),
+        syn(dst=VIP, dport=443),  # VIP address, port not balanced
+        udp(dst="8.8.8.8"),
+        bytes(Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(pdst="10.10.0.1")),
+        bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / IPv6(dst="fd00::1") / TCP(dport=80)),
+        bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=CLIENT, dst=VIP) / ICMP()),
+        bytes(Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / IP(src=CLIENT,
+              dst="10.10.0.255") / UDP(dport=80)),
+    ]
+    for f in frames:
+        r = engine.run(f, d0)
+        assert r.verdict == "pass"
+        assert r.data == f
+
+
+def test_new_flow_dnat_tx(eng):
+    engine, d0, _ = eng
+    r = engine.run(syn(sport=41000), d0)
+    assert r.verdict == "tx"
+    assert r.counters.get("new_flow") == 1 and r.counters.get("tx") == 1
+    pkt = assert_checksums(r.data)
+    want = expected_backend(engine, "web", CLIENT, VIP, 41000, 80, 6)
+    assert pkt[IP].dst == want
+    assert pkt[IP].src == CLIENT  # backends see the real client
+    assert pkt[IP].ttl == 63
+    assert pkt[TCP].dport == (8080 if want == "10.20.0.12" else 80)
+    assert pkt[TCP].sport == 41000
+    assert pkt[Ether].dst == BE_MACS[want] and pkt[Ether].src == LB_MAC
+    # Same flow again: a flow-table hit to the same backend.
+    r2 = engine.run(syn(sport=41000, flags="A"), d0)
+    assert r2.counters.get("flow_hit") == 1
+    assert Ether(r2.data)[IP].dst == want
+
+
+def test_hash_and_maglev_match_python_and_weights(eng):
+    """Every new flow goes where Python's hash + ring predict; 3:1 weights hold."""
+    engine, d0, _ = eng
+    seen: Counter[str] = Counter()
+    for sport in range(20000, 24000):
+        r = engine.run(syn(sport=sport), d0)
+        got = Ether(r.data)[IP].dst
+        assert got == expected_backend(engine, "web", CLIENT, VIP, sport, 80, 6), sport
+        seen[got] += 1
+    share = seen["10.20.0.11"] / sum(seen.values())
+    assert 0.72 < share < 0.78, seen
+
+
+def test_reply_reverse_nat(eng):
+    engine, d0, _ = eng
+    sport = next(s for s in range(30000, 31000)
+                 if expected_backend(engine, "web", CLIENT, VIP, s, 80, 6) == "10.20.0.12")
+    engine.run(syn(sport=sport), d0)
+    reply = bytes(Ether(src=BE_MACS["10.20.0.12"], dst=LB_MAC)
+                  / IP(src="10.20.0.12", dst=CLIENT, ttl=64)
+                  / TCP(sport=8080, dport=sport, flags="SA") / (b"x" * 33))
+    r = engine.run(reply, d0)
+    assert r.verdict == "tx" and r.counters.get("reply") == 1
+    pkt = assert_checksums(r.data)
+    assert (pkt[IP].src, pkt[TCP].sport) == (VIP, 80)
+    assert (pkt[IP].dst, pkt[TCP].dport) == (CLIENT, sport)
+    assert pkt[IP].ttl == 63 and pkt[Ether].dst == CLIENT_MAC
+    # A reply-looking packet of an untracked flow passes untouched.
+    stray = bytes(Ether(src=BE_MACS["10.20.0.12"], dst=LB_MAC)
+                  / IP(src="10.20.0.12", dst=CLIENT) / TCP(sport=8080, dport=sport + 1))
+    r = engine.run(stray, d0)
+    assert r.verdict == "pass" and r.data == stray
+
+
+def test_udp_checksums(eng):
+    engine, d0, _ = eng
+    r = engine.run(udp(sport=5555, chksum=0), d0)
+    assert r.verdict == "tx"
+    pkt = assert_checksums(r.data)
+    assert pkt[UDP].chksum == 0  # "no checksum" stays so
+    r = engine.run(udp(sport=5556, payload=b"some payload"), d0)
+    pkt = assert_checksums(r.data)
+    assert pkt[UDP].chksum != 0
+
+
+def test_random_payloads_keep_checksums_valid(eng):
+    engine, d0, _ = eng
+    rnd = random.Random(1)
+    for _ in range(300):
+        payload = rnd.randbytes(rnd.randrange(0, 200))
+        sport = rnd.randrange(1024, 65535)
+        f = (syn(sport=sport, flags="PA", payload=payload) if rnd.random() < 0.5
+             else udp(sport=sport, payload=payload))
+        r = engine.run(f, d0)
+        assert r.verdict == "tx"
+        assert_checksums(r.data)
+
+
+def test_redirect_to_other_interface(eng):
+    engine, d0, d1 = eng
+    r = engine.run(syn(dst="10.200.0.20"), d0)
+    assert r.verdict == "redirect" and r.counters.get("redirect") == 1
+    pkt = assert_checksums(r.data)
+    assert pkt[IP].dst == "10.30.0.5" and pkt[Ether].dst == BE_MACS["10.30.0.5"]
+
+
+def test_no_neighbour_passes_natted_without_ttl_change(eng):
+    engine, d0, _ = eng
+    r = engine.run(syn(dst="10.200.0.40"), d0)
+    assert r.verdict == "pass" and r.counters.get("fib_miss") == 1
+    pkt = assert_checksums(r.data)
+    assert pkt[IP].dst == "10.20.0.99" and pkt[IP].ttl == 64  # the kernel decrements
+
+
+def test_drops_by_rule(eng):
+    engine, d0, _ = eng
+    cases = {
+        "drop_ttl": syn(ttl=1),
+        "drop_fragment": bytes(Ether(src=CLIENT_MAC, dst=LB_MAC)
+                               / IP(src=CLIENT, dst=VIP, flags="MF", frag=0) / TCP(dport=80)),
+        "drop_ip_options": syn(options=[IPOption_Router_Alert()]),
+        "drop_no_backend": syn(dst="10.200.0.30"),
+    }
+    for counter, frame in cases.items():
+        r = engine.run(frame, d0)
+        assert r.verdict == "drop", counter
+        assert r.counters.get(counter) == 1, (counter, r.counters)
+    # The same fragment and options to a non-VIP pass untouched.
+    for f in (bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=CLIENT, dst="10.10.0.1",
+                                                           frag=10) / (b"x" * 20)),
+              syn(dst="10.10.0.1", options=[IPOption_Router_Alert()])):
+        r = engine.run(f, d0)
+        assert r.verdict == "pass" and r.data == f
+
+
+def test_malformed_pass_untouched(eng):
+    engine, d0, _ = eng
+    good = syn()
+    eth_ip = 14 + 20
+    bad_ihl = bytearray(good)
+    bad_ihl[14] = 0x43  # IHL 3
+    long_len = bytearray(good)
+    long_len[16:18] = (2000).to_bytes(2, "big")
+    short_len = bytearray(good)
+    short_len[16:18] = (30).to_bytes(2, "big")  # shorter than IP + TCP headers
+    bad_doff = bytearray(good)
+    bad_doff[eth_ip + 12] = 0x20  # data offset 2
+    frames = {
+        "truncated ip": good[:14 + 12],
+        "truncated tcp": good[: eth_ip + 10],
+        "bad ihl": bytes(bad_ihl),
+        "total length past end": bytes(long_len),
+        "total length too short": bytes(short_len),
+        "bad tcp doff": bytes(bad_doff),
+        "truncated udp": udp()[: eth_ip + 4],
+        "truncated vlan": bytes(Ether(src=CLIENT_MAC, dst=LB_MAC, type=0x8100)) + b"\x00",
+    }
+    for what, f in frames.items():
+        if len(f) < 14:
+            continue
+        r = engine.run(f, d0)
+        assert r.verdict == "pass", what
+        assert r.data == f, what
+        assert r.counters.get("pass_malformed") == 1, (what, r.counters)
+
+
+def test_vlan_tagged(eng):
+    engine, d0, _ = eng
+    f = bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / Dot1Q(vlan=42) / IP(src=CLIENT, dst=VIP)
+              / TCP(sport=45000, dport=80, flags="S"))
+    r = engine.run(f, d0)
+    assert r.verdict == "tx"
+    pkt = Ether(r.data)
+    assert pkt[Dot1Q].vlan == 42
+    assert pkt[IP].dst in ("10.20.0.11", "10.20.0.12")
+    assert checksum(bytes(pkt[IP])[:20]) == 0
+    # QinQ is not parsed: passed untouched.
+    qq = bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / Dot1Q(vlan=1) / Dot1Q(vlan=2)
+               / IP(src=CLIENT, dst=VIP) / TCP(dport=80))
+    r = engine.run(qq, d0)
+    assert r.verdict == "pass" and r.data == qq
+
+
+def test_established_flow_survives_ring_change(eng):
+    """The flow table wins over the Maglev table: draining 10.20.0.11 (weight 0) gives it
+    no new flows, and its established flows stay."""
+    engine, d0, _ = eng
+    first = {s: Ether(engine.run(syn(sport=s), d0).data)[IP].dst for s in range(50000, 50200)}
+    assert "10.20.0.11" in first.values()
+    try:
+        engine.configure(parse_config(CONFIG.replace("weight: 3", "weight: 0"), "t2.yaml"))
+        for sport, dst in first.items():
+            r = engine.run(syn(sport=sport, flags="A"), d0)
+            assert r.counters.get("flow_hit") == 1
+            assert Ether(r.data)[IP].dst == dst
+        for s in range(60000, 60100):
+            assert Ether(engine.run(syn(sport=s), d0).data)[IP].dst == "10.20.0.12"
+    finally:
+        engine.configure(parse_config(CONFIG, "test.yaml"))
+
+
+def test_removed_backend_flows_rebalance(eng):
+    engine, d0, _ = eng
+    on_12 = [s for s in range(51000, 51300)
+             if expected_backend(engine, "web", CLIENT, VIP, s, 80, 6) == "10.20.0.12"]
+    for s in on_12:
+        engine.run(syn(sport=s), d0)
+    cfg2 = parse_config(CONFIG.replace("      - address: 10.20.0.12\n        port: 8080\n", ""),
+                        "t3.yaml")
+    try:
+        engine.configure(cfg2)
+        for s in on_12:
+            r = engine.run(syn(sport=s, flags="A"), d0)
+            assert r.verdict == "tx"
+            assert Ether(r.data)[IP].dst == "10.20.0.11"
+    finally:
+        engine.configure(parse_config(CONFIG, "test.yaml"))

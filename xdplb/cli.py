@@ -1,0 +1,116 @@
+"""The ``xdplb`` command line.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or config error, 3 nothing attached.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import NoReturn
+
+import click
+
+from xdplb.config import ConfigError, load_config
+
+EXIT_RUNTIME, EXIT_USAGE, EXIT_NOTHING = 1, 2, 3
+
+
+def fail(msg: str, code: int) -> NoReturn:
+    click.echo(f"xdplb: {msg}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--netns", metavar="NAME", help="Run in network namespace NAME (/run/netns/NAME).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(netns: str | None, verbose: bool) -> None:
+    """xdplb: an XDP/eBPF L4 load balancer with Maglev consistent hashing."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if netns:
+        from pyroute2 import netns as pr_netns
+
+        try:
+            # Network namespace only: bpffs (and our pins) stay those of the host mount ns.
+            pr_netns.setns(netns)
+        except OSError as e:
+            fail(f"cannot enter network namespace {netns}: {e}", EXIT_USAGE)
+
+
+def _load(path: str):
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        fail(f"invalid config, nothing changed:\n{e}", EXIT_USAGE)
+
+
+@main.command()
+@click.argument("ifaces", nargs=-1, required=True, metavar="IFACE [IFACE...]")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="pool.yaml")
+@click.option("--mode", type=click.Choice(["native", "generic", "auto"]), default="auto",
+              show_default=True, help="XDP mode; auto: native, else generic with a warning.")
+@click.option("--keep", is_flag=True, help="Leave program and pinned maps in place on exit.")
+def attach(ifaces: tuple[str, ...], config_path: str, mode: str, keep: bool) -> None:
+    """Attach to IFACE(s) and balance until Ctrl-C/SIGTERM (first IFACE faces clients)."""
+    from xdplb.agent import Agent, AttachError, UsageError
+    from xdplb.program import CompileError
+
+    cfg = _load(config_path)
+    try:
+        agent = Agent(cfg, list(ifaces), mode=mode, keep=keep)
+        agent.start()
+    except UsageError as e:
+        fail(str(e), EXIT_USAGE)
+    except (AttachError, CompileError, OSError) as e:
+        fail(str(e), EXIT_RUNTIME)
+    click.echo(f"xdplb: attached to {', '.join(ifaces)}; Ctrl-C to detach", err=True)
+    agent.run()
+
+
+@main.command()
+@click.argument("iface")
+@click.option("--force", is_flag=True, help="Also remove an XDP program that is not xdplb's.")
+def detach(iface: str, force: bool) -> None:
+    """Remove the program and pins left on IFACE (e.g. by an agent that died or --keep)."""
+    from xdplb.agent import UsageError
+    from xdplb.agent import detach as do_detach
+
+    try:
+        for line in do_detach(iface, force=force):
+            click.echo(line)
+    except UsageError as e:
+        fail(str(e), EXIT_USAGE)
+    except LookupError as e:
+        fail(f"{e}; nothing to do", EXIT_NOTHING)
+    except OSError as e:
+        fail(str(e), EXIT_RUNTIME)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(as_json: bool) -> None:
+    """Attached interfaces, XDP mode, VIPs and backends."""
+    from xdplb.status import collect, render
+
+    groups = collect()
+    if not groups:
+        if as_json:
+            click.echo(json.dumps({"groups": []}))
+        fail("no xdplb program in this network namespace; run `xdplb attach IFACE "
+             "--config pool.yaml`", EXIT_NOTHING)
+    click.echo(json.dumps({"groups": groups}, indent=2) if as_json else render(groups))
+
+
+@main.command("check-config")
+@click.argument("config_path", type=click.Path(dir_okay=False))
+def check_config(config_path: str) -> None:
+    """Validate a pool.yaml without touching anything."""
+    cfg = _load(config_path)
+    n = sum(len(v.backends) for v in cfg.vips)
+    click.echo(f"{config_path}: OK ({len(cfg.vips)} VIPs, {n} backends)")

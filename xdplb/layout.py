@@ -1,0 +1,284 @@
+"""Map layouts and constants shared by the BPF program and Python: the one source of truth.
+
+Every struct a map carries is declared once here as a ctypes ``Structure``; the C
+declarations the BPF program compiles against are rendered from the same field lists
+(:func:`render_c_header`), together with the map declarations and the counter and flag
+constants. Python reads and writes the maps with these ctypes types, whether the maps
+live in the kernel (pinned, see ``pins.py``) or in the scapy data path.
+
+Addresses are 16 bytes everywhere (IPv4 in the first 4, wire order) so that IPv6 can
+follow without a new layout. Ports are stored in network byte order, as on the wire.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import hashlib
+from dataclasses import dataclass
+
+ADDR_LEN = 16
+FAMILY_IPV4 = 2  # AF_INET
+
+# Sizing. MAX_VIPS * ring size bounds the Maglev array; backends are per (VIP, backend) pair.
+MAX_VIPS = 64
+MAX_BACKENDS = 4096
+MAX_TX_PORTS = 64
+NO_BACKEND = 0xFFFFFFFF  # Maglev slot value for "no backend"
+
+U8, U16, U32, U64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+Addr = ctypes.c_uint8 * ADDR_LEN
+
+
+class Counter(enum.IntEnum):
+    """Global per-CPU counters. Each packet bumps exactly one outcome (PASS_*, DROP_*, TX,
+    REDIRECT); the rest are events counted on the way."""
+
+    PASS_NOT_IPV4 = 0  # ARP, IPv6, QinQ, anything not IPv4
+    PASS_MALFORMED = 1  # truncated or inconsistent headers: the kernel judges them
+    PASS_NOT_VIP = 2  # IPv4 that is neither VIP traffic nor a reply of a tracked flow
+    PASS_FIB = 3  # NATed, but the FIB has no neighbour / no route: the kernel forwards it
+    PASS_FOREIGN_EGRESS = 4  # NATed, egress interface is not one we are attached to
+    DROP_FRAGMENT = 5  # IPv4 fragment addressed to a VIP address
+    DROP_IP_OPTIONS = 6  # IPv4 header with options addressed to a VIP address
+    DROP_TTL = 7  # TTL <= 1 on a packet we would forward
+    DROP_NO_BACKEND = 8  # VIP has no backend that takes flows
+    TX = 9  # sent back out of the ingress interface
+    REDIRECT = 10  # sent out of another attached interface
+    NEW_FLOW = 11  # flow created from the Maglev table
+    FLOW_HIT = 12  # forward packet matched a tracked flow
+    REPLY = 13  # reply of a tracked flow, reverse-NATed
+    FIB_MISS = 14  # bpf_fib_lookup did not return success
+    MAX = 15
+
+
+OUTCOMES = tuple(c for c in Counter if c < Counter.NEW_FLOW)
+
+
+class BackendFlag(enum.IntFlag):
+    VALID = 1  # slot in the backends array is in use
+    DOWN = 2  # failed health checks: its flows are re-balanced
+
+
+class TcpState(enum.IntEnum):
+    NONE = 0  # UDP, or TCP seen mid-stream
+    SYN_SEEN = 1
+    ESTABLISHED = 2
+    FIN = 3
+    RST = 4
+
+
+class _Struct(ctypes.Structure):
+    """A struct shared with C: ``c_name`` and per-field comments drive the C rendering."""
+
+    c_name = ""
+    _pack_ = 1
+
+    def pack(self) -> bytes:
+        return bytes(self)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> _Struct:
+        return cls.from_buffer_copy(data[: ctypes.sizeof(cls)])
+
+
+class FlowKey(_Struct):
+    """Forward flow: client -> VIP. Also the reverse key: backend -> client."""
+
+    c_name = "xl_flow_key"
+    _fields_ = [
+        ("src", Addr),
+        ("dst", Addr),
+        ("sport", U16),  # network order
+        ("dport", U16),  # network order
+        ("proto", U8),
+        ("family", U8),
+        ("pad", U16),
+    ]
+
+
+class Flow(_Struct):
+    """A tracked flow; counters updated with atomic adds from every CPU."""
+
+    c_name = "xl_flow"
+    _fields_ = [
+        ("backend_id", U32),
+        ("vip_id", U32),
+        ("first_ns", U64),  # CLOCK_MONOTONIC (coarse)
+        ("last_ns", U64),
+        ("fwd_packets", U64),
+        ("fwd_bytes", U64),
+        ("rev_packets", U64),
+        ("rev_bytes", U64),
+        ("tcp_state", U8),
+        ("pad", U8 * 7),
+    ]
+
+
+class RevNat(_Struct):
+    """What a reply from a backend is rewritten back to."""
+
+    c_name = "xl_rev_nat"
+    _fields_ = [
+        ("vip_addr", Addr),
+        ("vip_port", U16),  # network order
+        ("pad", U16),
+        ("vip_id", U32),
+    ]
+
+
+class VipKey(_Struct):
+    c_name = "xl_vip_key"
+    _fields_ = [
+        ("addr", Addr),
+        ("port", U16),  # network order
+        ("proto", U8),
+        ("family", U8),
+    ]
+
+
+class VipInfo(_Struct):
+    c_name = "xl_vip_info"
+    _fields_ = [
+        ("vip_id", U32),  # index of the VIP's ring in the Maglev array
+        ("flags", U32),
+    ]
+
+
+class AddrKey(_Struct):
+    c_name = "xl_addr_key"
+    _fields_ = [("addr", Addr)]
+
+
+class Backend(_Struct):
+    """One (VIP, backend) pair, indexed by backend id."""
+
+    c_name = "xl_backend"
+    _fields_ = [
+        ("addr", Addr),
+        ("port", U16),  # network order; rewritten destination port
+        ("family", U8),
+        ("flags", U8),  # BackendFlag
+        ("vip_id", U32),
+    ]
+
+
+class Stat(_Struct):
+    """Per-CPU packet/byte/flow counter of a VIP or a backend."""
+
+    c_name = "xl_stat"
+    _fields_ = [
+        ("packets", U64),
+        ("bytes", U64),
+        ("flows", U64),
+    ]
+
+
+class Meta(_Struct):
+    """Settings the program reads when it creates a flow, and what readers need to know."""
+
+    c_name = "xl_meta"
+    _fields_ = [
+        ("seed", U32),
+        ("ring_size", U32),
+        ("layout", U64),  # layout_version() as an int: readers check it
+    ]
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """A BPF map: its BCC table type, key and value types, and size (a constant name or int)."""
+
+    name: str
+    kind: str  # BCC table type: hash, array, lru_hash, percpu_array, devmap
+    key: type[ctypes._SimpleCData] | type[_Struct]
+    value: type[ctypes._SimpleCData] | type[_Struct]
+    max_entries: str
+
+    @property
+    def percpu(self) -> bool:
+        return self.kind.startswith("percpu")
+
+
+MAPS: tuple[MapSpec, ...] = (
+    MapSpec("vips", "hash", VipKey, VipInfo, "XL_MAX_VIPS"),
+    MapSpec("vip_addrs", "hash", AddrKey, U32, "XL_MAX_VIPS"),
+    MapSpec("backends", "array", U32, Backend, "XL_MAX_BACKENDS"),
+    MapSpec("maglev", "array", U32, U32, "XL_MAX_VIPS * XL_RING_SIZE"),
+    MapSpec("flows", "lru_hash", FlowKey, Flow, "XL_FLOW_MAX"),
+    MapSpec("rev_flows", "lru_hash", FlowKey, RevNat, "XL_FLOW_MAX"),
+    MapSpec("tx_ports", "hash", U32, U32, "XL_MAX_TX_PORTS"),
+    MapSpec("tx_devs", "devmap", U32, U32, "XL_MAX_TX_PORTS"),
+    MapSpec("counters", "percpu_array", U32, U64, "XL_COUNTER_MAX"),
+    MapSpec("vip_stats", "percpu_array", U32, Stat, "XL_MAX_VIPS"),
+    MapSpec("backend_stats", "percpu_array", U32, Stat, "XL_MAX_BACKENDS"),
+    MapSpec("meta", "array", U32, Meta, "1"),
+)
+MAP_BY_NAME = {m.name: m for m in MAPS}
+
+_C_SCALARS = {U8: "__u8", U16: "__u16", U32: "__u32", U64: "__u64"}
+_STRUCTS: tuple[type[_Struct], ...] = (
+    FlowKey, Flow, RevNat, VipKey, VipInfo, AddrKey, Backend, Stat, Meta,
+)
+
+
+def _c_field(name: str, ctype: type) -> str:
+    if ctype in _C_SCALARS:
+        return f"{_C_SCALARS[ctype]} {name};"
+    if issubclass(ctype, ctypes.Array):
+        return f"{_C_SCALARS[ctype._type_]} {name}[{ctype._length_}];"
+    raise TypeError(f"no C rendering for {ctype}")
+
+
+def _c_type(t: type) -> str:
+    return _C_SCALARS.get(t, f"struct {t.c_name}")
+
+
+def render_structs() -> str:
+    """C declarations of the shared structs and constants (no maps)."""
+    out = ["/* Generated from xdplb/layout.py: do not edit. */"]
+    for c in Counter:
+        out.append(f"#define XL_C_{c.name} {int(c)}")
+    out.append(f"#define XL_COUNTER_MAX {int(Counter.MAX)}")
+    for f in BackendFlag:
+        out.append(f"#define XL_BACKEND_{f.name} {int(f)}")
+    for s in TcpState:
+        out.append(f"#define XL_TCP_{s.name} {int(s)}")
+    out += [
+        f"#define XL_MAX_VIPS {MAX_VIPS}",
+        f"#define XL_MAX_BACKENDS {MAX_BACKENDS}",
+        f"#define XL_MAX_TX_PORTS {MAX_TX_PORTS}",
+        f"#define XL_NO_BACKEND {NO_BACKEND}u",
+        f"#define XL_FAMILY_IPV4 {FAMILY_IPV4}",
+    ]
+    for s in _STRUCTS:
+        fields = "\n".join("    " + _c_field(n, t) for n, t in s._fields_)
+        out.append(f"struct {s.c_name} {{\n{fields}\n}} __attribute__((packed));")
+    return "\n".join(out) + "\n"
+
+
+def render_maps(pin_dir: str | None) -> str:
+    """BCC map declarations; with ``pin_dir`` every map is pinned there (reused if present)."""
+    out = []
+    for m in MAPS:
+        kind = f'"{m.kind}:{pin_dir}/{m.name}"' if pin_dir else f'"{m.kind}"'
+        if m.kind == "devmap":  # BCC gives redirect_map() only to this declaration form
+            out.append(f"BPF_XDP_REDIRECT_MAP({kind}, {_c_type(m.value)}, {m.name}, "
+                       f"{m.max_entries});")
+            continue
+        out.append(
+            f"BPF_F_TABLE({kind}, {_c_type(m.key)}, {_c_type(m.value)}, {m.name}, "
+            f"{m.max_entries}, 0);"
+        )
+    return "\n".join(out) + "\n"
+
+
+def layout_version() -> str:
+    """Short digest of every shared struct and map: pins are versioned by it, so a program
+    never reopens maps of another layout (BCC does not check types of pinned maps)."""
+    return hashlib.sha256(render_structs().encode() + render_maps(None).encode()).hexdigest()[:12]
+
+
+def addr16(packed: bytes) -> Addr:
+    """A 4- or 16-byte packed address as the 16-byte map field."""
+    return Addr(*packed.ljust(ADDR_LEN, b"\0"))

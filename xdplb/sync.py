@@ -1,0 +1,150 @@
+"""Desired state -> maps, touching only what changed, in an order the data path never
+sees half-done: backends before the ring slots that point at them, a VIP's ring before
+the VIP itself; on removal the VIP goes first, then its backends are invalidated (their
+tracked flows then re-balance instead of being blackholed)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+import numpy as np
+
+from xdplb.layout import (
+    FAMILY_IPV4,
+    NO_BACKEND,
+    AddrKey,
+    Backend,
+    BackendFlag,
+    Meta,
+    VipInfo,
+    VipKey,
+    addr16,
+    layout_version,
+)
+from xdplb.state import Current, DesiredState, DesiredVip
+
+
+def vip_key(address: str, port: int, proto: int) -> VipKey:
+    return VipKey(addr16(ipaddress.IPv4Address(address).packed), _be16(port), proto, FAMILY_IPV4)
+
+
+def _be16(port: int) -> int:
+    """A port as the u16 that holds it in network order on this (little-endian) host."""
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
+def from_be16(raw: int) -> int:
+    return int.from_bytes(raw.to_bytes(2, "little"), "big")
+
+
+def ipv4_of(addr: object) -> str:
+    return str(ipaddress.IPv4Address(bytes(addr)[:4]))
+
+
+@dataclass
+class SyncReport:
+    slots_written: int = 0
+    backends_written: int = 0
+    vips_added: int = 0
+    vips_removed: int = 0
+    backends_removed: int = 0
+
+
+class MapSync:
+    """Keeps a maps object (kernel or userspace) equal to the desired state."""
+
+    def __init__(self, maps) -> None:
+        self.maps = maps
+        self.ring_size = 0
+        self.rings: dict[int, np.ndarray] = {}  # vip id -> ring as last written
+
+    def read_current(self) -> Current:
+        """Ids the maps hold now (for stable allocation, e.g. after a restart)."""
+        cur = Current()
+        for k, info in self.maps.items("vips"):
+            cur.vip_ids[(ipv4_of(k.addr), from_be16(k.port), k.proto)] = info.vip_id
+        for bid, be in self.maps.items("backends"):
+            if be.flags & BackendFlag.VALID:
+                cur.backend_ids[(be.vip_id, ipv4_of(be.addr), from_be16(be.port))] = bid
+        return cur
+
+    def _ring_now(self, vip_id: int, size: int) -> np.ndarray:
+        if vip_id in self.rings and len(self.rings[vip_id]) == size:
+            return self.rings[vip_id]
+        base = vip_id * size
+        ring = np.array(
+            [self.maps.lookup("maglev", base + i) for i in range(size)], dtype=np.uint32
+        )
+        self.rings[vip_id] = ring
+        return ring
+
+    def apply(self, desired: DesiredState, current: Current) -> SyncReport:
+        rep = SyncReport()
+        m = self.maps
+        M = desired.ring_size
+        m.update("meta", 0, Meta(desired.seed, M, int(layout_version(), 16)))
+
+        # 1. backends (new ones become valid before any slot points at them)
+        for v in desired.vips:
+            for b in v.backends:
+                flags = BackendFlag.VALID | (BackendFlag.DOWN if b.down else 0)
+                new = Backend(addr16(ipaddress.IPv4Address(b.address).packed),
+                              _be16(b.port), FAMILY_IPV4, int(flags), v.vip_id)
+                old = m.lookup("backends", b.backend_id)
+                if old is None or bytes(old) != bytes(new):
+                    m.update("backends", b.backend_id, new)
+                    rep.backends_written += 1
+
+        # 2. rings, slot by slot where they differ
+        for v in desired.vips:
+            rep.slots_written += self._write_ring(v, M, fresh=v.key not in current.vip_ids)
+
+        # 3. VIPs and their addresses
+        wanted = {v.key: v for v in desired.vips}
+        for key, v in wanted.items():
+            if current.vip_ids.get(key) != v.vip_id or m.lookup("vips", vip_key(*key)) is None:
+                m.update("vips", vip_key(*key), VipInfo(v.vip_id, 0))
+                rep.vips_added += 1
+        for key in current.vip_ids:
+            if key not in wanted:
+                m.delete("vips", vip_key(*key))
+                rep.vips_removed += 1
+        addrs = {k[0] for k in wanted}
+        for k, _ in list(m.items("vip_addrs")):
+            if ipv4_of(k.addr) not in addrs:
+                m.delete("vip_addrs", k)
+        for a in addrs:
+            m.update("vip_addrs", AddrKey(addr16(ipaddress.IPv4Address(a).packed)), 1)
+
+        # 4. backends no longer configured: invalid, so their flows move on
+        keep = desired.backend_ids()
+        for bid in set(current.backend_ids.values()) - keep:
+            m.update("backends", bid, Backend())
+            rep.backends_removed += 1
+        live = {v.vip_id for v in desired.vips}
+        for vid in [i for i in self.rings if i not in live]:
+            self._clear_ring(vid, M)
+        return rep
+
+    def _write_ring(self, v: DesiredVip, size: int, fresh: bool) -> int:
+        new = v.ring.astype(np.uint32)
+        if fresh and v.vip_id not in self.rings:  # nothing of this VIP in the map yet
+            changed = np.arange(size)
+        else:
+            changed = np.nonzero(self._ring_now(v.vip_id, size) != new)[0]
+        base = v.vip_id * size
+        self.maps.update_many("maglev", ((base + int(i), int(new[i])) for i in changed))
+        self.rings[v.vip_id] = new
+        return len(changed)
+
+    def _clear_ring(self, vip_id: int, size: int) -> None:
+        base = vip_id * size
+        self.maps.update_many("maglev", ((base + i, NO_BACKEND) for i in range(size)))
+        del self.rings[vip_id]
+
+    def set_tx_ports(self, ifindexes: list[int]) -> None:
+        """Interfaces packets may be redirected to: ifindex -> devmap slot -> ifindex."""
+        for slot, idx in enumerate(ifindexes):
+            self.maps.update("tx_devs", slot, idx)
+            self.maps.update("tx_ports", idx, slot)
