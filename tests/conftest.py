@@ -4,7 +4,6 @@ runs them and treats a skip as a failure (see .ci/run)."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,15 +17,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "root" in item.keywords and os.geteuid() != 0:
             item.add_marker(pytest.mark.skip(reason="needs root (deselect with -m 'not root')"))
-
-
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True)
-
-
-def xdplb_cmd(*args: str) -> list[str]:
-    """The installed CLI, as a user runs it."""
-    return [str(ROOT / ".venv" / "bin" / "xdplb"), *args]
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import textwrap
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -655,6 +656,8 @@ def test_config_error_carries_structured_problems() -> None:
         "conf/pool.yaml", 4, "vips[0].port", "0 is out of range (1-65535)"
     )
     assert str(exc_info.value) == str(problem)
+    copy = pickle.loads(pickle.dumps(exc_info.value))
+    assert copy.errors == [problem] and str(copy) == str(problem)
 
 
 def test_parse_config_default_filename() -> None:

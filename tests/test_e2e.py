@@ -4,16 +4,11 @@ one-armed and two-armed, with the agent run as a user runs it."""
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import signal
-import subprocess
-import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
-from conftest import xdplb_cmd
+from agent_process import AgentProcess, status, xdplb
 from lab import Lab
 
 pytestmark = pytest.mark.root
@@ -61,45 +56,6 @@ print("\\n".join(out))
 """
 
 
-class Agent:
-    """`xdplb attach` running in the LB namespace, as a user would start it."""
-
-    def __init__(self, lab: Lab, config: Path, *extra: str) -> None:
-        self.lab = lab
-        cmd = xdplb_cmd("--netns", lab.lb_ns, "attach", *lab.lb_ifaces, "--config",
-                        str(config), "--mode", "native", *extra)
-        self.log = config.with_suffix(".log")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
-                                     stderr=self.log.open("w"))
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"agent exited: {self.log.read_text()}")
-            if "attached to" in self.log.read_text():
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"agent did not attach: {self.log.read_text()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def xdplb(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(xdplb_cmd("--netns", lab.lb_ns, *args), capture_output=True,
-                          text=True, check=check, timeout=60)
-
-
-def status(lab: Lab) -> dict:
-    return json.loads(xdplb(lab, "status", "--json").stdout)
-
-
 def prog_ids(lab: Lab) -> dict[str, str | None]:
     out = {}
     for dev in lab.lb_ifaces:
@@ -117,12 +73,12 @@ def running(request, tmp_path_factory):
     with Lab(topology=topo, backends=2, prefix=prefix) as lab:
         pool = tmp / "pool.yaml"
         pool.write_text(POOL)
-        agent = Agent(lab, pool)
+        agent = AgentProcess(lab, pool, "--mode", "native")
         try:
             yield lab, agent, tmp
         finally:
             rc = agent.stop()
-            assert rc == 0, agent.log.read_text()
+            assert rc == 0, agent.log_text()
             # Detached cleanly: no program left on the interfaces, no pins.
             assert all(v is None for v in prog_ids(lab).values())
             assert xdplb(lab, "status", check=False).returncode == 3

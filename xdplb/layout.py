@@ -231,7 +231,8 @@ def _c_field(name: str, ctype: type) -> str:
 
 
 def _c_type(t: type) -> str:
-    return _C_SCALARS.get(t, f"struct {t.c_name}")
+    # not .get(): the default would be evaluated (and fail) for scalars
+    return _C_SCALARS[t] if t in _C_SCALARS else f"struct {t.c_name}"  # noqa: SIM401
 
 
 def render_structs() -> str:

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up the machine (idempotent), then run the namespace demo: 400 HTTP connections
+# balanced 3:1 by xdplb in native XDP. Run as root. Arguments go to demo.py.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+bash scripts/setup.sh
+exec .venv/bin/python scripts/netns/demo.py "$@"
