@@ -13,8 +13,8 @@ from functools import cache
 import numpy as np
 import pytest
 
-from xdplb.hashing import murmur3_32
-from xdplb.maglev import _murmur3_32_many, build_table, owner_shares
+from xdplb.hashing import murmur3_32, murmur3_32_many
+from xdplb.maglev import build_table, owner_shares
 
 M = 65537
 SEED = 0x5EED
@@ -156,7 +156,7 @@ def test_vectorised_murmur_matches_hashing():
     rng = random.Random(3)
     keys = [rng.randbytes(rng.randint(0, 40)) for _ in range(2000)] + [key(i) for i in range(300)]
     for seed in (0, 1, 0x9E3779B9, 0xFFFFFFFF, SEED ^ 0x9E3779B9):
-        assert _murmur3_32_many(keys, seed).tolist() == [murmur3_32(k, seed) for k in keys]
+        assert murmur3_32_many(keys, seed).tolist() == [murmur3_32(k, seed) for k in keys]
 
 
 # --- balance and weights ---------------------------------------------------------------------

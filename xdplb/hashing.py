@@ -12,6 +12,9 @@ arm64), which is what lets tests check it against an independent implementation.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
+
+import numpy as np
 
 _C1 = 0xCC9E2D51
 _C2 = 0x1B873593
@@ -63,3 +66,42 @@ def flow_hash_bytes(saddr: bytes, daddr: bytes, sport: int, dport: int, proto: i
 def flow_hash(saddr: bytes, daddr: bytes, sport: int, dport: int, proto: int, seed: int) -> int:
     """Hash of an IPv4 5-tuple, identical to ``xl_flow_hash`` in bpf/hash.h."""
     return murmur3_32(flow_hash_bytes(saddr, daddr, sport, dport, proto), seed)
+
+
+def _rotl32_np(x: np.ndarray, r: int) -> np.ndarray:
+    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def murmur3_32_many(keys: Sequence[bytes], seed: int) -> np.ndarray:
+    """``murmur3_32(key, seed)`` of every key, as uint32, vectorised over keys of equal length.
+
+    Same function as :func:`murmur3_32` (tests check it), which costs ~2 us a call:
+    4 ms of hashing alone for the 1000 backend keys of a Maglev build.
+    """
+    out = np.empty(len(keys), dtype=np.uint32)
+    by_length: dict[int, list[int]] = {}
+    for i, k in enumerate(keys):
+        by_length.setdefault(len(k), []).append(i)
+    c1, c2 = np.uint32(0xCC9E2D51), np.uint32(0x1B873593)
+    for length, idx in by_length.items():
+        data = np.frombuffer(b"".join(keys[i] for i in idx), dtype=np.uint8)
+        data = data.reshape(len(idx), length)
+        nblocks = length // 4
+        blocks = np.ascontiguousarray(data[:, : nblocks * 4]).view("<u4").astype(np.uint32)
+        h = np.full(len(idx), seed & 0xFFFFFFFF, dtype=np.uint32)
+        for j in range(nblocks):
+            h ^= _rotl32_np(blocks[:, j] * c1, 15) * c2
+            h = _rotl32_np(h, 13) * np.uint32(5) + np.uint32(0xE6546B64)
+        if length % 4:
+            k = np.zeros(len(idx), dtype=np.uint32)
+            for j, byte in enumerate(data[:, nblocks * 4 :].T):
+                k |= byte.astype(np.uint32) << np.uint32(8 * j)
+            h ^= _rotl32_np(k * c1, 15) * c2
+        h ^= np.uint32(length & 0xFFFFFFFF)
+        h ^= h >> np.uint32(16)
+        h *= np.uint32(0x85EBCA6B)
+        h ^= h >> np.uint32(13)
+        h *= np.uint32(0xC2B2AE35)
+        h ^= h >> np.uint32(16)
+        out[idx] = h
+    return out

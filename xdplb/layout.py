@@ -160,6 +160,8 @@ class Backend(_Struct):
         ("family", U8),
         ("flags", U8),  # BackendFlag
         ("vip_id", U32),
+        ("weight", U32),  # configured weight (0 = drained); for readers, not the data path
+        ("pad", U32),
     ]
 
 
@@ -258,11 +260,13 @@ def render_structs() -> str:
     return "\n".join(out) + "\n"
 
 
-def render_maps(pin_dir: str | None) -> str:
-    """BCC map declarations; with ``pin_dir`` every map is pinned there (reused if present)."""
+def render_maps(pin_dir: str | None, pinned: frozenset[str] | None = None) -> str:
+    """BCC map declarations. With ``pin_dir`` the maps (all, or those named in ``pinned``)
+    are pinned there, and maps already pinned there are reused; the rest are private."""
     out = []
     for m in MAPS:
-        kind = f'"{m.kind}:{pin_dir}/{m.name}"' if pin_dir else f'"{m.kind}"'
+        pin = pin_dir and (pinned is None or m.name in pinned)
+        kind = f'"{m.kind}:{pin_dir}/{m.name}"' if pin else f'"{m.kind}"'
         if m.kind == "devmap":  # BCC gives redirect_map() only to this declaration form
             out.append(f"BPF_XDP_REDIRECT_MAP({kind}, {_c_type(m.value)}, {m.name}, "
                        f"{m.max_entries});")

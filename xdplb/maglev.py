@@ -5,7 +5,8 @@
 Permutation (as in Google's Maglev paper): backend ``key`` visits slots in the order
 ``(offset + j * skip) % M`` for j = 0, 1, ..., with ``offset = h1 % M`` and
 ``skip = h2 % (M - 1) + 1``, where ``h1 = murmur3_32(key, seed)`` and
-``h2 = murmur3_32(key, seed ^ 0x9E3779B9)``. M prime makes every sequence a permutation.
+``h2 = murmur3_32(key, seed ^ 0x9E3779B9)`` (xdplb.hashing, vectorised as
+``murmur3_32_many``). M prime makes every sequence a permutation.
 
 Quotas: backend i of weight w_i gets exactly ``q_i`` slots, the largest-remainder
 apportionment of M by weight: ``floor(M * w_i / W)``, plus one for the backends with the
@@ -42,6 +43,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from xdplb.hashing import murmur3_32_many
+
 __all__ = ["build_table", "owner_shares"]
 
 _SKIP_SEED_XOR = 0x9E3779B9
@@ -59,45 +62,6 @@ def _is_prime(n: int) -> bool:
     if n % 2 == 0:
         return n == 2
     return all(n % d for d in range(3, math.isqrt(n) + 1, 2))
-
-
-def _rotl32(x: np.ndarray, r: int) -> np.ndarray:
-    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
-
-
-def _murmur3_32_many(keys: Sequence[bytes], seed: int) -> np.ndarray:
-    """``murmur3_32(key, seed)`` of every key, as uint32, vectorised over keys of equal length.
-
-    Same function as :func:`xdplb.hashing.murmur3_32` (tests check it), which costs ~2 us
-    a call: 4 ms of hashing alone for 1000 backends.
-    """
-    out = np.empty(len(keys), dtype=np.uint32)
-    by_length: dict[int, list[int]] = {}
-    for i, k in enumerate(keys):
-        by_length.setdefault(len(k), []).append(i)
-    c1, c2 = np.uint32(0xCC9E2D51), np.uint32(0x1B873593)
-    for length, idx in by_length.items():
-        data = np.frombuffer(b"".join(keys[i] for i in idx), dtype=np.uint8)
-        data = data.reshape(len(idx), length)
-        nblocks = length // 4
-        blocks = np.ascontiguousarray(data[:, : nblocks * 4]).view("<u4").astype(np.uint32)
-        h = np.full(len(idx), seed & 0xFFFFFFFF, dtype=np.uint32)
-        for j in range(nblocks):
-            h ^= _rotl32(blocks[:, j] * c1, 15) * c2
-            h = _rotl32(h, 13) * np.uint32(5) + np.uint32(0xE6546B64)
-        if length % 4:
-            k = np.zeros(len(idx), dtype=np.uint32)
-            for j, byte in enumerate(data[:, nblocks * 4 :].T):
-                k |= byte.astype(np.uint32) << np.uint32(8 * j)
-            h ^= _rotl32(k * c1, 15) * c2
-        h ^= np.uint32(length & 0xFFFFFFFF)
-        h ^= h >> np.uint32(16)
-        h *= np.uint32(0x85EBCA6B)
-        h ^= h >> np.uint32(13)
-        h *= np.uint32(0xC2B2AE35)
-        h ^= h >> np.uint32(16)
-        out[idx] = h
-    return out
 
 
 def _quotas(weights: Sequence[int], size: int) -> list[int]:
@@ -133,8 +97,8 @@ def build_table(backends: Sequence[tuple[bytes, int]], size: int, seed: int) -> 
         return np.full(size, -1, dtype=np.int32)
     seed &= 0xFFFFFFFF
     live_keys = [keys[i] for i in live]
-    offset = _murmur3_32_many(live_keys, seed).astype(np.int64) % size
-    skip = _murmur3_32_many(live_keys, seed ^ _SKIP_SEED_XOR).astype(np.int64) % (size - 1) + 1
+    offset = murmur3_32_many(live_keys, seed).astype(np.int64) % size
+    skip = murmur3_32_many(live_keys, seed ^ _SKIP_SEED_XOR).astype(np.int64) % (size - 1) + 1
     inv_weight = 1.0 / np.array([float(weights[i]) for i in live])
     quota = np.array(_quotas([weights[i] for i in live], size), dtype=np.int64)
 

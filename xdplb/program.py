@@ -37,22 +37,30 @@ class Program:
         self.bpf.cleanup()
 
 
-def sources_digest_input(ring_size: int, flow_max: int, pin_dir: str | None) -> dict[str, str]:
-    """The generated header and -D flags for one build (also used by tests)."""
+def generated_sources(
+    ring_size: int, flow_max: int, pin_dir: str | None, pinned: frozenset[str] | None = None
+) -> dict[str, str]:
+    """The generated header and -D flags for one build."""
     return {
-        "layout.h": render_structs() + render_maps(pin_dir),
+        "layout.h": render_structs() + render_maps(pin_dir, pinned),
         "XL_RING_SIZE": f"{ring_size}u",
         "XL_FLOW_MAX": str(flow_max),
     }
 
 
 def compile_program(
-    ring_size: int, flow_max: int, pin_dir: Path | None = None, source: str = MAIN_SOURCE
+    ring_size: int,
+    flow_max: int,
+    pin_dir: Path | None = None,
+    source: str = MAIN_SOURCE,
+    pinned: frozenset[str] | None = None,
 ) -> Program:
     """Compile bpf/<source> against the generated layout and load its entry point.
 
-    With ``pin_dir`` every map is pinned there; maps already pinned there are reused,
-    which is what keeps flows alive across agent restarts and program upgrades.
+    With ``pin_dir`` the maps (all, or only those named in ``pinned``) are pinned there;
+    maps already pinned there are reused, which is what keeps flows alive across agent
+    restarts and program upgrades. Unpinned maps are private to this program (e.g. a trace
+    that shares the live config maps but must not touch the live flow table).
     """
     try:
         from bcc import BPF  # Debian's python3-bpfcc
@@ -63,10 +71,10 @@ def compile_program(
         ) from e
     if not (BPF_DIR / source).is_file():
         raise CompileError(f"BPF source {BPF_DIR / source} not found")
-    if pin_dir is not None:
+    if pin_dir is not None and pinned is None:
         pin_dir.mkdir(parents=True, exist_ok=True)
 
-    gen = sources_digest_input(ring_size, flow_max, str(pin_dir) if pin_dir else None)
+    gen = generated_sources(ring_size, flow_max, str(pin_dir) if pin_dir else None, pinned)
     text = inline_includes(source, {"layout.h": gen["layout.h"]})
     cflags = [
         f"-DXL_RING_SIZE={gen['XL_RING_SIZE']}",

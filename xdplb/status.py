@@ -60,6 +60,7 @@ def _vips(maps) -> list[dict[str, Any]]:
             "id": bid,
             "address": ipv4_of(be.addr),
             "port": from_be16(be.port),
+            "weight": be.weight,
             "down": bool(be.flags & BackendFlag.DOWN),
         })
     vips = []
@@ -87,10 +88,11 @@ def render(groups: list[dict[str, Any]]) -> str:
             continue
         rows = [
             [f"{v['protocol']} {v['address']}:{v['port']}",
-             f"{b['address']}:{b['port']}", "down" if b["down"] else "up"]
+             f"{b['address']}:{b['port']}", b["weight"], "down" if b["down"] else "up"]
             for v in g["vips"] for b in v["backends"]
         ]
-        parts.append(tabulate(rows, headers=["VIP", "BACKEND", "STATE"], tablefmt="plain"))
+        parts.append(tabulate(rows, headers=["VIP", "BACKEND", "WEIGHT", "STATE"],
+                              tablefmt="plain"))
         c = {k: v for k, v in g["counters"].items() if v}
         parts.append("counters: " + (", ".join(f"{k}={v}" for k, v in c.items()) or "none"))
     return "\n".join(parts)

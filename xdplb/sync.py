@@ -90,7 +90,7 @@ class MapSync:
             for b in v.backends:
                 flags = BackendFlag.VALID | (BackendFlag.DOWN if b.down else 0)
                 new = Backend(addr16(ipaddress.IPv4Address(b.address).packed),
-                              _be16(b.port), FAMILY_IPV4, int(flags), v.vip_id)
+                              _be16(b.port), FAMILY_IPV4, int(flags), v.vip_id, b.weight)
                 old = m.lookup("backends", b.backend_id)
                 if old is None or bytes(old) != bytes(new):
                     m.update("backends", b.backend_id, new)
