@@ -1,29 +1,36 @@
-"""The agent: compile, fill the maps from the config, attach, run until told to stop.
+"""The agent: compile, fill the maps from the config, attach, then keep the maps equal to
+config + health + drains until told to stop.
 
 Nothing on an interface changes until the config has validated, the interfaces exist,
 no foreign XDP program is in the way, and the program has compiled and its maps are
-filled: a bad config or a failed compile leaves the running state as it was.
+filled: a bad config or a failed compile leaves the running state as it was. Everything
+that happens later (health changes, reloads, drains) arrives as an event on one queue and
+is applied by the main thread, one at a time.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import signal
-import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xdplb import bpfsys, pins, xdp_link
-from xdplb.config import Config
-from xdplb.layout import MAP_BY_NAME, MAX_VIPS
+from xdplb import bpfsys, migrate, pins, runstate, xdp_link
+from xdplb.config import Config, ConfigError, load_config
+from xdplb.health import HealthChecker, Target
+from xdplb.layout import MAX_VIPS
 from xdplb.maps import KernelMaps
 from xdplb.program import Program, compile_program
-from xdplb.state import desired_state
+from xdplb.state import backend_label, desired_state
 from xdplb.sync import MapSync
 
 log = logging.getLogger("xdplb")
 
 MODES = ("native", "generic", "auto")
+DRAINS_FILE = "drains.json"
 
 
 class AttachError(RuntimeError):
@@ -69,17 +76,31 @@ def _check_pinned_sizes(group: pins.PinGroup, cfg: Config) -> None:
             )
 
 
+def read_drains(group: pins.PinGroup) -> set[str]:
+    data = runstate.read_json(group, DRAINS_FILE) or {}
+    return set(data.get("drained", []))
+
+
+def write_drains(group: pins.PinGroup, drained: set[str]) -> None:
+    runstate.write_json(group, DRAINS_FILE, {"drained": sorted(drained)})
+
+
 @dataclass
 class Agent:
     cfg: Config
     ifaces: list[str]
     mode: str = "auto"
     keep: bool = False
+    config_path: str | None = None
     group: pins.PinGroup = field(init=False)
     program: Program | None = field(init=False, default=None)
     maps: KernelMaps | None = field(init=False, default=None)
     attached: dict[str, str] = field(init=False, default_factory=dict)  # iface -> mode
-    _stop: threading.Event = field(init=False, default_factory=threading.Event)
+    generation: int = field(init=False, default=0)
+    _events: queue.Queue = field(init=False, default_factory=queue.Queue)
+    _health: HealthChecker | None = field(init=False, default=None)
+    _down: set[str] = field(init=False, default_factory=set)
+    _last_event: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -87,6 +108,8 @@ class Agent:
         if len(set(self.ifaces)) != len(self.ifaces):
             raise UsageError("an interface is named twice")
         self.group = pins.group_for(self.ifaces)
+        if self.config_path:
+            self.config_path = str(Path(self.config_path).resolve())
 
     # --- start -------------------------------------------------------------------------------
 
@@ -98,56 +121,88 @@ class Agent:
             except (OSError, LookupError) as e:
                 raise UsageError(f"interface {name} not found in this network namespace") from e
         pins.ensure_bpffs()
+        replace, older = self._programs_to_replace(indexes)
+        _check_pinned_sizes(self.group, self.cfg)
+
+        fresh = not self.group.exists()
+        try:
+            self._load_fill_attach(indexes, replace, older)
+        except BaseException:
+            self._detach_all()
+            if self.program is not None:
+                self.program.close()
+                self.program = None
+            if fresh:  # leave no half-made pins behind
+                runstate.clear(self.group)
+                self.group.remove()
+            raise
+        self._health = HealthChecker(self._on_health)
+        self._update_health_targets()
+        self._publish()
+        log.info("attached to %s (%s)", ", ".join(self.ifaces),
+                 ", ".join(f"{k}: {v}" for k, v in self.attached.items()))
+
+    def _load_fill_attach(self, indexes: dict[str, int], replace: dict[str, int],
+                          older: list[pins.PinGroup]) -> None:
+        self.program = compile_program(
+            self.cfg.maglev.table_size, self.cfg.flows.max_entries, self.group.path
+        )
+        self.maps = KernelMaps(self.program.map_fds, own=False)
+        self.sync = MapSync(self.maps)
+        for old in older:  # an older build is attached: bring its flows along
+            n = migrate.migrate(old, self.program.map_fds)
+            log.info("migrated %d entries from older build %s", n, old.path)
+        self.apply("start")
+        self.sync.set_tx_ports(list(indexes.values()))
+        for name, idx in indexes.items():
+            self.attached[name] = self._attach_one(name, idx, replace.get(name))
+        self._pin_program()
+        migrate.record_layout(self.group)
+        for old in older:  # flows the old program created while we copied, then its pins
+            n = migrate.migrate(old, self.program.map_fds, only_missing=True)
+            log.info("replaced older build %s (%d late entries copied)", old.path, n)
+            runstate.clear(old)
+            old.remove()
+
+    def _programs_to_replace(
+        self, indexes: dict[str, int]
+    ) -> tuple[dict[str, int], list[pins.PinGroup]]:
+        """Programs on our interfaces we may replace (ours, or an older xdplb build's), by
+        interface; and the pin groups of older builds. Anything else is refused."""
         ours = pinned_prog_id(self.group)
         replace: dict[str, int] = {}
+        older: dict[str, pins.PinGroup] = {}
         for name, idx in indexes.items():
             st = xdp_link.xdp_state(idx)
             if st is None or not st.prog_id:
                 continue
             if ours is not None and st.prog_id == ours:
                 replace[name] = st.prog_id
-            else:
+                continue
+            old = [g for g in pins.groups_with(name) if g.path != self.group.path
+                   and pinned_prog_id(g) == st.prog_id]
+            if not old:
                 raise UsageError(
                     f"{name} already carries an XDP program (id {st.prog_id}) that is not this "
                     f"xdplb instance's; remove it first (`xdplb detach {name}` if it is xdplb's)"
                 )
-        _check_pinned_sizes(self.group, self.cfg)
-
-        self.program = compile_program(
-            self.cfg.maglev.table_size, self.cfg.flows.max_entries, self.group.path
-        )
-        self.maps = KernelMaps(self.program.map_fds, own=False)
-        self.sync = MapSync(self.maps)
-        current = self.sync.read_current()
-        rep = self.sync.apply(desired_state(self.cfg, current), current)
-        self.sync.set_tx_ports(list(indexes.values()))
-        log.info("maps filled: %d VIPs, %d backends written, %d Maglev slots written",
-                 len(self.cfg.vips), rep.backends_written, rep.slots_written)
-        try:
-            for name, idx in indexes.items():
-                self.attached[name] = self._attach_one(name, idx, replace.get(name))
-        except Exception:
-            self._detach_all()
-            if not replace:
-                self.group.remove()
-            raise
-        self._pin_program()
-        log.info("attached to %s (%s)", ", ".join(self.ifaces),
-                 ", ".join(f"{k}: {v}" for k, v in self.attached.items()))
+            replace[name] = st.prog_id
+            older[str(old[0].path)] = old[0]
+        return replace, list(older.values())
 
     def _attach_one(self, name: str, idx: int, old_id: int | None) -> str:
         assert self.program is not None
         old_fd = bpfsys.prog_get_fd_by_id(old_id) if old_id else None
         try:
             modes = ["native", "generic"] if self.mode == "auto" else [self.mode]
-            if old_id:  # replacing our own program: keep the mode it runs in
+            if old_id:  # replacing a program atomically: keep the mode it runs in
                 st = xdp_link.xdp_state(idx)
                 modes = [st.mode] if st and st.mode in ("native", "generic") else modes
             last: Exception | None = None
             for mode in modes:
                 try:
                     xdp_link.xdp_attach(idx, self.program.prog_fd, mode, replace_fd=old_fd)
-                    if mode == "generic" and self.mode == "auto":
+                    if mode == "generic" and self.mode == "auto" and not old_id:
                         log.warning("%s: native XDP not available (%s); using generic mode, "
                                     "which is much slower", name, last)
                     return mode
@@ -164,27 +219,153 @@ class Agent:
             self.group.prog.unlink()
         bpfsys.obj_pin(self.program.prog_fd, self.group.prog)
 
+    # --- desired state -----------------------------------------------------------------------
+
+    def apply(self, why: str) -> None:
+        """Make the maps equal to config + health + drains."""
+        drained = read_drains(self.group)
+        current = self.sync.read_current()
+        desired = desired_state(self.cfg, current, frozenset(self._down), frozenset(drained))
+        rep = self.sync.apply(desired, current)
+        self.generation += 1
+        log.info("%s: maps updated (generation %d): %d backends and %d Maglev slots written, "
+                 "%d VIPs added, %d removed, %d backends removed", why, self.generation,
+                 rep.backends_written, rep.slots_written, rep.vips_added, rep.vips_removed,
+                 rep.backends_removed)
+        for v in desired.vips:
+            if all(b.down for b in v.backends):
+                log.error("VIP %s (%s:%d): every backend is down; its packets are dropped "
+                          "(counter drop_no_backend)", v.name, v.address, v.port)
+
+    def _targets(self) -> list[Target]:
+        out = []
+        for v in self.cfg.vips:
+            if v.health_check.type == "none":
+                continue
+            for b in v.backends:
+                port = b.target_port(v)
+                out.append(Target(backend_label(v.name, str(b.address), port),
+                                  str(b.address), port, v.health_check))
+        return out
+
+    def _update_health_targets(self) -> None:
+        assert self._health is not None
+        targets = self._targets()
+        self._health.set_targets(targets)
+        keys = {t.key for t in targets}
+        self._down &= keys
+
+    def _on_health(self, key: str, up: bool, reason: str) -> None:
+        """From the health thread: queue the change for the main loop."""
+        self._events.put(("health", key, up, reason))
+
     # --- run / stop --------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Block until SIGINT/SIGTERM (or stop()), then shut down."""
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self._stop.set())
+        """Serve events until SIGINT/SIGTERM (or stop()), then shut down.
+
+        SIGHUP reloads the config file; SIGUSR1 re-reads the drain list."""
+        handlers = {
+            signal.SIGINT: ("stop",), signal.SIGTERM: ("stop",),
+            signal.SIGHUP: ("reload",), signal.SIGUSR1: ("drains",),
+        }
+        for sig, ev in handlers.items():
+            signal.signal(sig, lambda *_, ev=ev: self._events.put(ev))
         try:
-            while not self._stop.wait(1.0):
-                pass
+            while True:
+                try:
+                    ev = self._events.get(timeout=1.0)
+                except queue.Empty:
+                    self._publish_health()
+                    continue
+                if ev[0] == "stop":
+                    break
+                self._handle(ev)
         finally:
             self.shutdown()
 
+    def _handle(self, ev: tuple) -> None:
+        kind = ev[0]
+        if kind == "health":
+            _, key, up, reason = ev
+            (self._down.discard if up else self._down.add)(key)
+            log.warning("backend %s is %s: %s", key, "UP" if up else "DOWN", reason)
+            self._done("health", True, f"{key} {'up' if up else 'down'}: {reason}")
+            self.apply(f"health {key}")
+        elif kind == "reload":
+            self.reload()
+        elif kind == "drains":
+            self.apply("drain list changed")
+            self._done("drains", True, ", ".join(sorted(read_drains(self.group))) or "none")
+        self._publish()
+
+    def reload(self) -> bool:
+        """Apply the edited config file as a diff; an invalid file changes nothing."""
+        if not self.config_path:
+            return self._done("reload", False, "no config file to reload")
+        try:
+            cfg = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("reload rejected, nothing changed:\n%s", e)
+            return self._done("reload", False, str(e))
+        fixed = [(k, getattr(self.cfg.maglev if k == "table_size" else self.cfg.flows, k),
+                  getattr(cfg.maglev if k == "table_size" else cfg.flows, k))
+                 for k in ("table_size", "max_entries")]
+        changed = [f"{k} {a} -> {b}" for k, a, b in fixed if a != b]
+        if changed:
+            msg = (f"reload rejected, nothing changed: {', '.join(changed)} resizes the maps; "
+                   "restart with `xdplb detach` + `xdplb attach` (drops tracked flows)")
+            log.error(msg)
+            return self._done("reload", False, msg)
+        old = self.cfg
+        self.cfg = cfg
+        try:
+            self.apply("reload")
+        except Exception as e:  # e.g. too many backends for the arrays
+            self.cfg = old
+            self.apply("reload rolled back")
+            log.error("reload failed, previous config restored: %s", e)
+            return self._done("reload", False, f"failed, previous config restored: {e}")
+        self._update_health_targets()
+        return self._done("reload", True, f"applied {self.config_path}")
+
+    def _done(self, kind: str, ok: bool, message: str) -> bool:
+        self._last_event = {"kind": kind, "ok": ok, "message": message, "time": time.time(),
+                            "generation": self.generation}
+        self._publish()
+        return ok
+
+    def _publish(self) -> None:
+        runstate.write_json(self.group, runstate.AGENT_FILE, {
+            "pid": os.getpid(),
+            "config": self.config_path,
+            "ifaces": self.ifaces,
+            "modes": self.attached,
+            "generation": self.generation,
+            "last_event": self._last_event,
+        })
+        self._publish_health()
+
+    def _publish_health(self) -> None:
+        if self._health is not None:
+            runstate.write_json(self.group, runstate.HEALTH_FILE,
+                                {"backends": self._health.snapshot()})
+
     def stop(self) -> None:
-        self._stop.set()
+        self._events.put(("stop",))
 
     def shutdown(self) -> None:
+        if self._health is not None:
+            self._health.stop()
+            self._health = None
         if self.keep:
             log.info("--keep: leaving the program attached and maps pinned in %s",
                      self.group.path)
+            for name in (runstate.AGENT_FILE, runstate.HEALTH_FILE):
+                (runstate.run_dir(self.group) / name).unlink(missing_ok=True)
         else:
             self._detach_all()
+            runstate.clear(self.group)
             self.group.remove()
             log.info("detached from %s", ", ".join(self.ifaces))
         if self.program is not None:
@@ -243,6 +424,7 @@ def detach(name: str, force: bool = False) -> list[str]:
         if still:
             done.append(f"kept pins {g.path}: still attached to {', '.join(still)}")
             continue
+        runstate.clear(g)
         g.remove()
         done.append(f"removed pins {g.path}")
     if not done:
@@ -253,6 +435,3 @@ def detach(name: str, force: bool = False) -> list[str]:
 def open_group_maps(group: pins.PinGroup) -> KernelMaps:
     """Maps of a pin group, for readers in another process."""
     return KernelMaps.open_pinned(Path(group.path))
-
-
-__all__ = ["Agent", "AttachError", "UsageError", "detach", "open_group_maps", "MAP_BY_NAME"]

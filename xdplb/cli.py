@@ -63,7 +63,7 @@ def attach(ifaces: tuple[str, ...], config_path: str, mode: str, keep: bool) -> 
 
     cfg = _load(config_path)
     try:
-        agent = Agent(cfg, list(ifaces), mode=mode, keep=keep)
+        agent = Agent(cfg, list(ifaces), mode=mode, keep=keep, config_path=config_path)
         agent.start()
     except UsageError as e:
         fail(str(e), EXIT_USAGE)
@@ -105,6 +105,61 @@ def status(as_json: bool) -> None:
         fail("no xdplb program in this network namespace; run `xdplb attach IFACE "
              "--config pool.yaml`", EXIT_NOTHING)
     click.echo(json.dumps({"groups": groups}, indent=2) if as_json else render(groups))
+
+
+@main.command()
+@click.argument("iface", required=False)
+def reload(iface: str | None) -> None:
+    """Apply the edited config file of the running agent (same as SIGHUP to it)."""
+    from xdplb import control
+
+    try:
+        run = control.find_agent(iface)
+        _load(run.info["config"])  # says what is wrong, exit 2, agent untouched
+        ev = control.reload(run)
+    except control.NoAgent as e:
+        fail(str(e), EXIT_NOTHING)
+    except (OSError, TimeoutError) as e:
+        fail(str(e), EXIT_RUNTIME)
+    if not ev["ok"]:
+        fail(ev["message"], EXIT_USAGE)
+    click.echo(f"reloaded: {ev['message']} (generation {ev['generation']})")
+
+
+def _drain(vip: str, backend: str, iface: str | None, drained: bool) -> None:
+    from xdplb import control
+
+    try:
+        run = control.find_agent(iface)
+        label, ev = control.set_drain(run, vip, backend, drained)
+    except control.NoAgent as e:
+        fail(str(e), EXIT_NOTHING)
+    except ConfigError as e:
+        fail(f"the agent's config no longer validates:\n{e}", EXIT_USAGE)
+    except ValueError as e:
+        fail(str(e), EXIT_USAGE)
+    except (OSError, TimeoutError) as e:
+        fail(str(e), EXIT_RUNTIME)
+    state = "drained: no new flows, established ones continue" if drained else "undrained"
+    click.echo(f"{label} {state} (generation {ev['generation']})")
+
+
+@main.command()
+@click.argument("vip")
+@click.argument("backend")
+@click.option("--iface", help="Interface of the agent, when several run here.")
+def drain(vip: str, backend: str, iface: str | None) -> None:
+    """Stop new flows to BACKEND of VIP (name or ADDR:PORT); established flows stay."""
+    _drain(vip, backend, iface, True)
+
+
+@main.command()
+@click.argument("vip")
+@click.argument("backend")
+@click.option("--iface", help="Interface of the agent, when several run here.")
+def undrain(vip: str, backend: str, iface: str | None) -> None:
+    """Let BACKEND of VIP take new flows again."""
+    _drain(vip, backend, iface, False)
 
 
 @main.command("check-config")

@@ -88,11 +88,20 @@ def _allocate(wanted: list, taken: dict, limit: int, what: str) -> dict:
     return out
 
 
+def backend_label(vip_name: str, address: str, port: int) -> str:
+    """How health checks, drains and logs name a backend: ``web/10.20.0.11:80``."""
+    return f"{vip_name}/{address}:{port}"
+
+
 def desired_state(
-    cfg: Config, current: Current | None = None, down: frozenset[BackendKey] = frozenset()
+    cfg: Config,
+    current: Current | None = None,
+    down: frozenset[str] = frozenset(),
+    drained: frozenset[str] = frozenset(),
 ) -> DesiredState:
-    """Compute the state the maps must hold for ``cfg``. ``down`` names failed backends,
-    which keep their ids but leave the Maglev ring."""
+    """Compute the state the maps must hold for ``cfg``. ``down`` names (by
+    :func:`backend_label`) failed backends: they keep their ids but leave the Maglev ring and
+    their flows re-balance. ``drained`` ones get weight 0: no new flows, flows stay."""
     current = current or Current()
     vip_keys = [(str(v.address), v.port, PROTOCOLS[v.protocol]) for v in cfg.vips]
     vip_ids = _allocate(vip_keys, current.vip_ids, MAX_VIPS, "VIPs")
@@ -109,7 +118,9 @@ def desired_state(
         bes = []
         for b in v.backends:
             bk = (vid, str(b.address), b.target_port(v))
-            bes.append(DesiredBackend(backend_ids[bk], bk[1], bk[2], b.weight, bk in down))
+            label = backend_label(v.name, bk[1], bk[2])
+            weight = 0 if label in drained else b.weight
+            bes.append(DesiredBackend(backend_ids[bk], bk[1], bk[2], weight, label in down))
         table = maglev.build_table(
             [(b.maglev_key, 0 if b.down else b.weight) for b in bes], M, seed
         )

@@ -28,17 +28,19 @@ def status(lab: Lab) -> dict:
 class AgentProcess:
     """A foreground `xdplb attach` on the LB's interfaces; ``stop()`` sends SIGTERM."""
 
-    def __init__(self, lab: Lab, config: Path, *extra: str, timeout: float = 60) -> None:
+    def __init__(self, lab: Lab, config: Path, *extra: str, timeout: float = 60,
+                 exe: list[str] | None = None) -> None:
         self.lab = lab
         self.log = config.with_suffix(".agent.log")
-        cmd = [str(XDPLB), "--netns", lab.lb_ns, "attach", *lab.lb_ifaces,
+        cmd = [*(exe or [str(XDPLB)]), "--netns", lab.lb_ns, "attach", *lab.lb_ifaces,
                "--config", str(config), *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
+        start = self.log.stat().st_size if self.log.exists() else 0  # several agents, one log
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log.open("a"))
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"agent exited ({self.proc.returncode}): {self.log_text()}")
-            if "attached to" in self.log_text():
+            if "attached to" in self.log_text()[start:]:
                 return
             time.sleep(0.2)
         self.stop()
@@ -46,6 +48,11 @@ class AgentProcess:
 
     def log_text(self) -> str:
         return self.log.read_text()
+
+    def kill9(self) -> None:
+        """Die without cleaning up, as a crashed agent would."""
+        self.proc.kill()
+        self.proc.wait()
 
     def stop(self, timeout: float = 20) -> int:
         if self.proc.poll() is None:

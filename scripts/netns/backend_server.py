@@ -9,6 +9,8 @@ One process per backend namespace serves:
   ``POST /echo`` -> the request body (header ``X-SHA256`` of it);
   ``GET /healthz`` -> 200 ``ok``.
   Every response carries ``X-Backend: <name>``.
+- TCP echo on every ``--echo-port`` (default 7000): sends ``backend=<name>\n`` on accept,
+  then echoes every byte back, for as long as the client likes (long-lived connections).
 - UDP echo on every ``--udp-port`` (default 5000 and 5001): replies
   ``<name> <client ip>:<client port> `` followed by the payload, from the address the datagram
   was sent to.
@@ -37,6 +39,7 @@ from urllib.parse import parse_qs, urlsplit
 
 HTTP_PORTS = (80, 8080)
 UDP_PORTS = (5000, 5001)
+ECHO_PORTS = (7000,)
 MAX_BYTES = 1 << 30  # /bytes limit: keeps a typo from streaming forever
 MAX_UPLOAD = 256 << 20
 
@@ -268,6 +271,25 @@ def udp_echo(sock: socket.socket, name: str, log: RequestLog) -> None:
         )
 
 
+def tcp_echo(sock: socket.socket, name: str, log: RequestLog) -> None:
+    """Accept forever; each connection announces the backend, then echoes until closed."""
+
+    def serve(conn: socket.socket, peer: tuple[str, int]) -> None:
+        log.write(proto="tcp", service="tcp-echo", client=peer[0], cport=peer[1],
+                  lport=sock.getsockname()[1])
+        with conn:
+            try:
+                conn.sendall(f"backend={name}\n".encode())
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    while True:
+        conn, peer = sock.accept()
+        threading.Thread(target=serve, args=(conn, peer), daemon=True).start()
+
+
 def _ports(s: str) -> list[int]:
     return [int(p) for p in s.split(",") if p]
 
@@ -280,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ready", type=Path, help="file written once every socket listens")
     ap.add_argument("--http-ports", type=_ports, default=list(HTTP_PORTS))
     ap.add_argument("--udp-ports", type=_ports, default=list(UDP_PORTS))
+    ap.add_argument("--echo-ports", type=_ports, default=list(ECHO_PORTS))
     args = ap.parse_args(argv)
 
     log = RequestLog(args.log, args.name)
@@ -293,6 +316,14 @@ def main(argv: list[str] | None = None) -> int:
         sock.bind(("0.0.0.0", port))
         threading.Thread(
             target=udp_echo, args=(sock, args.name, log), name=f"udp-{port}", daemon=True
+        ).start()
+    for port in args.echo_ports:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", port))
+        sock.listen(128)
+        threading.Thread(
+            target=tcp_echo, args=(sock, args.name, log), name=f"echo-{port}", daemon=True
         ).start()
     pattern_sha256(0)  # build the pattern block before the first request
 

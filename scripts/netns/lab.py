@@ -43,6 +43,7 @@ TOPOLOGIES = ("one-armed", "two-armed")
 MAX_BACKENDS = 64
 HTTP_PORTS = (80, 8080)
 UDP_PORTS = (5000, 5001)
+ECHO_PORTS = (7000,)
 PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 # Only these role suffixes belong to a lab: prefix "xl" must never match "xl-other-client".
 ROLE_RE = r"(?:client|lb|sw|be[0-9]+)"
@@ -199,6 +200,23 @@ def teardown_prefix(prefix: str) -> None:
         if p.returncode != 0 and (NETNS_DIR / n).exists():
             print(f"lab: could not delete netns {n}: {p.stderr.strip()}", file=sys.stderr)
     shutil.rmtree(rundir, ignore_errors=True)
+    _remove_agent_leftovers(prefix)
+
+
+def _remove_agent_leftovers(prefix: str) -> None:
+    """Pins and run state an xdplb agent left for the lab's LB namespace (killed -9, --keep).
+
+    bpffs outlives namespaces: a pin directory is named after the namespace, not tied to it.
+    Layout: <root>/xdplb/<layout version>/<netns>/<ifaces>.
+    """
+    lb = f"{prefix}-lb"
+    for root in (Path("/sys/fs/bpf/xdplb"), Path("/run/xdplb")):
+        for version in root.glob("*"):
+            shutil.rmtree(version / lb, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                version.rmdir()
+        with contextlib.suppress(OSError):
+            root.rmdir()
 
 
 def _state_pids(rundir: Path) -> list[int]:
@@ -327,6 +345,7 @@ class Lab:
     vip_net = "10.200.0.0/24"  # routed from the client via the LB; the LB has no route to it
     http_ports = HTTP_PORTS
     udp_ports = UDP_PORTS
+    echo_ports = ECHO_PORTS
 
     def __init__(self, topology: str = "one-armed", backends: int = 2, prefix: str = "xl") -> None:
         if topology not in TOPOLOGIES:
@@ -627,11 +646,24 @@ class Lab:
         self.xdp_prog_ids = xdp_attach_pass(self.xdp_peers)
         self._save_state()
 
-    def _start_backends(self, timeout: float = 20) -> None:
+    def stop_backend(self, backend: int | str) -> None:
+        """Stop every service of one backend (as if its server died); see start_backend."""
+        name = self._backend_name(backend)
+        pid = self.backend_pids.pop(name)
+        kill_pids({pid})
+        self._save_state()
+
+    def start_backend(self, backend: int | str) -> None:
+        """(Re)start the services of one backend and wait until they listen."""
+        self._start_backends([self._backend_name(backend)])
+
+    def _start_backends(self, only: Sequence[str] | None = None, timeout: float = 20) -> None:
         procs: dict[str, subprocess.Popen] = {}
         for name, ns, addr in zip(
             self.backend_names, self.backend_ns, self.backend_addrs, strict=True
         ):
+            if only is not None and name not in only:
+                continue
             (self.runtime_dir / f"{name}.ready").unlink(missing_ok=True)
             with open(self.runtime_dir / f"{name}.err", "wb") as err:  # the child keeps a copy
                 procs[name] = self.popen(
@@ -640,6 +672,7 @@ class Lab:
                     "--ready", str(self.runtime_dir / f"{name}.ready"),
                     "--http-ports", ",".join(map(str, self.http_ports)),
                     "--udp-ports", ",".join(map(str, self.udp_ports)),
+                    "--echo-ports", ",".join(map(str, self.echo_ports)),
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                 )  # fmt: skip
             self.backend_pids[name] = procs[name].pid

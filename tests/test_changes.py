@@ -1,0 +1,206 @@
+"""Changes under load, with real connections (issue: health checks, live reconfiguration,
+drain, and a restart that loses no connection).
+
+Long-lived TCP streams (data both ways, checked byte for byte) and steady new HTTP
+connections run through the VIP for the whole module while, one at a time: a backend is
+added by reload; an invalid reload is refused; the agent is killed -9 and started again;
+the program is replaced by a newer build; a backend is drained; a backend's server stops
+and comes back. After each step we count what broke.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from agent_process import AgentProcess, status, xdplb
+from lab import HERE, Lab
+
+pytestmark = pytest.mark.root
+
+INTERVAL, FALL, RISE = 0.5, 2, 2
+HC_HTTP = (f"{{type: http, path: /healthz, interval: {int(INTERVAL * 1000)}ms, "
+           f"timeout: 400ms, rise: {RISE}, fall: {FALL}}}")
+HC_TCP = (f"{{type: tcp, interval: {int(INTERVAL * 1000)}ms, timeout: 400ms, "
+          f"rise: {RISE}, fall: {FALL}}}")
+
+
+def pool(backends: list[str], weights: dict[str, int] | None = None) -> str:
+    weights = weights or {}
+    bes = "".join(f"      - address: {a}\n        weight: {weights.get(a, 1)}\n"
+                  for a in backends)
+    return (f"vips:\n"
+            f"  - name: web\n    address: 10.200.0.10\n    port: 80\n    protocol: tcp\n"
+            f"    health_check: {HC_HTTP}\n    backends:\n{bes}"
+            f"  - name: stream\n    address: 10.200.0.10\n    port: 7000\n    protocol: tcp\n"
+            f"    health_check: {HC_TCP}\n    backends:\n{bes}")
+
+
+BE = {"be1": "10.20.0.11", "be2": "10.20.0.12", "be3": "10.20.0.13"}
+# An "older build": the same code under another layout version, so its pins live in another
+# directory and replacing it exercises the migration of VIPs, backends and flows.
+OLD_BUILD = ("import sys, xdplb.pins as p, xdplb.layout as l; "
+             "p.layout_version = l.layout_version = lambda: '01d0b01d0000'; "
+             "from xdplb.cli import main; sys.exit(main())")
+
+
+class World:
+    def __init__(self, lab: Lab, tmp: Path) -> None:
+        self.lab, self.tmp = lab, tmp
+        self.config = tmp / "pool.yaml"
+        self.config.write_text(pool([BE["be1"], BE["be2"]]))
+        self.agent = AgentProcess(lab, self.config)
+        self.log = tmp / "traffic.jsonl"
+        self.traffic = lab.popen(
+            lab.client_ns, sys.executable, str(HERE / "traffic.py"), "--vip", "10.200.0.10",
+            "--log", str(self.log), "--streams", "12", "--rate", "20", "--duration", "400")
+
+    def events(self, since: float = 0.0, kind: str | None = None) -> list[dict]:
+        out = []
+        if self.traffic.poll() not in (None, 0):
+            raise AssertionError(f"traffic driver exited {self.traffic.returncode}")
+        text = self.log.read_text() if self.log.exists() else ""
+        for line in text.splitlines():
+            ev = json.loads(line)
+            if ev.get("t", 0) >= since and (kind is None or ev["ev"] == kind):
+                out.append(ev)
+        return out
+
+    def streams(self) -> dict[int, str]:
+        return {e["id"]: e["backend"] for e in self.events(kind="stream")}
+
+    def breaks(self, since: float = 0.0) -> list[dict]:
+        return self.events(since, "break")
+
+    def new(self, since: float, until: float | None = None) -> list[dict]:
+        return [e for e in self.events(since, "new") if until is None or e["t"] < until]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("changes")
+    with Lab(topology="one-armed", backends=3, prefix="xlt-ch") as lab:
+        w = World(lab, tmp)
+        try:
+            deadline = time.time() + 20
+            while len(w.streams()) < 12 and time.time() < deadline:
+                time.sleep(0.2)
+            assert len(w.streams()) == 12, w.events()
+            assert set(w.streams().values()) == {"be1", "be2"}
+            yield w
+        finally:
+            w.traffic.terminate()
+            w.traffic.wait(30)
+            w.agent.stop()
+
+
+def settle(seconds: float = 2.0) -> float:
+    time.sleep(seconds)
+    return time.time()
+
+
+def test_add_backend_by_reload(world):
+    world.config.write_text(pool(list(BE.values())))
+    t0 = time.time()
+    r = xdplb(world.lab, "reload")
+    assert "reloaded" in r.stdout
+    settle(3)
+    assert world.breaks(t0) == []
+    fresh = world.new(t0 + 0.5)
+    assert all(e["backend"] for e in fresh), [e for e in fresh if not e["backend"]]
+    assert "be3" in {e["backend"] for e in fresh}
+
+
+def test_invalid_reload_changes_nothing(world):
+    before = status(world.lab)["groups"][0]["vips"]
+    good = world.config.read_text()
+    world.config.write_text(good.replace("port: 7000", "port: 70000"))
+    try:
+        r = xdplb(world.lab, "reload", check=False)
+        assert r.returncode == 2
+        assert re.search(rf"{re.escape(str(world.config))}:\d+: vips\[1\]\.port", r.stderr)
+    finally:
+        world.config.write_text(good)
+    assert status(world.lab)["groups"][0]["vips"] == before
+    # SIGHUP straight to the agent with a bad file: refused by the agent too.
+    world.config.write_text(good.replace("protocol: tcp", "protocol: sctp", 1))
+    try:
+        world.agent.proc.send_signal(1)
+        time.sleep(1)
+        assert "reload rejected, nothing changed" in world.agent.log_text()
+    finally:
+        world.config.write_text(good)
+    assert status(world.lab)["groups"][0]["vips"] == before
+
+
+def test_agent_killed_and_restarted(world):
+    t0 = time.time()
+    world.agent.kill9()
+    time.sleep(2)  # the program keeps balancing without its agent
+    gap = world.new(t0)
+    assert gap and all(e["backend"] for e in gap)
+    world.agent = AgentProcess(world.lab, world.config)
+    settle(2)
+    assert world.breaks(t0) == []
+    assert all(e["backend"] for e in world.new(t0))
+
+
+def test_program_replaced_by_newer_build(world):
+    t0 = time.time()
+    world.agent.kill9()
+    old = AgentProcess(world.lab, world.config, exe=[sys.executable, "-c", OLD_BUILD])
+    groups = status(world.lab)["groups"]
+    assert [g["layout"] for g in groups] == ["01d0b01d0000"], groups
+    old.kill9()
+    world.agent = AgentProcess(world.lab, world.config)
+    assert "migrated" in world.agent.log_text()
+    settle(2)
+    (g,) = status(world.lab)["groups"]  # the older build's pins are gone
+    assert g["current_layout"] and g["interfaces"][0]["attached"]
+    assert world.breaks(t0) == []
+    assert all(e["backend"] for e in world.new(t0))
+
+
+def test_drain_keeps_connections_and_takes_no_new_ones(world):
+    on_be1 = [i for i, b in world.streams().items() if b == "be1"]
+    assert on_be1
+    t_before = time.time()
+    for vip in ("web", "stream"):
+        assert "drained" in xdplb(world.lab, "drain", vip, BE["be1"]).stdout
+    t0 = time.time()  # the drain is applied when the command returns
+    t1 = settle(3)
+    assert world.breaks(t_before) == []
+    beating = {e["id"] for e in world.events(t1 - 1.5, "beat")}
+    assert set(on_be1) <= beating  # drained backend's streams still move data
+    fresh = world.new(t0)
+    assert fresh and all(e["backend"] not in (None, "be1") for e in fresh)
+    st = status(world.lab)["groups"][0]
+    w = {(v["port"], b["address"]): b["weight"] for v in st["vips"] for b in v["backends"]}
+    assert w[(80, BE["be1"])] == 0
+    for vip in ("web", "stream"):
+        xdplb(world.lab, "undrain", vip, BE["be1"])
+    settle(2)
+    assert "be1" in {e["backend"] for e in world.new(time.time() - 1.5)}
+
+
+def test_backend_stopped_and_back(world):
+    survivors = [i for i, b in world.streams().items() if b != "be2"]
+    t0 = time.time()
+    world.lab.stop_backend("be2")
+    detect = t0 + FALL * INTERVAL + 1.0
+    settle(FALL * INTERVAL + 3)
+    late = world.new(detect)
+    assert late and all(e["backend"] not in (None, "be2") for e in late), late[:5]
+    broken = {e["id"] for e in world.breaks(t0)}
+    assert not broken & set(survivors)
+    assert "backend stream/10.20.0.12:7000 is DOWN" in world.agent.log_text()
+    # It comes back: new flows only, the flows on the others stay put.
+    world.lab.start_backend("be2")
+    settle(RISE * INTERVAL + 3)
+    assert "be2" in {e["backend"] for e in world.new(time.time() - 1.5)}
+    assert "is UP" in world.agent.log_text()
+    assert not {e["id"] for e in world.breaks(t0)} & set(survivors)
