@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from xdplb.config import HealthCheck
+from xdplb.hashing import murmur3_32
 
 log = logging.getLogger("xdplb.health")
 
@@ -126,13 +127,21 @@ class HealthChecker:
             return {k: r.as_dict() for k, r in self.results.items()}
 
     def stop(self) -> None:
-        def _stop() -> None:
-            for task in self._tasks.values():
+        """Cancel every check, wait for them to unwind (sockets closed), end the thread."""
+        async def _cancel_all() -> None:
+            tasks = list(self._tasks.values())
+            for task in tasks:
                 task.cancel()
-            self._loop.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-        self._loop.call_soon_threadsafe(_stop)
+        if not self._thread.is_alive():
+            return
+        fut = asyncio.run_coroutine_threadsafe(_cancel_all(), self._loop)
+        with contextlib.suppress(Exception):
+            fut.result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        self._loop.close()
 
     def _spawn(self, t: Target) -> None:
         self._tasks[t.key] = self._loop.create_task(self._run(t))
@@ -144,6 +153,9 @@ class HealthChecker:
 
     async def _run(self, t: Target) -> None:
         c = t.check
+        # Spread the checks over the interval (stable per backend) instead of firing all of
+        # them at once: hundreds of simultaneous connects are a burst for the backends.
+        await asyncio.sleep(c.interval * (murmur3_32(t.key.encode()) % 1000) / 1000)
         while True:
             started = time.monotonic()
             ok, detail = await probe(t)
