@@ -108,6 +108,9 @@ def test_add_backend_by_reload(world):
     t0 = time.time()
     r = xdplb(world.lab, "reload")
     assert "reloaded" in r.stdout
+    # Only the slots the new backend takes were written: about 1/3 of each VIP's ring.
+    m = re.findall(r"reload: maps updated .*?(\d+) Maglev slots written", world.agent.log_text())
+    assert m and 0 < int(m[-1]) <= 2 * (65537 // 3 + 656), m
     settle(3)
     assert world.breaks(t0) == []
     fresh = world.new(t0 + 0.5)

@@ -76,9 +76,14 @@ class CapacityError(ValueError):
 
 
 def _allocate(wanted: list, taken: dict, limit: int, what: str) -> dict:
-    """Keep existing ids for keys still wanted; give new keys the lowest free ids."""
+    """Keep existing ids for keys still wanted; give new keys the lowest free ids, ids that
+    were not in use before first: an id freed by this change is reused only when nothing
+    else is left, so a removed backend's flows are not silently inherited by a new one."""
     out = {k: taken[k] for k in wanted if k in taken}
-    free = (i for i in range(limit) if i not in set(out.values()))
+    kept, before = set(out.values()), set(taken.values())
+    free = (i for ids in ((i for i in range(limit) if i not in before),
+                          (i for i in range(limit) if i in before and i not in kept))
+            for i in ids)
     for k in wanted:
         if k not in out:
             try:

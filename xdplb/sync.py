@@ -85,7 +85,14 @@ class MapSync:
         M = desired.ring_size
         m.update("meta", 0, Meta(desired.seed, M, int(layout_version(), 16)))
 
-        # 1. backends (new ones become valid before any slot points at them)
+        # 1. removed VIPs go first: their id may be reused by a VIP added below
+        wanted = {v.key: v for v in desired.vips}
+        for key in current.vip_ids:
+            if key not in wanted:
+                m.delete("vips", vip_key(*key))
+                rep.vips_removed += 1
+
+        # 2. backends (new ones become valid before any slot points at them)
         for v in desired.vips:
             for b in v.backends:
                 flags = BackendFlag.VALID | (BackendFlag.DOWN if b.down else 0)
@@ -96,20 +103,15 @@ class MapSync:
                     m.update("backends", b.backend_id, new)
                     rep.backends_written += 1
 
-        # 2. rings, slot by slot where they differ
+        # 3. rings, slot by slot where they differ
         for v in desired.vips:
             rep.slots_written += self._write_ring(v, M, fresh=v.key not in current.vip_ids)
 
-        # 3. VIPs and their addresses
-        wanted = {v.key: v for v in desired.vips}
+        # 4. VIPs (now that their rings are complete) and their addresses
         for key, v in wanted.items():
             if current.vip_ids.get(key) != v.vip_id or m.lookup("vips", vip_key(*key)) is None:
                 m.update("vips", vip_key(*key), VipInfo(v.vip_id, 0))
                 rep.vips_added += 1
-        for key in current.vip_ids:
-            if key not in wanted:
-                m.delete("vips", vip_key(*key))
-                rep.vips_removed += 1
         addrs = {k[0] for k in wanted}
         for k, _ in list(m.items("vip_addrs")):
             if ipv4_of(k.addr) not in addrs:
@@ -117,7 +119,7 @@ class MapSync:
         for a in addrs:
             m.update("vip_addrs", AddrKey(addr16(ipaddress.IPv4Address(a).packed)), 1)
 
-        # 4. backends no longer configured: invalid, so their flows move on
+        # 5. backends no longer configured: invalid, so their flows move on
         keep = desired.backend_ids()
         for bid in set(current.backend_ids.values()) - keep:
             m.update("backends", bid, Backend())
