@@ -17,8 +17,9 @@ log() { printf '[setup] %s\n' "$*"; }
 # python3-bpfcc: BCC compiler + bindings (the PyPI "bcc" is unrelated).
 # linux-headers-amd64: UAPI headers for BCC when the running kernel has none.
 # iproute2/ethtool/tcpdump/curl/iperf3: the namespace lab and its tests.
+# vagrant: `vagrant validate` of the Vagrantfile in tests/test_vagrant.py (~10 s to install).
 pkgs=(python3-bpfcc python3-venv python3-pip linux-headers-amd64 iproute2 ethtool
-      tcpdump curl iperf3 util-linux procps kmod)
+      tcpdump curl iperf3 util-linux procps kmod nftables vagrant)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -1,4 +1,5 @@
-"""The real BPF program under BPF_PROG_TEST_RUN: frames in, frames out, every byte checked.
+"""The data path, frames in, frames out, every byte checked: the real BPF program under
+BPF_PROG_TEST_RUN and the scapy data path, each test run against both engines.
 
 Runs inside a private network namespace holding veth interfaces, addresses and permanent
 neighbours, so bpf_fib_lookup resolves next hops as it would on a live balancer.
@@ -20,7 +21,8 @@ from scapy.utils import checksum
 
 from xdplb.config import parse_config
 from xdplb.hashing import flow_hash
-from xdplb.testrun import BpfEngine
+from xdplb.pktcheck import checksum_errors, rewrite_errors
+from xdplb.testrun import Engine, open_engine
 
 pytestmark = pytest.mark.root
 
@@ -79,9 +81,10 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", "-n", NS, *args], check=True, capture_output=True)
 
 
-@pytest.fixture(scope="module")
-def lab():
-    """A namespace with two links (d0: clients + backends, d1: another backend net)."""
+@pytest.fixture(scope="module", params=["bpf", "scapy"])
+def lab(request):
+    """A namespace with two links (d0: clients + backends, d1: another backend net), and an
+    engine of each kind in it."""
     subprocess.run(["ip", "netns", "del", NS], capture_output=True)
     subprocess.run(["ip", "netns", "add", NS], check=True)
     try:
@@ -103,7 +106,8 @@ def lab():
             from xdplb import xdp_link
 
             idx = {d: xdp_link.ifindex(d) for d in ("d0", "d1")}
-            engine = BpfEngine(parse_config(CONFIG, "test.yaml"), [idx["d0"], idx["d1"]])
+            engine = open_engine(request.param, parse_config(CONFIG, "test.yaml"),
+                                 [idx["d0"], idx["d1"]])
             try:
                 yield engine, idx
             finally:
@@ -115,9 +119,18 @@ def lab():
 
 
 @pytest.fixture
-def eng(lab):
+def eng(lab, monkeypatch):
+    """The engine, flows cleared; every frame it rewrites has its checksums verified."""
     engine, idx = lab
     engine.clear_flows()
+    run = engine.run
+
+    def checked(frame: bytes, ingress_ifindex: int = 0):
+        r = run(frame, ingress_ifindex)
+        assert rewrite_errors(frame, r.data) == []
+        return r
+
+    monkeypatch.setattr(engine, "run", checked)
     return engine, idx["d0"], idx["d1"]
 
 
@@ -136,22 +149,11 @@ def udp(sport=40000, dst=VIP, dport=53, payload=b"hello", chksum=None):
 
 def assert_checksums(raw: bytes) -> Ether:
     """IPv4 header and TCP/UDP checksums of a frame are valid (checked by scapy)."""
-    pkt = Ether(raw)
-    ip = pkt[IP]
-    hdr = bytes(ip)[: ip.ihl * 4]
-    assert checksum(hdr) == 0, "bad IPv4 header checksum"
-    l4 = ip.payload
-    if isinstance(l4, TCP | UDP):
-        if isinstance(l4, UDP) and l4.chksum == 0:
-            return pkt
-        fresh = ip.__class__(bytes(ip))
-        fresh[l4.__class__].chksum = None
-        want = ip.__class__(bytes(fresh))[l4.__class__].chksum
-        assert l4.chksum == want, f"bad L4 checksum {l4.chksum:#x}, want {want:#x}"
-    return pkt
+    assert checksum_errors(raw) == []
+    return Ether(raw)
 
 
-def expected_backend(engine: BpfEngine, vip_name: str, src: str, dst: str, sport: int,
+def expected_backend(engine: Engine, vip_name: str, src: str, dst: str, sport: int,
                      dport: int, proto: int) -> str:
     """Where the Python model (hash + Maglev ring) says a new flow goes."""
     import ipaddress

@@ -18,18 +18,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xdplb import bpfsys, migrate, pins, runstate, xdp_link
+from xdplb import bpfsys, migrate, nftguard, pins, runstate, xdp_link
 from xdplb.config import Config, ConfigError, load_config
 from xdplb.health import HealthChecker, Target
 from xdplb.layout import MAX_VIPS
 from xdplb.maps import KernelMaps
 from xdplb.program import Program, compile_program
+from xdplb.scapy_forwarder import STATS_FILE, ScapyForwarder
 from xdplb.state import backend_label, desired_state
 from xdplb.sync import MapSync
 
 log = logging.getLogger("xdplb")
 
 MODES = ("native", "generic", "auto")
+DATAPATHS = ("bpf", "scapy")
 DRAINS_FILE = "drains.json"
 
 
@@ -92,6 +94,7 @@ class Agent:
     mode: str = "auto"
     keep: bool = False
     config_path: str | None = None
+    datapath: str = "bpf"  # "scapy": no XDP program; scapy_forwarder.py moves the frames
     group: pins.PinGroup = field(init=False)
     program: Program | None = field(init=False, default=None)
     maps: KernelMaps | None = field(init=False, default=None)
@@ -101,12 +104,17 @@ class Agent:
     _health: HealthChecker | None = field(init=False, default=None)
     _down: set[str] = field(init=False, default_factory=set)
     _last_event: dict = field(init=False, default_factory=dict)
+    forwarder: ScapyForwarder | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise UsageError(f"--mode must be one of {', '.join(MODES)}")
         if len(set(self.ifaces)) != len(self.ifaces):
             raise UsageError("an interface is named twice")
+        if self.datapath not in DATAPATHS:
+            raise UsageError(f"--datapath must be one of {', '.join(DATAPATHS)}")
+        if self.datapath == "scapy" and self.keep:
+            raise UsageError("--keep needs the bpf data path: the scapy one ends with the agent")
         self.group = pins.group_for(self.ifaces)
         if self.config_path:
             self.config_path = str(Path(self.config_path).resolve())
@@ -122,6 +130,9 @@ class Agent:
                 raise UsageError(f"interface {name} not found in this network namespace") from e
         pins.ensure_bpffs()
         replace, older = self._programs_to_replace(indexes)
+        if self.datapath == "scapy" and replace:
+            raise UsageError(f"{', '.join(replace)} carries xdplb's XDP program; the scapy data "
+                             f"path runs without one: `xdplb detach` it first")
         _check_pinned_sizes(self.group, self.cfg)
 
         fresh = not self.group.exists()
@@ -144,6 +155,9 @@ class Agent:
 
     def _load_fill_attach(self, indexes: dict[str, int], replace: dict[str, int],
                           older: list[pins.PinGroup]) -> None:
+        if self.datapath == "scapy":
+            self._start_scapy(indexes)
+            return
         self.program = compile_program(
             self.cfg.maglev.table_size, self.cfg.flows.max_entries, self.group.path
         )
@@ -163,6 +177,15 @@ class Agent:
             log.info("replaced older build %s (%d late entries copied)", old.path, n)
             runstate.clear(old)
             old.remove()
+
+    def _start_scapy(self, indexes: dict[str, int]) -> None:
+        self.forwarder = ScapyForwarder(
+            self.cfg, indexes, lambda d: runstate.write_json(self.group, STATS_FILE, d))
+        self.maps = self.forwarder.maps
+        self.sync = MapSync(self.maps)
+        self.apply("start")
+        self.sync.set_tx_ports(list(indexes.values()))
+        self.attached = self.forwarder.start()
 
     def _programs_to_replace(
         self, indexes: dict[str, int]
@@ -341,6 +364,7 @@ class Agent:
             "config": self.config_path,
             "ifaces": self.ifaces,
             "modes": self.attached,
+            "datapath": self.datapath,
             "generation": self.generation,
             "last_event": self._last_event,
         })
@@ -373,6 +397,10 @@ class Agent:
             self.program = None
 
     def _detach_all(self) -> None:
+        if self.forwarder is not None:  # the scapy data path: no XDP program to detach
+            self.forwarder.stop()
+            self.forwarder = None
+            self.attached.clear()
         for name in list(self.attached):
             try:
                 detach_if_ours(name, self.program.prog_fd if self.program else None)
@@ -398,6 +426,9 @@ def detach(name: str, force: bool = False) -> list[str]:
     place. Returns what was done; raises LookupError when there was nothing to remove."""
     done: list[str] = []
     idx = xdp_link.ifindex(name)
+    for table in nftguard.tables_on(idx):  # left by a scapy data path that died
+        nftguard.remove_table(table)
+        done.append(f"removed nftables table netdev {table}")
     st = xdp_link.xdp_state(idx)
     groups = pins.groups_with(name)
     ours = {pinned_prog_id(g) for g in groups} - {None}

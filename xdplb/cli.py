@@ -56,21 +56,43 @@ def _load(path: str):
 @click.option("--mode", type=click.Choice(["native", "generic", "auto"]), default="auto",
               show_default=True, help="XDP mode; auto: native, else generic with a warning.")
 @click.option("--keep", is_flag=True, help="Leave program and pinned maps in place on exit.")
-def attach(ifaces: tuple[str, ...], config_path: str, mode: str, keep: bool) -> None:
+@click.option("--datapath", type=click.Choice(["bpf", "scapy"]), default="bpf", show_default=True,
+              help="bpf: the XDP program; scapy: the Python data path (no BCC, slower).")
+@click.option("--metrics-addr", metavar="HOST:PORT",
+              help="Serve Prometheus metrics on http://HOST:PORT/metrics (off by default).")
+def attach(ifaces: tuple[str, ...], config_path: str, mode: str, keep: bool, datapath: str,
+           metrics_addr: str | None) -> None:
     """Attach to IFACE(s) and balance until Ctrl-C/SIGTERM (first IFACE faces clients)."""
+    from xdplb import metrics
     from xdplb.agent import Agent, AttachError, UsageError
     from xdplb.program import CompileError
 
+    if metrics_addr:
+        try:
+            metrics.parse_addr(metrics_addr)
+        except ValueError as e:
+            fail(str(e), EXIT_USAGE)
     cfg = _load(config_path)
+    server = None
     try:
-        agent = Agent(cfg, list(ifaces), mode=mode, keep=keep, config_path=config_path)
+        agent = Agent(cfg, list(ifaces), mode=mode, keep=keep, config_path=config_path,
+                      datapath=datapath)
+        if metrics_addr:  # bound before attaching: a taken port changes nothing
+            server = metrics.serve(metrics_addr, agent.group)
         agent.start()
     except UsageError as e:
         fail(str(e), EXIT_USAGE)
     except (AttachError, CompileError, OSError) as e:
         fail(str(e), EXIT_RUNTIME)
+    finally:
+        if server is not None and not agent.attached:
+            server.close()
     click.echo(f"xdplb: attached to {', '.join(ifaces)}; Ctrl-C to detach", err=True)
-    agent.run()
+    try:
+        agent.run()
+    finally:
+        if server is not None:
+            server.close()
 
 
 @main.command()
@@ -169,3 +191,9 @@ def check_config(config_path: str) -> None:
     cfg = _load(config_path)
     n = sum(len(v.backends) for v in cfg.vips)
     click.echo(f"{config_path}: OK ({len(cfg.vips)} VIPs, {n} backends)")
+
+
+from xdplb import cli_inspect, cli_replay  # noqa: E402 (registers on `main`, defined above)
+
+for _command in (*cli_inspect.COMMANDS, *cli_replay.COMMANDS):
+    main.add_command(_command)

@@ -8,10 +8,9 @@ from tabulate import tabulate
 
 from xdplb import pins, xdp_link
 from xdplb.agent import open_group_maps, pinned_prog_id
-from xdplb.layout import BackendFlag, layout_version
-from xdplb.maps import read_counters
-from xdplb.state import PROTO_NAMES
-from xdplb.sync import from_be16, ipv4_of
+from xdplb.catalog import Catalog
+from xdplb.layout import layout_version
+from xdplb.maps import KernelMaps, read_counters
 
 
 def _iface_state(name: str, prog_id: int | None) -> dict[str, Any]:
@@ -51,28 +50,16 @@ def collect() -> list[dict[str, Any]]:
     return out
 
 
-def _vips(maps) -> list[dict[str, Any]]:
-    backends: dict[int, list[dict[str, Any]]] = {}
-    for bid, be in maps.items("backends"):
-        if not be.flags & BackendFlag.VALID:
-            continue
-        backends.setdefault(be.vip_id, []).append({
-            "id": bid,
-            "address": ipv4_of(be.addr),
-            "port": from_be16(be.port),
-            "weight": be.weight,
-            "down": bool(be.flags & BackendFlag.DOWN),
-        })
-    vips = []
-    for k, info in maps.items("vips"):
-        vips.append({
-            "id": info.vip_id,
-            "address": ipv4_of(k.addr),
-            "port": from_be16(k.port),
-            "protocol": PROTO_NAMES.get(k.proto, str(k.proto)),
-            "backends": sorted(backends.get(info.vip_id, []), key=lambda b: b["id"]),
-        })
-    return sorted(vips, key=lambda v: v["id"])
+def _vips(maps: KernelMaps) -> list[dict[str, Any]]:
+    cat = Catalog.read(maps)
+    return [{
+        "id": v.id,
+        "address": v.address,
+        "port": v.port,
+        "protocol": v.protocol,
+        "backends": [{"id": b.id, "address": b.address, "port": b.port, "weight": b.weight,
+                      "down": b.down} for b in cat.vip_backends(v.id)],
+    } for v in sorted(cat.vips.values(), key=lambda v: v.id)]
 
 
 def render(groups: list[dict[str, Any]]) -> str:

@@ -655,9 +655,9 @@ class Lab:
 
     def start_backend(self, backend: int | str) -> None:
         """(Re)start the services of one backend and wait until they listen."""
-        self._start_backends([self._backend_name(backend)])
+        self._start_backends(only=[self._backend_name(backend)])
 
-    def _start_backends(self, only: Sequence[str] | None = None, timeout: float = 20) -> None:
+    def _start_backends(self, timeout: float = 20, only: Sequence[str] | None = None) -> None:
         procs: dict[str, subprocess.Popen] = {}
         for name, ns, addr in zip(
             self.backend_names, self.backend_ns, self.backend_addrs, strict=True

@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""End to end through the namespace lab: xdplb against the alternatives, back to back.
+
+Every peer gets a fresh two-armed lab (client, LB, two backends), the same services and the
+same traffic (see workload.py): UDP packets/s over many flows (an XDP generator), one TCP stream
+(iperf3), new TCP connections/s (wrk); the LB's CPU is recorded for each. A first run with
+an XDP_DROP program on the LB's client-facing interface gives the generator's own ceiling.
+
+    sudo .venv/bin/python bench/e2e.py [--seconds S] [--only NAME[,NAME...]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from common import save
+from lab import Lab
+from peers import Peer, all_peers
+from workload import (
+    FRAME_LEN,
+    UDP_FLOWS,
+    BenchLab,
+    Generator,
+    Sink,
+    conn_rate,
+    tcp_throughput,
+    udp_pps,
+)
+
+from xdplb import bpfsys, xdp_link
+
+PREFIX = "xlb-e2e"
+TARGETS = {"iptables": 2.0, "nginx": 5.0, "haproxy": 5.0}  # xdplb native pps >= N x peer
+
+
+@contextlib.contextmanager
+def bench_lab(name: str) -> Iterator[tuple[BenchLab, Generator]]:
+    with tempfile.TemporaryDirectory(prefix=f"xlb-bench-{name}-") as tmp, \
+            Lab(topology="two-armed", backends=2, prefix=PREFIX) as lab:
+        gen = Generator(lab)
+        try:
+            yield BenchLab(lab, Path(tmp)), gen
+        finally:
+            gen.close()
+
+
+def _guard(test: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One failed measurement is recorded as such; the other peers and tests still run."""
+    try:
+        return test()
+    except Exception as e:  # noqa: BLE001 (any failure of a peer is a result to report)
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"[-400:]}
+
+
+def generator_ceiling(seconds: int) -> dict[str, Any]:
+    """The generator into an XDP_DROP program on the LB: the most it can offer here."""
+    with bench_lab("generator") as (bl, gen), \
+            bpfsys.load_xdp_return(bpfsys.XDP_DROP, "bench_drop") as fd:
+        xdp_link.xdp_attach(bl.lab.lb_client_iface, fd, "native", netns=bl.lab.lb_ns)
+        return _guard(lambda: udp_pps(bl, gen, None, seconds))
+
+
+def run_peer(peer: Peer, sink: Sink, seconds: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": peer.name, "label": peer.label}
+    why = peer.unavailable()
+    if why:
+        return out | {"unavailable": why}
+    print(f"== {peer.label}", flush=True)
+    with bench_lab(peer.name) as (bl, gen):
+        try:
+            peer.start(bl.lab, bl.tmp)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            return out | {"error": f"start failed: {e}"[-400:]}
+        try:
+            if peer.udp:
+                with sink.attached(bl.lab):
+                    out["udp"] = _guard(lambda: udp_pps(bl, gen, sink, seconds))
+            else:
+                out["udp"] = {"unsupported": f"{peer.label} does not balance UDP"}
+            out["tcp"] = _guard(lambda: tcp_throughput(bl, seconds))
+            out["conn"] = _guard(lambda: conn_rate(bl, seconds))
+        finally:
+            peer.stop()
+    return out
+
+
+def ratios(peers: list[dict[str, Any]]) -> dict[str, Any]:
+    """xdplb native against each other peer, per metric (None where either is missing)."""
+    by = {p["name"]: p for p in peers}
+    ref = by.get("xdplb-native", {})
+
+    def get(p: dict[str, Any], test: str, key: str) -> float | None:
+        v = p.get(test, {}).get(key)
+        return v if isinstance(v, int | float) and v > 0 else None
+
+    out: dict[str, Any] = {}
+    for name, p in by.items():
+        if name == "xdplb-native":
+            continue
+        r = {}
+        for test, key in (("udp", "pps"), ("tcp", "gbit_per_s"), ("conn", "conn_per_s")):
+            a, b = get(ref, test, key), get(p, test, key)
+            r[test] = a / b if a and b else None
+        a, b = get(ref, "udp", "lb_ns_per_packet"), get(p, "udp", "lb_ns_per_packet")
+        r["udp_lb_cpu_per_packet"] = b / a if a and b else None  # > 1: peer costs more
+        if name in TARGETS:
+            r["udp_target"] = TARGETS[name]
+            r["udp_target_met"] = None if r["udp"] is None else r["udp"] >= TARGETS[name]
+        out[name] = r
+    return out
+
+
+def _fmt(v: float | None, scale: float = 1.0, digits: int = 0) -> str:
+    return "-" if v is None else f"{v / scale:,.{digits}f}"
+
+
+def print_table(res: dict[str, Any]) -> None:
+    print(f"\nend to end, {res['seconds']} s per test, {FRAME_LEN}-byte UDP frames over "
+          f"{UDP_FLOWS} flows; generator ceiling {_fmt(res['generator'].get('offered_pps'))} pps")
+    print(f"{'peer':<28} {'UDP pps':>10} {'LB ns/pkt':>10} {'TCP Gbit/s':>11} "
+          f"{'conn/s':>8} {'LB us/conn':>10}")
+    for p in res["peers"]:
+        if "unavailable" in p or "error" in p:
+            print(f"{p['label']:<28} {p.get('unavailable') or p.get('error')}")
+            continue
+        u, t, c = p["udp"], p["tcp"], p["conn"]
+        print(f"{p['label']:<28} {_fmt(u.get('pps')):>10} {_fmt(u.get('lb_ns_per_packet')):>10} "
+              f"{_fmt(t.get('gbit_per_s'), digits=2):>11} {_fmt(c.get('conn_per_s')):>8} "
+              f"{_fmt(c.get('lb_us_per_conn'), digits=1):>10}")
+
+
+def run(seconds: int, only: set[str] | None = None) -> dict[str, Any]:
+    peers = [p for p in all_peers() if only is None or p.name in only]
+    res: dict[str, Any] = {"seconds": seconds, "topology": "two-armed lab, 2 backends",
+                           "frame_bytes": FRAME_LEN, "udp_flows": UDP_FLOWS}
+    print("== generator ceiling", flush=True)
+    res["generator"] = generator_ceiling(seconds)
+    sink = Sink()
+    try:
+        res["peers"] = [run_peer(p, sink, seconds) for p in peers]
+    finally:
+        sink.close()
+    res["ratios"] = ratios(res["peers"])
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=int, default=5, help="length of each measurement")
+    ap.add_argument("--only", help="comma-separated peer names (default: all)")
+    args = ap.parse_args(argv)
+    if not 1 <= args.seconds <= 30:
+        ap.error("--seconds must be 1..30 (bounded load)")
+    only = set(args.only.split(",")) if args.only else None
+    res = run(args.seconds, only)
+    print_table(res)
+    save("e2e", res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Per-packet cost of the xdplb program in the kernel, against a parse-only baseline.
+
+BPF_PROG_TEST_RUN runs each program ``--repeat`` times (>= 1,000,000) on a 64-byte frame and
+reports the mean time per run; the median of ``--runs`` such measurements is kept, with the
+cases interleaved so that load from elsewhere on the machine hits them alike. Cases:
+
+- established: TCP ACK of a tracked flow (flow hit, DNAT, FIB lookup, XDP_TX)
+- new flow: TCP SYN of a new 5-tuple on every run (hash, Maglev slot, two flow inserts into
+  full LRU tables, DNAT, FIB lookup, XDP_TX)
+- reply: backend -> client of a tracked flow (reverse NAT, FIB lookup, XDP_TX)
+- non-VIP: TCP to the balancer's own address (two lookups, XDP_PASS, untouched)
+- baseline: a program compiled in the same run that parses Ethernet/IPv4/TCP and returns
+  XDP_TX, plus two variants that add one ingredient each (a 40-byte-key hash lookup, a
+  bpf_fib_lookup) to show what the real program's cost is made of.
+
+Every case runs through bench/bpf/harness.c (see there why) and the harness's own cost is
+subtracted. The verdict and xdplb's counters are checked: each case must take its path on
+every run. Next hops come from a one-armed namespace lab with permanent neighbours, so the
+FIB lookups succeed as on a live balancer.
+
+    sudo .venv/bin/python bench/perpacket.py [--repeat N] [--runs K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import statistics
+import sys
+from dataclasses import dataclass, field
+from socket import IPPROTO_TCP, htons, inet_aton
+
+from common import compile_bcc, save, xdp_fd
+from lab import Lab
+from pyroute2 import netns as pr_netns
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from xdplb import bpfsys, xdp_link
+from xdplb.config import parse_config
+from xdplb.layout import FAMILY_IPV4, FlowKey, addr16
+from xdplb.maps import read_counters
+from xdplb.testrun import BpfEngine
+
+FRAME_LEN = 64
+TX, PASS = bpfsys.XDP_TX, bpfsys.XDP_PASS
+VIP, LB_ADDR, SPORT = "10.200.0.10", "10.10.0.1", 40000
+TARGETS = {"established": 1.5, "non_vip": 1.2}
+CONFIG = f"""
+vips:
+  - name: web
+    address: {VIP}
+    port: 80
+    protocol: tcp
+    backends:
+      - address: 10.20.0.11
+      - address: 10.20.0.12
+"""  # maglev and flows at their defaults: M = 65537, 1,000,000 tracked flows
+
+def frame(src_mac: str, dst_mac: str, src: str, dst: str, sport: int, dport: int,
+          flags: str) -> bytes:
+    raw = bytes(Ether(src=src_mac, dst=dst_mac) / IP(src=src, dst=dst)
+                / TCP(sport=sport, dport=dport, flags=flags))
+    return raw + bytes(FRAME_LEN - len(raw))
+
+
+class Harness:
+    """bench/bpf/harness.c: restores the frame before every run, then tail-calls a target."""
+
+    def __init__(self, ifindex: int) -> None:
+        self.bpf = compile_bcc("harness.c")
+        self.fd = xdp_fd(self.bpf, "bench_harness")
+        self.ctx = bpfsys.xdp_md(FRAME_LEN, ifindex)
+        self.seq = 0  # new-flow runs never reuse a client address
+
+    def run(self, target_fd: int, data: bytes, repeat: int, new_flow: bool = False
+            ) -> bpfsys.TestRunResult:
+        tmpl = self.bpf["frame_tmpl"]
+        leaf = tmpl.Leaf()
+        ctypes.memmove(ctypes.addressof(leaf), data, FRAME_LEN)
+        tmpl[ctypes.c_uint32(0)] = leaf
+        ctl = self.bpf["ctl"]
+        ctl[ctypes.c_uint32(0)] = ctl.Leaf(int(new_flow), self.seq)
+        self.seq += repeat if new_flow else 0
+        self.bpf["target"][ctypes.c_int(0)] = ctypes.c_int(target_fd)
+        return bpfsys.prog_test_run(self.fd, data, repeat=repeat, ctx_in=self.ctx)
+
+
+@dataclass
+class Case:
+    name: str
+    target_fd: int
+    data: bytes
+    verdict: int  # bpfsys.XDP_*
+    expect: frozenset[str] = frozenset()  # xdplb counters that must move once per run
+    harness: bool = True  # False: timed directly (valid only if the frame stays as it is)
+    new_flow: bool = False
+    tracked: bool = False  # refers to the tracked flow (re-created before each measurement)
+    samples: list[float] = field(default_factory=list)
+
+
+def neighbours(lab: Lab) -> None:
+    """Permanent neighbours on the LB: bpf_fib_lookup then succeeds without ARP."""
+    peers = [(lab.client_addr, lab.client_mac), *zip(lab.backend_addrs, lab.backend_macs,
+                                                      strict=True)]
+    script = "; ".join(f"ip neigh replace {a} lladdr {m} dev {lab.lb_backend_iface} "
+                       f"nud permanent" for a, m in peers)
+    lab.run(lab.lb_ns, "sh", "-c", script)
+
+
+def _baselines(stack: contextlib.ExitStack, lookup_key: bytes) -> dict[str, int]:
+    """The baseline and its one-ingredient variants, compiled now; name -> program fd."""
+    fds = {}
+    for name, flags in (("baseline", []), ("baseline_lookup", ["-DBENCH_LOOKUP"]),
+                        ("baseline_insert", ["-DBENCH_INSERT"]),
+                        ("baseline_fib", ["-DBENCH_FIB"])):
+        bpf = compile_bcc("baseline.c", flags)
+        stack.callback(bpf.cleanup)
+        fds[name] = xdp_fd(bpf, "bench_baseline")
+        if name == "baseline_lookup":
+            table = bpf["bench_table"]
+            key = table.Key()
+            ctypes.memmove(ctypes.addressof(key), lookup_key, len(lookup_key))
+            table[key] = table.Leaf(1)
+    return fds
+
+
+def measure(lab: Lab, repeat: int, runs: int) -> dict:
+    ifindex = xdp_link.ifindex(lab.lb_client_iface)
+    with contextlib.ExitStack() as stack:
+        engine = BpfEngine(parse_config(CONFIG, "perpacket.yaml"), [ifindex])
+        stack.callback(engine.close)
+        harness = Harness(ifindex)
+        stack.callback(harness.bpf.cleanup)
+        null_fd = bpfsys.load_xdp_return(bpfsys.XDP_TX, "bench_null")
+        stack.callback(bpfsys.close, null_fd)
+
+        lb_mac, c_mac = lab.lb_macs[lab.lb_client_iface], lab.client_mac
+        est = frame(c_mac, lb_mac, lab.client_addr, VIP, SPORT, 80, "A")
+        syn = frame(c_mac, lb_mac, lab.client_addr, VIP, SPORT, 80, "S")
+        key = FlowKey(addr16(inet_aton(lab.client_addr)), addr16(inet_aton(VIP)), htons(SPORT),
+                      htons(80), IPPROTO_TCP, FAMILY_IPV4)
+
+        def track() -> Ether:
+            # New-flow runs evict it from the LRU tables: delete and re-create it, so that
+            # both its entries (forward and reverse) exist; Maglev gives the same backend.
+            engine.maps.delete("flows", key)
+            return Ether(engine.run(syn, ifindex).data)
+
+        first = track()
+        be = first[IP].dst
+        be_mac = lab.backend_macs[lab.backend_addrs.index(be)]
+        reply = frame(be_mac, lb_mac, be, lab.client_addr, first[TCP].dport, SPORT, "A")
+        non_vip = frame(c_mac, lb_mac, lab.client_addr, LB_ADDR, SPORT + 1, 22, "S")
+        to_backend = frame(c_mac, lb_mac, lab.client_addr, be, SPORT, 80, "A")  # FIB hit
+        # New flows: the harness rewrites the client address, a port no other case uses.
+        fresh = frame(c_mac, lb_mac, lab.client_addr, VIP, SPORT + 2, 80, "S")
+        base = _baselines(stack, est[26:38])  # saddr, daddr, ports: what baseline.c copies
+
+        xdp = engine.program.prog_fd
+        hit, new, rep = (frozenset(s) for s in ({"flow_hit", "tx"}, {"new_flow", "tx"},
+                                                 {"reply", "tx"}))
+        cases = [
+            Case("null", null_fd, est, TX, harness=False),
+            Case("harness", null_fd, est, TX),
+            Case("baseline", base["baseline"], est, TX),
+            Case("baseline_lookup", base["baseline_lookup"], est, TX),
+            Case("baseline_insert", base["baseline_insert"], fresh, TX, new_flow=True),
+            Case("baseline_fib", base["baseline_fib"], to_backend, TX),
+            Case("established", xdp, est, TX, hit, tracked=True),
+            Case("new_flow", xdp, fresh, TX, new, new_flow=True),
+            Case("reply", xdp, reply, TX, rep, tracked=True),
+            Case("non_vip", xdp, non_vip, PASS, frozenset({"pass_not_vip"})),
+            Case("baseline_direct", base["baseline"], est, TX, harness=False),
+            Case("baseline_lookup_direct", base["baseline_lookup"], est, TX, harness=False),
+            Case("baseline_fib_direct", base["baseline_fib"], to_backend, TX, harness=False),
+            Case("non_vip_direct", xdp, non_vip, PASS, harness=False),
+        ]
+
+        def timed(c: Case) -> float:
+            if c.tracked:
+                track()
+            before = read_counters(engine.maps)
+            res = (harness.run(c.target_fd, c.data, repeat, c.new_flow) if c.harness else
+                   bpfsys.prog_test_run(c.target_fd, c.data, repeat=repeat, ctx_in=harness.ctx))
+            if res.retval != c.verdict:
+                raise RuntimeError(f"{c.name}: verdict {res.retval}, want {c.verdict}")
+            after = read_counters(engine.maps)
+            moved = {k: (after[k] - before[k]) / repeat for k in after if after[k] != before[k]}
+            if c.expect and moved != dict.fromkeys(c.expect, 1.0):
+                raise RuntimeError(f"{c.name}: counters moved {moved} per run, want 1 of "
+                                   f"each of {sorted(c.expect)}")
+            return float(res.duration_ns)
+
+        # Fill the LRU tables first: new flows are then measured in the steady state of a
+        # busy balancer, where every insert evicts the least recently used entry. The fill
+        # itself is the cost with room in the table.
+        empty = {f"{c.name}_empty": timed(c) for c in cases if c.new_flow}
+        for _ in range(runs):
+            for c in cases:
+                c.samples.append(timed(c))
+        naive = _naive(xdp, est, repeat, harness.ctx, engine)
+
+    med = {c.name: statistics.median(c.samples) for c in cases} | empty
+    # Harness cases: what the harness adds over a bare test run is taken out again.
+    extra = med["harness"] - med["null"]
+    direct = {c.name for c in cases if not c.harness}
+    samples = {c.name: c.samples for c in cases}
+    cost = {name: m - (0.0 if name in direct else extra) for name, m in med.items()}
+    return {
+        "repeat": repeat,
+        "runs": runs,
+        "frame_bytes": FRAME_LEN,
+        "harness_extra_ns": extra,
+        "cases": {name: {"ns": cost[name], "median_ns": med[name], "harness": name not in direct,
+                         "samples_ns": samples.get(name, [med[name]])} for name in med},
+        "ratios": {name: cost[name] / cost["baseline"] for name in med},
+        "targets": TARGETS,
+        "naive_established": naive,
+    }
+
+
+def _naive(fd: int, data: bytes, repeat: int, ctx: bytes, engine: BpfEngine) -> dict:
+    """xdplb timed without the harness on an established flow: the mean, and which paths the
+    runs really took (all but the first pass the rewritten frame through)."""
+    before = read_counters(engine.maps)
+    res = bpfsys.prog_test_run(fd, data, repeat=repeat, ctx_in=ctx)
+    after = read_counters(engine.maps)
+    return {"ns": float(res.duration_ns),
+            "counters": {k: after[k] - before[k] for k in after if after[k] != before[k]}}
+
+
+def run(repeat: int, runs: int, prefix: str = "xlb-pp") -> dict:
+    with Lab(topology="one-armed", backends=2, prefix=prefix) as lab:
+        neighbours(lab)
+        pr_netns.pushns(lab.lb_ns)  # ingress ifindex and FIB lookups: the LB's namespace
+        try:
+            return measure(lab, repeat, runs)
+        finally:
+            pr_netns.popns()
+
+
+def print_table(res: dict) -> None:
+    print(f"per-packet cost, {res['frame_bytes']}-byte frames, median of {res['runs']} x "
+          f"{res['repeat']:,} runs (harness's extra {res['harness_extra_ns']:.0f} ns taken out)")
+    for name, c in res["cases"].items():
+        if name in ("null", "harness"):
+            continue
+        target = res["targets"].get(name)
+        mark = "" if target is None else (
+            f"  target <= {target}x: {'met' if res['ratios'][name] <= target else 'MISSED'}")
+        print(f"  {name:<16} {c['ns']:7.1f} ns  {res['ratios'][name]:5.2f}x baseline{mark}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=1_000_000, help="runs per measurement")
+    ap.add_argument("--runs", type=int, default=5, help="measurements per case (median)")
+    args = ap.parse_args(argv)
+    if not 1 <= args.repeat <= 20_000_000 or not 1 <= args.runs <= 50:
+        ap.error("--repeat must be 1..20,000,000 and --runs 1..50 (bounded run time)")
+    res = run(args.repeat, args.runs)
+    print_table(res)
+    save("perpacket", res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Incremental Internet checksum updates (RFC 1624, eqn. 3), exactly as bpf/csum.h.
+
+Values are 16- and 32-bit words as the BPF program loads them from the packet: little-endian
+loads of wire bytes (``int.from_bytes(b, "little")``). One's-complement sums do not care about
+byte order as long as old and new are loaded the same way, and keeping the C program's
+arithmetic (rather than recomputing) is what makes both data paths emit the same bytes.
+"""
+
+from __future__ import annotations
+
+
+def fold(s: int) -> int:
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    return s & 0xFFFF
+
+
+def replace2(check: int, old: int, new: int) -> int:
+    return ~fold((~check & 0xFFFF) + (~old & 0xFFFF) + new) & 0xFFFF
+
+
+def replace4(check: int, old: int, new: int) -> int:
+    s = (~check & 0xFFFF) + (~old & 0xFFFF) + (~(old >> 16) & 0xFFFF)
+    s += (new & 0xFFFF) + (new >> 16)
+    return ~fold(s) & 0xFFFF
+
+
+def udp_fixup(old_check: int, new_check: int) -> int:
+    """UDP: a zero checksum means "none" and stays zero; a computed zero is sent as 0xffff."""
+    if old_check == 0:
+        return 0
+    return 0xFFFF if new_check == 0 else new_check

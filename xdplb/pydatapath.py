@@ -1,0 +1,286 @@
+"""The data path in Python: bpf/xdplb.c and bpf/nat.h rule for rule, on ``UserMaps``.
+
+Same rules in the same order, the same counters, the same checksum arithmetic (``csum.py``),
+the same TCP state tracking, flow hash and Maglev slot, and next hops from ``fib.py``. It
+runs on a frame's bytes and returns the XDP action and the frame as the program would leave
+it; what to do with it (send it, replay it, compare it) is the caller's business. Tests hold
+it to byte-for-byte parity with the BPF program (tests/test_parity.py), so a change to one
+must be made to the other.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+from xdplb import csum
+from xdplb.fib import LOOPBACK_IFINDEX, SUCCESS, Fib
+from xdplb.hashing import flow_hash
+from xdplb.layout import (
+    FAMILY_IPV4,
+    NO_BACKEND,
+    BackendFlag,
+    Counter,
+    Flow,
+    RevNat,
+    Stat,
+    TcpState,
+)
+from xdplb.parse import ADDR_PAD, IPPROTO_UDP, MALFORMED, NOT_IPV4, Pkt, flow_key, parse
+from xdplb.usermaps import UserMaps, key_bytes
+
+# enum xdp_action
+XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = 0, 1, 2, 3, 4
+ACTIONS = {XDP_ABORTED: "aborted", XDP_DROP: "drop", XDP_PASS: "pass", XDP_TX: "tx",
+           XDP_REDIRECT: "redirect"}
+
+CLOCK_MONOTONIC_COARSE = 6  # what bpf_ktime_get_coarse_ns reads; `time` has no name for it
+TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
+_VALID, _DOWN = int(BackendFlag.VALID), int(BackendFlag.DOWN)
+_ZERO = key_bytes(0)
+_COUNTER_KEYS = [key_bytes(c) for c in range(int(Counter.MAX))]
+_FAMILY = bytes((FAMILY_IPV4,))
+
+
+def coarse_ns() -> int:
+    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
+
+
+class Outcome(NamedTuple):
+    action: int  # XDP_*
+    data: bytes  # the frame as the program leaves it
+    egress: int  # ifindex it leaves by (TX: the ingress one; REDIRECT: the target), else 0
+
+
+def _le16(buf: bytearray, off: int) -> int:
+    return buf[off] | (buf[off + 1] << 8)
+
+
+def _put_le16(buf: bytearray, off: int, v: int) -> None:
+    buf[off] = v & 0xFF
+    buf[off + 1] = v >> 8
+
+
+def _valid(be, vip_id: int) -> bool:
+    """xl_valid_backend"""
+    return be is not None and bool(be.flags & _VALID) and not be.flags & _DOWN \
+        and be.vip_id == vip_id
+
+
+def _stat_add(s: Stat | None, length: int, flows: int) -> None:
+    if s is not None:
+        s.packets += 1
+        s.bytes += length
+        s.flows += flows
+
+
+def _tcp_track(f: Flow, buf: bytearray, tcp: int, reply: bool) -> None:
+    """xl_tcp_track: coarse TCP state, enough to tell half-open, established and closing."""
+    if tcp < 0:
+        return
+    flags = buf[tcp + 13]
+    st = f.tcp_state
+    if flags & TCP_RST:
+        st = TcpState.RST
+    elif flags & TCP_FIN:
+        st = TcpState.FIN
+    elif flags & TCP_SYN and not flags & TCP_ACK and not reply and st != TcpState.ESTABLISHED:
+        st = TcpState.SYN_SEEN
+    elif flags & TCP_ACK and not flags & TCP_SYN and st == TcpState.SYN_SEEN and not reply:
+        st = TcpState.ESTABLISHED
+    if st != f.tcp_state:
+        f.tcp_state = st
+
+
+def _rewrite(buf: bytearray, p: Pkt, addr: int, new_addr: bytes, port: int, new_port: int
+             ) -> None:
+    """xl_rewrite: the address at ``addr`` (and the port at ``port`` unless new_port is 0),
+    with the IPv4 and L4 checksums; the L4 one covers the address via the pseudo-header."""
+    old = int.from_bytes(buf[addr : addr + 4], "little")
+    new = int.from_bytes(new_addr, "little")
+    l4_old = _le16(buf, p.l4_check)
+    l4 = csum.replace4(l4_old, old, new)
+    _put_le16(buf, p.ip + 10, csum.replace4(_le16(buf, p.ip + 10), old, new))
+    buf[addr : addr + 4] = new_addr
+    old_port = _le16(buf, port)
+    if new_port and new_port != old_port:
+        l4 = csum.replace2(l4, old_port, new_port)
+        _put_le16(buf, port, new_port)
+    if p.proto == IPPROTO_UDP:
+        l4 = csum.udp_fixup(l4_old, l4)
+    _put_le16(buf, p.l4_check, l4)
+
+
+def decrement_ttl(buf: bytearray, ip: int) -> None:
+    # TTL shares a 16-bit checksum word with the protocol byte.
+    old = _le16(buf, ip + 8)
+    buf[ip + 8] -= 1
+    _put_le16(buf, ip + 10, csum.replace2(_le16(buf, ip + 10), old, _le16(buf, ip + 8)))
+
+
+class PyDatapath:
+    """xdplb_main() over UserMaps. ``ring_size`` is what the BPF program is compiled with
+    (XL_RING_SIZE), not what the meta map says."""
+
+    def __init__(self, maps: UserMaps, fib: Fib, ring_size: int, clock=coarse_ns) -> None:
+        t = maps.tables
+        self.vips, self.vip_addrs, self.backends = t["vips"], t["vip_addrs"], t["backends"]
+        self.maglev, self.flows, self.rev_flows = t["maglev"], t["flows"], t["rev_flows"]
+        self.tx_ports, self.tx_devs, self.meta = t["tx_ports"], t["tx_devs"], t["meta"]
+        self.counters, self.vip_stats = t["counters"], t["vip_stats"]
+        self.backend_stats = t["backend_stats"]
+        self.fib = fib
+        self.ring_size = ring_size
+        self.clock = clock
+
+    def run(self, frame: bytes, ingress_ifindex: int = 0) -> Outcome:
+        """One frame, as the program sees it arriving on ``ingress_ifindex`` (0: loopback,
+        as BPF_PROG_TEST_RUN without a context)."""
+        buf = bytearray(frame)
+        action, egress = self._main(buf, ingress_ifindex or LOOPBACK_IFINDEX)
+        return Outcome(action, bytes(buf), egress)
+
+    def _count(self, c: Counter) -> None:
+        self.counters.ref(_COUNTER_KEYS[c]).value += 1
+
+    def _main(self, buf: bytearray, ingress: int) -> tuple[int, int]:
+        rc, p = parse(buf)
+        if rc == NOT_IPV4:
+            self._count(Counter.PASS_NOT_IPV4)
+            return XDP_PASS, 0
+        if rc == MALFORMED:
+            self._count(Counter.PASS_MALFORMED)
+            return XDP_PASS, 0
+        ip = p.ip
+        daddr = bytes(buf[ip + 16 : ip + 20])
+        if self.vip_addrs.ref(daddr + ADDR_PAD) is not None:
+            # Rules for VIP addresses: fragments and IP options are never balanced.
+            if p.frag:
+                self._count(Counter.DROP_FRAGMENT)
+                return XDP_DROP, 0
+            if p.options:
+                self._count(Counter.DROP_IP_OPTIONS)
+                return XDP_DROP, 0
+            if p.sport >= 0:
+                vk = daddr + ADDR_PAD + bytes(buf[p.dport : p.dport + 2]) + bytes((p.proto,))
+                vip = self.vips.ref(vk + _FAMILY)
+                if vip is not None:
+                    return self._forward(buf, p, vip.vip_id, ingress)
+            self._count(Counter.PASS_NOT_VIP)
+            return XDP_PASS, 0
+        if p.sport >= 0 and not p.options:
+            rk = flow_key(bytes(buf[ip + 12 : ip + 16]), daddr, bytes(buf[p.sport : p.sport + 2]),
+                          bytes(buf[p.dport : p.dport + 2]), p.proto)
+            rn = self.rev_flows.ref(rk)
+            if rn is not None:
+                return self._reply(buf, p, rk, rn, ingress)
+        self._count(Counter.PASS_NOT_VIP)
+        return XDP_PASS, 0
+
+    def _forward(self, buf: bytearray, p: Pkt, vip_id: int, ingress: int) -> tuple[int, int]:
+        """Client -> VIP."""
+        ip = p.ip
+        if buf[ip + 8] <= 1:
+            self._count(Counter.DROP_TTL)
+            return XDP_DROP, 0
+        saddr, daddr = bytes(buf[ip + 12 : ip + 16]), bytes(buf[ip + 16 : ip + 20])
+        sport, dport = bytes(buf[p.sport : p.sport + 2]), bytes(buf[p.dport : p.dport + 2])
+        fk = flow_key(saddr, daddr, sport, dport, p.proto)
+        now = self.clock()
+        created = 0
+        f = self.flows.ref(fk)
+        be = None
+        bid = NO_BACKEND
+        if f is not None:
+            bid = f.backend_id
+            be = self.backends.ref(key_bytes(bid))
+            # A removed or failed backend does not blackhole its flows: re-pick below.
+            if not _valid(be, vip_id):
+                f = None
+        if f is not None:
+            self._count(Counter.FLOW_HIT)
+        else:
+            seed = self.meta.ref(_ZERO).seed
+            h = flow_hash(saddr, daddr, int.from_bytes(sport, "big"),
+                          int.from_bytes(dport, "big"), p.proto, seed)
+            owner = self.maglev.ref(key_bytes(vip_id * self.ring_size + h % self.ring_size))
+            if owner is None or owner.value == NO_BACKEND:
+                self._count(Counter.DROP_NO_BACKEND)
+                return XDP_DROP, 0
+            bid = owner.value
+            be = self.backends.ref(key_bytes(bid))
+            if not _valid(be, vip_id):
+                self._count(Counter.DROP_NO_BACKEND)
+                return XDP_DROP, 0
+            nf = Flow()
+            nf.backend_id, nf.vip_id, nf.first_ns = bid, vip_id, now
+            self.flows.put(fk, nf)
+            f = self.flows.ref(fk)
+            be_port = be.port.to_bytes(2, "little")
+            rk = flow_key(bytes(be.addr)[:4], saddr, be_port if be.port else dport, sport,
+                          p.proto)
+            rn = RevNat()
+            rn.vip_addr[:4] = daddr
+            rn.vip_port = int.from_bytes(dport, "little")
+            rn.vip_id = vip_id
+            self.rev_flows.put(rk, rn)
+            self._count(Counter.NEW_FLOW)
+            created = 1
+        if f is not None:  # (an LRU that evicts at once leaves none: forward all the same)
+            f.last_ns = now
+            f.fwd_packets += 1
+            f.fwd_bytes += len(buf)
+            _tcp_track(f, buf, p.tcp, False)
+        _stat_add(self.vip_stats.ref(key_bytes(vip_id)), len(buf), created)
+        _stat_add(self.backend_stats.ref(key_bytes(bid)), len(buf), created)
+        _rewrite(buf, p, ip + 16, bytes(be.addr)[:4], p.dport, be.port)
+        return self._fib_forward(buf, p, ingress)
+
+    def _reply(self, buf: bytearray, p: Pkt, rk: bytes, rn: RevNat, ingress: int
+               ) -> tuple[int, int]:
+        """Backend -> client reply of a tracked flow: the source back to the VIP."""
+        ip = p.ip
+        if buf[ip + 8] <= 1:
+            self._count(Counter.DROP_TTL)
+            return XDP_DROP, 0
+        vip_addr = bytes(rn.vip_addr)[:4]
+        # the forward key: client (the reply's destination) -> VIP
+        fk = flow_key(rk[16:20], vip_addr, rk[34:36], rn.vip_port.to_bytes(2, "little"),
+                      p.proto)
+        f = self.flows.ref(fk)
+        if f is not None:
+            f.last_ns = self.clock()
+            f.rev_packets += 1
+            f.rev_bytes += len(buf)
+            _tcp_track(f, buf, p.tcp, True)
+        self._count(Counter.REPLY)
+        _rewrite(buf, p, ip + 12, vip_addr, p.sport, rn.vip_port)
+        return self._fib_forward(buf, p, ingress)
+
+    def _fib_forward(self, buf: bytearray, p: Pkt, ingress: int) -> tuple[int, int]:
+        """xl_fib_forward: TX, REDIRECT, or PASS for the kernel to resolve or forward. The
+        TTL is decremented only when we send the packet ourselves."""
+        ip = p.ip
+        res = self.fib.lookup(bytes(buf[ip + 16 : ip + 20]), bytes(buf[ip + 12 : ip + 16]),
+                              buf[ip + 1], p.proto, (buf[ip + 2] << 8) | buf[ip + 3], ingress)
+        if res.rc != SUCCESS:
+            self._count(Counter.FIB_MISS)
+            self._count(Counter.PASS_FIB)
+            return XDP_PASS, 0
+        slot = None
+        if res.ifindex != ingress:
+            slot = self.tx_ports.ref(key_bytes(res.ifindex))
+            if slot is None:
+                self._count(Counter.PASS_FOREIGN_EGRESS)
+                return XDP_PASS, 0
+        decrement_ttl(buf, ip)
+        buf[0:6] = res.dmac
+        buf[6:12] = res.smac
+        if slot is None:
+            self._count(Counter.TX)
+            return XDP_TX, ingress
+        self._count(Counter.REDIRECT)
+        dev = self.tx_devs.ref(key_bytes(slot.value))
+        if dev is None:  # bpf_redirect_map(map, slot, 0) on an empty slot
+            return XDP_ABORTED, 0
+        return XDP_REDIRECT, dev.value
