@@ -34,3 +34,9 @@ static __always_inline __u32 xl_flow_hash(__u32 saddr, __u32 daddr, __u16 sport,
     h ^= h >> 16;
     return h;
 }
+
+/* Prefilter slot of an address: identical to xdplb/hashing.py addr_slot(). */
+static __always_inline __u32 xl_addr_slot(__u32 addr)
+{
+    return (addr * 0x9e3779b1u) >> (32 - XL_ADDR_FILTER_BITS);
+}

@@ -185,19 +185,13 @@ int xdplb_main(struct xdp_md *ctx)
     }
     struct iphdr *ip = p.ip;
 
-    struct xl_addr_key ak = {};
-    __builtin_memcpy(ak.addr, &ip->daddr, 4);
-    if (vip_addrs.lookup(&ak)) {
-        /* Rules for VIP addresses: fragments and IP options are never balanced. */
-        if (p.frag) {
-            xl_count(XL_C_DROP_FRAGMENT);
-            return XDP_DROP;
-        }
-        if (p.options) {
-            xl_count(XL_C_DROP_IP_OPTIONS);
-            return XDP_DROP;
-        }
-        if (p.sport) {
+    /* Prefilter (inlined array loads): most traffic is neither to a VIP address nor from a
+     * backend and skips both hash lookups below. A set bit only means "maybe". */
+    __u32 slot = xl_addr_slot(ip->daddr);
+    __u8 *maybe = addr_filter.lookup(&slot);
+    if (maybe && (*maybe & XL_ADDR_MAYBE_VIP)) {
+        /* A VIP hit proves the address is a VIP address: one lookup for VIP traffic. */
+        if (p.sport && !p.frag && !p.options) {
             struct xl_vip_key vk = {};
             __builtin_memcpy(vk.addr, &ip->daddr, 4);
             vk.port = *p.dport;
@@ -207,11 +201,26 @@ int xdplb_main(struct xdp_md *ctx)
             if (vip)
                 return xl_forward(ctx, &p, vip);
         }
-        xl_count(XL_C_PASS_NOT_VIP);
-        return XDP_PASS;
+        struct xl_addr_key ak = {};
+        __builtin_memcpy(ak.addr, &ip->daddr, 4);
+        if (vip_addrs.lookup(&ak)) {
+            /* Rules for VIP addresses: fragments and IP options are never balanced. */
+            if (p.frag) {
+                xl_count(XL_C_DROP_FRAGMENT);
+                return XDP_DROP;
+            }
+            if (p.options) {
+                xl_count(XL_C_DROP_IP_OPTIONS);
+                return XDP_DROP;
+            }
+            xl_count(XL_C_PASS_NOT_VIP);
+            return XDP_PASS;
+        }
     }
 
-    if (p.sport && !p.options) {
+    slot = xl_addr_slot(ip->saddr);
+    maybe = addr_filter.lookup(&slot);
+    if (maybe && (*maybe & XL_ADDR_MAYBE_BACKEND) && p.sport && !p.options) {
         struct xl_flow_key rk = {};
         __builtin_memcpy(rk.src, &ip->saddr, 4);
         __builtin_memcpy(rk.dst, &ip->daddr, 4);

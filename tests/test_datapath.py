@@ -379,3 +379,22 @@ def test_removed_backend_flows_rebalance(eng):
             assert Ether(r.data)[IP].dst == "10.20.0.11"
     finally:
         engine.configure(parse_config(CONFIG, "test.yaml"))
+
+
+def test_removed_backend_late_replies_still_rewritten(eng):
+    """A backend that leaves the config keeps its reverse entries: its late replies are still
+    rewritten to the VIP (never leaked with the backend's address). Guards the prefilter,
+    whose bits must outlive the backend."""
+    engine, d0, d1 = eng
+    r = engine.run(syn(sport=47000, dst="10.200.0.20"), d0)
+    assert Ether(r.data)[IP].dst == "10.30.0.5"
+    try:
+        engine.configure(parse_config(CONFIG.replace("10.30.0.5", "10.30.0.6"), "t4.yaml"))
+        reply = bytes(Ether(src=BE_MACS["10.30.0.5"], dst=LB_MAC)
+                      / IP(src="10.30.0.5", dst=CLIENT) / TCP(sport=80, dport=47000, flags="A"))
+        r = engine.run(reply, d1)
+        assert r.verdict == "redirect" and r.counters.get("reply") == 1
+        pkt = assert_checksums(r.data)
+        assert (pkt[IP].src, pkt[TCP].sport) == ("10.200.0.20", 80)
+    finally:
+        engine.configure(parse_config(CONFIG, "test.yaml"))

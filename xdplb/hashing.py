@@ -63,6 +63,12 @@ def flow_hash_bytes(saddr: bytes, daddr: bytes, sport: int, dport: int, proto: i
     return saddr + daddr + struct.pack("!HHB3x", sport, dport, proto)
 
 
+def addr_slot(addr: bytes, bits: int = 16) -> int:
+    """Prefilter slot of an IPv4 address (``xl_addr_slot`` in bpf/hash.h): Fibonacci
+    hashing of the address loaded as a little-endian u32, top ``bits`` bits."""
+    return ((int.from_bytes(addr[:4], "little") * 0x9E3779B1) & _M32) >> (32 - bits)
+
+
 def flow_hash(saddr: bytes, daddr: bytes, sport: int, dport: int, proto: int, seed: int) -> int:
     """Hash of an IPv4 5-tuple, identical to ``xl_flow_hash`` in bpf/hash.h."""
     return murmur3_32(flow_hash_bytes(saddr, daddr, sport, dport, proto), seed)

@@ -10,7 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xdplb.hashing import addr_slot
 from xdplb.layout import (
+    ADDR_FILTER_BITS,
+    ADDR_MAYBE_BACKEND,
+    ADDR_MAYBE_VIP,
     FAMILY_IPV4,
     NO_BACKEND,
     AddrKey,
@@ -103,11 +107,14 @@ class MapSync:
                     m.update("backends", b.backend_id, new)
                     rep.backends_written += 1
 
-        # 3. rings, slot by slot where they differ
+        # 3. prefilter bits for every backend and VIP address, before the VIPs appear
+        self._mark_addresses(desired)
+
+        # 4. rings, slot by slot where they differ
         for v in desired.vips:
             rep.slots_written += self._write_ring(v, M, fresh=v.key not in current.vip_ids)
 
-        # 4. VIPs (now that their rings are complete) and their addresses
+        # 5. VIPs (now that their rings are complete) and their addresses
         for key, v in wanted.items():
             if current.vip_ids.get(key) != v.vip_id or m.lookup("vips", vip_key(*key)) is None:
                 m.update("vips", vip_key(*key), VipInfo(v.vip_id, 0))
@@ -119,7 +126,7 @@ class MapSync:
         for a in addrs:
             m.update("vip_addrs", AddrKey(addr16(ipaddress.IPv4Address(a).packed)), 1)
 
-        # 5. backends no longer configured: invalid, so their flows move on
+        # 6. backends no longer configured: invalid, so their flows move on
         keep = desired.backend_ids()
         for bid in set(current.backend_ids.values()) - keep:
             m.update("backends", bid, Backend())
@@ -128,6 +135,22 @@ class MapSync:
         for vid in [i for i in self.rings if i not in live]:
             self._clear_ring(vid, M)
         return rep
+
+    def _mark_addresses(self, desired: DesiredState) -> None:
+        """Set the prefilter bits of every VIP and backend address. Bits are never cleared:
+        a removed backend's reverse entries outlive it, and its late replies must still be
+        rewritten; a stale bit only costs the hash lookups the filter would have saved."""
+        want: dict[int, int] = {}
+        for v in desired.vips:
+            addrs = [(v.address, ADDR_MAYBE_VIP)] + [(b.address, ADDR_MAYBE_BACKEND)
+                                                      for b in v.backends]
+            for a, bit in addrs:
+                slot = addr_slot(ipaddress.IPv4Address(a).packed, ADDR_FILTER_BITS)
+                want[slot] = want.get(slot, 0) | bit
+        for slot, bits in want.items():
+            have = self.maps.lookup("addr_filter", slot) or 0
+            if have | bits != have:
+                self.maps.update("addr_filter", slot, have | bits)
 
     def _write_ring(self, v: DesiredVip, size: int, fresh: bool) -> int:
         new = v.ring.astype(np.uint32)

@@ -20,7 +20,16 @@ from xdplb import bpfsys, xdp_link
 from xdplb.catalog import Catalog, read_rings, split_endpoint
 from xdplb.flowtable import STATE_NAMES, monotonic_ns
 from xdplb.hashing import flow_hash
-from xdplb.layout import FAMILY_IPV4, MAX_VIPS, NO_BACKEND, Flow, FlowKey, RevNat, addr16
+from xdplb.layout import (
+    FAMILY_IPV4,
+    MAPS,
+    MAX_VIPS,
+    NO_BACKEND,
+    Flow,
+    FlowKey,
+    RevNat,
+    addr16,
+)
 from xdplb.maps import KernelMaps, read_counters
 from xdplb.program import compile_program
 from xdplb.reader import Reader
@@ -29,8 +38,7 @@ from xdplb.sync import from_be16, ipv4_of
 from xdplb.testrun import VERDICTS
 
 # Shared with the live program; every other map (flows, counters...) is the trace's own.
-CONFIG_MAPS = frozenset({"vips", "vip_addrs", "backends", "maglev", "meta", "tx_ports",
-                         "tx_devs"})
+CONFIG_MAPS = frozenset(m.name for m in MAPS if m.written_by == "agent")
 PRIVATE_FLOWS = 4096  # the private tables hold two entries; no need for the live size
 TTL = 64
 

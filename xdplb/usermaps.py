@@ -21,6 +21,7 @@ from typing import Any
 
 from xdplb import bpfsys
 from xdplb.layout import (
+    ADDR_FILTER_BITS,
     MAPS,
     MAX_BACKENDS,
     MAX_TX_PORTS,
@@ -41,6 +42,7 @@ def map_sizes(ring_size: int, flow_max: int) -> dict[str, int]:
         "XL_RING_SIZE": ring_size,
         "XL_FLOW_MAX": flow_max,
         "XL_COUNTER_MAX": int(Counter.MAX),
+        "XL_ADDR_FILTER_SIZE": 1 << ADDR_FILTER_BITS,
     }
     # "XL_MAX_VIPS * XL_RING_SIZE" and friends: products of named constants or numbers
     return {m.name: _product(m.max_entries, consts) for m in MAPS}
