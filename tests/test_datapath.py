@@ -398,3 +398,16 @@ def test_removed_backend_late_replies_still_rewritten(eng):
         assert (pkt[IP].src, pkt[TCP].sport) == ("10.200.0.20", 80)
     finally:
         engine.configure(parse_config(CONFIG, "test.yaml"))
+
+
+def test_rings_read_back_as_written(eng):
+    """What a restarted agent reads back (one batched slice per VIP) is the ring it wrote,
+    so its first sync rewrites nothing."""
+    from xdplb.sync import MapSync
+
+    engine, _, _ = eng
+    fresh = MapSync(engine.maps)  # a new agent: no ring cache
+    for v in engine.state.vips:
+        got = fresh._ring_now(v.vip_id, engine.state.ring_size)
+        assert (got == v.ring.astype("uint32")).all(), v.name
+    assert fresh.apply(engine.state, fresh.read_current()).slots_written == 0

@@ -12,7 +12,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from xdplb import bpfsys
+import numpy as np
+
+from xdplb import bpfsys, bulk
 from xdplb.layout import MAP_BY_NAME, MAPS, Counter, MapSpec, Stat
 
 
@@ -34,7 +36,9 @@ class KernelMaps:
         missing = [m.name for m in MAPS if m.name not in fds]
         if missing:
             raise KeyError(f"maps missing: {', '.join(missing)}")
-        self.fds = dict(fds)
+        # bpfsys checks every key and value against the map's sizes; on an Fd it asks the
+        # kernel once per map instead of once per operation.
+        self.fds = {n: fd if isinstance(fd, bpfsys.Fd) else bpfsys.Fd(fd) for n, fd in fds.items()}
         self.own = own
         self._info = {name: bpfsys.map_info(fd) for name, fd in self.fds.items()}
 
@@ -98,6 +102,14 @@ class KernelMaps:
             [_encode(m.key, k) for k, _ in pairs],
             [_encode(m.value, v) for _, v in pairs],
         )
+
+    def u32_slice(self, name: str, start: int, count: int) -> np.ndarray:
+        """Values ``start .. start+count-1`` of a u32 array map, by batch reads (an array
+        dumps in index order, so only the prefix up to the slice is read)."""
+        u32 = np.dtype("<u4")
+        _, values = bulk.read_map(self.fds[name], u32, u32, batch=max(count, 1),
+                                  stop_after=start + count)
+        return values[start : start + count].astype(np.uint32)
 
     def raw_items(self, name: str, batch: int = 8192) -> Iterator[tuple[bytes, bytes]]:
         """Entries as raw bytes (per-CPU values as whole per-CPU buffers)."""

@@ -76,10 +76,7 @@ class MapSync:
     def _ring_now(self, vip_id: int, size: int) -> np.ndarray:
         if vip_id in self.rings and len(self.rings[vip_id]) == size:
             return self.rings[vip_id]
-        base = vip_id * size
-        ring = np.array(
-            [self.maps.lookup("maglev", base + i) for i in range(size)], dtype=np.uint32
-        )
+        ring = self.maps.u32_slice("maglev", vip_id * size, size)
         self.rings[vip_id] = ring
         return ring
 

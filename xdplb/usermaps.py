@@ -19,6 +19,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
+
 from xdplb import bpfsys
 from xdplb.layout import (
     ADDR_FILTER_BITS,
@@ -160,6 +162,9 @@ class UserMaps(KernelMaps):
 
     def close(self) -> None:
         """Nothing to release."""
+
+    def u32_slice(self, name: str, start: int, count: int) -> np.ndarray:
+        return np.array([self.lookup(name, start + i) for i in range(count)], dtype=np.uint32)
 
     def max_entries(self, name: str) -> int:
         return self.tables[name].max_entries
