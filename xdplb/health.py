@@ -141,7 +141,15 @@ class HealthChecker:
             fut.result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
-        self._loop.close()
+        # Whatever is still pending (a check spawned meanwhile, a slow unwind) is finished here,
+        # on this thread, so no coroutine is left to be closed by the garbage collector.
+        if not self._thread.is_alive():
+            left = asyncio.all_tasks(self._loop)
+            for task in left:
+                task.cancel()
+            if left:
+                self._loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            self._loop.close()
 
     def _spawn(self, t: Target) -> None:
         self._tasks[t.key] = self._loop.create_task(self._run(t))
