@@ -82,10 +82,13 @@ def run_peer(peer: Peer, sink: Sink, seconds: int) -> dict[str, Any]:
             return out | {"error": f"start failed: {e}"[-400:]}
         try:
             if peer.udp:
-                with sink.attached(bl.lab):
+                with sink.at_lb_egress(bl.lab):
                     out["udp"] = _guard(lambda: udp_pps(bl, gen, sink, seconds))
+                with sink.attached(bl.lab):
+                    out["udp_backends"] = _guard(lambda: udp_pps(bl, gen, sink, seconds))
             else:
-                out["udp"] = {"unsupported": f"{peer.label} does not balance UDP"}
+                out["udp"] = out["udp_backends"] = {
+                    "unsupported": f"{peer.label} does not balance UDP"}
             out["tcp"] = _guard(lambda: tcp_throughput(bl, seconds))
             out["conn"] = _guard(lambda: conn_rate(bl, seconds))
         finally:
@@ -107,7 +110,8 @@ def ratios(peers: list[dict[str, Any]]) -> dict[str, Any]:
         if name == "xdplb-native":
             continue
         r = {}
-        for test, key in (("udp", "pps"), ("tcp", "gbit_per_s"), ("conn", "conn_per_s")):
+        for test, key in (("udp", "pps"), ("udp_backends", "pps"), ("tcp", "gbit_per_s"),
+                          ("conn", "conn_per_s")):
             a, b = get(ref, test, key), get(p, test, key)
             r[test] = a / b if a and b else None
         a, b = get(ref, "udp", "lb_ns_per_packet"), get(p, "udp", "lb_ns_per_packet")

@@ -68,8 +68,15 @@ def perpacket(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-E2E_HEAD = ("| peer | UDP packets/s | xdplb native / peer | CPU ns per packet | TCP Gbit/s "
-            "| new TCP conn/s | CPU µs per conn |\n|---|---:|---:|---:|---:|---:|---:|")
+E2E_HEAD = ("| peer | UDP packets/s out of the LB | xdplb native / peer | CPU ns per packet "
+            "| UDP packets/s at the backends | xdplb native / peer | TCP Gbit/s "
+            "| new TCP conn/s | CPU µs per conn |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def _udp_cell(u: dict[str, Any]) -> str:
+    if "pps" in u:
+        return _n(u["pps"])
+    return "no UDP" if "unsupported" in u else f"failed: {u.get('error', '?')[:60]}"
 
 
 def e2e(r: dict[str, Any]) -> str:
@@ -77,14 +84,14 @@ def e2e(r: dict[str, Any]) -> str:
     for p in r["peers"]:
         if "unavailable" in p or "error" in p:
             out.append(f"| {p['label']} | {p.get('unavailable') or p.get('error')} "
-                       f"| | | | | |")
+                       f"| | | | | | | |")
             continue
-        u, t, c = p["udp"], p["tcp"], p["conn"]
-        ratio = r["ratios"].get(p["name"], {}).get("udp")
-        rcell = "1.0" if p["name"] == "xdplb-native" else _n(ratio, 2)
-        ucell = _n(u.get("pps")) if "pps" in u else (
-            "no UDP" if "unsupported" in u else f"failed: {u.get('error', '?')[:60]}")
-        out.append(f"| {p['label']} | {ucell} | {rcell} | {_n(u.get('lb_ns_per_packet'))} "
+        u, ub, t, c = p["udp"], p.get("udp_backends", {}), p["tcp"], p["conn"]
+        ratios = r["ratios"].get(p["name"], {})
+        rel = {k: "1.0" if p["name"] == "xdplb-native" else _n(ratios.get(k), 2)
+               for k in ("udp", "udp_backends")}
+        out.append(f"| {p['label']} | {_udp_cell(u)} | {rel['udp']} "
+                   f"| {_n(u.get('lb_ns_per_packet'))} | {_udp_cell(ub)} | {rel['udp_backends']} "
                    f"| {_n(t.get('gbit_per_s'), 2)} | {_n(c.get('conn_per_s'))} "
                    f"| {_n(c.get('lb_us_per_conn'), 1)} |")
     g = r["generator"]
@@ -92,7 +99,7 @@ def e2e(r: dict[str, Any]) -> str:
             f"{r['udp_flows']:,} flows. The generator alone reaches "
             f"{_n(g.get('offered_pps'))} packets/s into an XDP_DROP on the LB. CPU per "
             f"packet / per connection: kernel softirq time of the whole machine plus the "
-            f"CPU of the processes in the LB's namespace, per packet delivered."]
+            f"CPU of the processes in the LB's namespace, per packet counted out of the LB."]
     return "\n".join(out)
 
 
@@ -134,14 +141,21 @@ def plot(r: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(p["label"], p["udp"]["pps"]) for p in r["peers"] if "pps" in p.get("udp", {})]
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.6))
-    labels, values = zip(*reversed(rows), strict=True)
-    bars = ax.barh(labels, [v / 1e6 for v in values], color="#3b78b0")
-    ax.bar_label(bars, [f"{v / 1e6:.2f}" for v in values], padding=3)
-    ax.set_xlabel("UDP packets/s delivered to the backends (millions), 64-byte frames")
+    rows = [(p["label"], p["udp"]["pps"], p.get("udp_backends", {}).get("pps", 0.0))
+            for p in r["peers"] if "pps" in p.get("udp", {})]
+    fig, ax = plt.subplots(figsize=(8, 0.9 * len(rows) + 1.8))
+    labels, out, delivered = zip(*reversed(rows), strict=True)
+    y = range(len(labels))
+    for vals, dy, color, name in ((out, 0.2, "#3b78b0", "out of the LB"),
+                                  (delivered, -0.2, "#9cc3e4", "at the backends")):
+        bars = ax.barh([i + dy for i in y], [v / 1e6 for v in vals], height=0.38,
+                       color=color, label=name)
+        ax.bar_label(bars, [f"{v / 1e6:.2f}" for v in vals], padding=3)
+    ax.set_yticks(list(y), labels)
+    ax.legend(loc="lower right")
+    ax.set_xlabel("UDP packets/s (millions), 64-byte frames")
     ax.set_title("xdplb and alternatives, same lab and traffic (2-vCPU VM)")
-    ax.set_xlim(0, max(values) / 1e6 * 1.2)
+    ax.set_xlim(0, max(out + delivered) / 1e6 * 1.25)
     fig.tight_layout()
     fig.savefig(PLOT, dpi=110)
     plt.close(fig)

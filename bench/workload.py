@@ -151,7 +151,10 @@ class Window:
 
 
 class Sink:
-    """bench/bpf/sink.c on every backend's eth0 while in use."""
+    """bench/bpf/sink.c, counting and dropping the benchmark's datagrams where they are
+    measured: on every backend's eth0 (delivered through the bridge), or on the wire right
+    behind the LB, the peer of its backend-side interface (what the LB puts out, the way a
+    hardware tester measures a device: generator -> device under test -> receiver)."""
 
     def __init__(self) -> None:
         self.bpf = compile_bcc("sink.c", [f"-DSINK_PORT={UDP_PORT}"])
@@ -172,6 +175,18 @@ class Sink:
             for ns in done:
                 with contextlib.suppress(OSError):
                     xdp_link.xdp_detach("eth0", netns=ns)
+
+    @contextlib.contextmanager
+    def at_lb_egress(self, lab: Lab) -> Iterator[Sink]:
+        """In place of the lab's XDP_PASS on the switch-side peer of the LB's backend
+        interface (the sink passes all else, as XDP_PASS did); XDP_PASS again afterwards."""
+        (ns, ifname), = [p for p in lab.xdp_peers if p[0] == lab.sw_ns]
+        xdp_link.xdp_attach(ifname, self.fd, "native", netns=ns)
+        try:
+            yield self
+        finally:
+            with bpfsys.load_xdp_pass("xdplb_lab_pass") as fd:
+                xdp_link.xdp_attach(ifname, fd, "native", netns=ns)
 
     def close(self) -> None:
         self.bpf.cleanup()

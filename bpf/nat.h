@@ -40,13 +40,15 @@ static __always_inline void xl_decrement_ttl(struct iphdr *ip)
     ip->check = xl_csum_replace2(ip->check, old, *word);
 }
 
-/* Send a rewritten packet on its way. TTL was checked (> 1) by the caller; it is
- * decremented only when we forward ourselves: a packet handed to the kernel is
- * decremented by the kernel's own forwarding. */
-static __always_inline int xl_fib_forward(struct xdp_md *ctx, struct xl_pkt *p)
+/* Look the next hop up and, when the flow has a cache for this direction, remember it.
+ * Returns the hop to use, or NULL when the kernel must take the packet (counted). */
+static __always_inline struct xl_next_hop *xl_resolve(struct xdp_md *ctx, struct xl_pkt *p,
+                                                      struct xl_next_hop *nh,
+                                                      struct xl_next_hop *tmp, __u64 now)
 {
     struct bpf_fib_lookup fib = {};
     struct iphdr *ip = p->ip;
+    __u32 in = ctx->ingress_ifindex;
 
     fib.family = AF_INET;
     fib.tos = ip->tos;
@@ -54,31 +56,67 @@ static __always_inline int xl_fib_forward(struct xdp_md *ctx, struct xl_pkt *p)
     fib.tot_len = bpf_ntohs(ip->tot_len);
     fib.ipv4_src = ip->saddr;
     fib.ipv4_dst = ip->daddr;
-    fib.ifindex = ctx->ingress_ifindex;
+    fib.ifindex = in;
 
     int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+    xl_count(XL_C_FIB_LOOKUP);
     if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
         /* NO_NEIGH: the kernel resolves ARP and forwards; others: it decides (ICMP...). */
+        if (nh)
+            nh->ns = 0;
         xl_count(XL_C_FIB_MISS);
         xl_count(XL_C_PASS_FIB);
-        return XDP_PASS;
+        return NULL;
     }
     __u32 egress = fib.ifindex;
-    __u32 *slot = NULL;
-    if (egress != ctx->ingress_ifindex) {
-        slot = tx_ports.lookup(&egress);
+    __u32 tx_slot = XL_NO_TX_SLOT;
+    if (egress != in) {
+        __u32 *slot = tx_ports.lookup(&egress);
         if (!slot) {
+            if (nh)
+                nh->ns = 0;
             xl_count(XL_C_PASS_FOREIGN_EGRESS);
-            return XDP_PASS;
+            return NULL;
         }
+        tx_slot = *slot;
+    }
+    struct xl_next_hop *h = nh ? nh : tmp;
+    h->ns = now;
+    h->in_ifindex = in;
+    h->out_ifindex = egress;
+    h->tx_slot = tx_slot;
+    h->max_len = bpf_ntohs(ip->tot_len);
+    __builtin_memcpy(h->dmac, fib.dmac, ETH_ALEN);
+    __builtin_memcpy(h->smac, fib.smac, ETH_ALEN);
+    return h;
+}
+
+/* Send a rewritten packet on its way: by the flow's cached next hop (``nh``, NULL when the
+ * packet has no flow entry) while it is fresh, else by bpf_fib_lookup. The cache is used
+ * only for packets from the same ingress no longer than the one whose lookup filled it,
+ * so the lookup's MTU check still holds. TTL was checked (> 1) by the caller; it is
+ * decremented only when we forward ourselves: a packet handed to the kernel is
+ * decremented by the kernel's own forwarding. */
+static __always_inline int xl_fib_forward(struct xdp_md *ctx, struct xl_pkt *p,
+                                          struct xl_next_hop *nh, __u64 now, __u64 ttl)
+{
+    struct iphdr *ip = p->ip;
+    struct xl_next_hop *h = nh;
+    struct xl_next_hop tmp;
+
+    if (!nh || !nh->ns || now - nh->ns >= ttl || nh->in_ifindex != ctx->ingress_ifindex ||
+        bpf_ntohs(ip->tot_len) > nh->max_len) {
+        h = xl_resolve(ctx, p, nh, &tmp, now);
+        if (!h)
+            return XDP_PASS;
     }
     xl_decrement_ttl(ip);
-    __builtin_memcpy(p->eth->h_dest, fib.dmac, ETH_ALEN);
-    __builtin_memcpy(p->eth->h_source, fib.smac, ETH_ALEN);
-    if (!slot) {
+    __builtin_memcpy(p->eth->h_dest, h->dmac, ETH_ALEN);
+    __builtin_memcpy(p->eth->h_source, h->smac, ETH_ALEN);
+    if (h->tx_slot == XL_NO_TX_SLOT) {
         xl_count(XL_C_TX);
         return XDP_TX;
     }
     xl_count(XL_C_REDIRECT);
-    return tx_devs.redirect_map(*slot, 0);
+    return tx_devs.redirect_map(h->tx_slot, 0);
 }

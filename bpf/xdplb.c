@@ -44,100 +44,119 @@ static __always_inline void xl_tcp_track(struct xl_flow *f, struct tcphdr *th, i
         f->tcp_state = st;
 }
 
-static __always_inline int xl_valid_backend(struct xl_backend *be, __u32 vip_id)
+/* May ``be`` take this packet's flow? In use, not failed, and the packet's (daddr, dport,
+ * proto) is its VIP: that proves the VIP without a VIP lookup. */
+static __always_inline int xl_backend_serves(struct xl_backend *be, struct xl_pkt *p)
 {
     return be && (be->flags & XL_BACKEND_VALID) && !(be->flags & XL_BACKEND_DOWN) &&
-           be->vip_id == vip_id;
+           *(__u32 *)be->vip_addr == p->ip->daddr && be->vip_port == *p->dport &&
+           be->vip_proto == p->proto;
 }
 
-/* Client -> VIP. */
-static __always_inline int xl_forward(struct xdp_md *ctx, struct xl_pkt *p,
-                                      struct xl_vip_info *vip)
+/* The packet's own 5-tuple as a flow key (forward key of a client packet, reverse key of
+ * a backend's reply). */
+static __always_inline void xl_packet_key(struct xl_pkt *p, struct xl_flow_key *k)
+{
+    __builtin_memcpy(k->src, &p->ip->saddr, 4);
+    __builtin_memcpy(k->dst, &p->ip->daddr, 4);
+    k->sport = *p->sport;
+    k->dport = *p->dport;
+    k->proto = p->proto;
+    k->family = XL_FAMILY_IPV4;
+}
+
+static __always_inline struct xl_meta *xl_meta(void)
+{
+    __u32 zero = 0;
+    return meta.lookup(&zero);
+}
+
+/* Client -> backend, the part every forwarded packet shares: flow accounting, DNAT, next
+ * hop. ``f`` is NULL when a full LRU evicted a new entry at once: forward all the same. */
+static __always_inline int xl_to_backend(struct xdp_md *ctx, struct xl_pkt *p,
+                                         struct xl_flow *f, struct xl_backend *be,
+                                         __u32 bid, __u32 vip_id, __u64 now, __u64 created)
+{
+    struct xl_meta *m = xl_meta();
+    if (!m)
+        return XDP_ABORTED;
+    struct xl_next_hop *nh = NULL;
+    if (f) {
+        /* Plain adds: RSS keeps a flow's direction on one CPU (see layout.Flow). */
+        f->last_ns = now;
+        f->fwd_packets += 1;
+        f->fwd_bytes += p->len;
+        xl_tcp_track(f, p->tcp, 0);
+        nh = &f->fwd_nh;
+    }
+    xl_stat_add(vip_stats.lookup(&vip_id), p->len, created);
+    xl_stat_add(backend_stats.lookup(&bid), p->len, created);
+    xl_rewrite(p, &p->ip->daddr, *(__u32 *)be->addr, p->dport, be->port);
+    return xl_fib_forward(ctx, p, nh, now, m->next_hop_ttl_ns);
+}
+
+/* Client -> VIP of a tracked flow whose backend still serves it: the fast path. */
+static __always_inline int xl_established(struct xdp_md *ctx, struct xl_pkt *p,
+                                          struct xl_flow *f, struct xl_backend *be, __u32 bid)
+{
+    if (p->ip->ttl <= 1) {
+        xl_count(XL_C_DROP_TTL);
+        return XDP_DROP;
+    }
+    xl_count(XL_C_FLOW_HIT);
+    return xl_to_backend(ctx, p, f, be, bid, f->vip_id, bpf_ktime_get_coarse_ns(), 0);
+}
+
+/* Client -> VIP without a flow that can take it: pick a backend from the VIP's Maglev ring
+ * and track the flow (replacing an entry whose backend is gone). */
+static __always_inline int xl_new_flow(struct xdp_md *ctx, struct xl_pkt *p,
+                                       struct xl_flow_key *fk, struct xl_vip_info *vip)
 {
     struct iphdr *ip = p->ip;
     if (ip->ttl <= 1) {
         xl_count(XL_C_DROP_TTL);
         return XDP_DROP;
     }
-    struct xl_flow_key fk = {};
-    __builtin_memcpy(fk.src, &ip->saddr, 4);
-    __builtin_memcpy(fk.dst, &ip->daddr, 4);
-    fk.sport = *p->sport;
-    fk.dport = *p->dport;
-    fk.proto = p->proto;
-    fk.family = XL_FAMILY_IPV4;
-
+    struct xl_meta *m = xl_meta();
+    if (!m)
+        return XDP_ABORTED;
     __u32 vip_id = vip->vip_id;
+    __u32 h = xl_flow_hash(ip->saddr, ip->daddr, fk->sport, fk->dport, fk->proto, m->seed);
+    __u32 slot = vip_id * XL_RING_SIZE + h % XL_RING_SIZE;
+    __u32 *owner = maglev.lookup(&slot);
+    if (!owner || *owner == XL_NO_BACKEND) {
+        xl_count(XL_C_DROP_NO_BACKEND);
+        return XDP_DROP;
+    }
+    __u32 bid = *owner;
+    struct xl_backend *be = backends.lookup(&bid);
+    if (!xl_backend_serves(be, p)) {
+        xl_count(XL_C_DROP_NO_BACKEND);
+        return XDP_DROP;
+    }
     __u64 now = bpf_ktime_get_coarse_ns();
-    struct xl_backend *be = NULL;
-    __u32 bid = XL_NO_BACKEND;
-    __u64 created = 0;
-    struct xl_flow *f = flows.lookup(&fk);
-    if (f) {
-        bid = f->backend_id;
-        be = backends.lookup(&bid);
-        /* A removed or failed backend does not blackhole its flows: re-pick below. */
-        if (!xl_valid_backend(be, vip_id))
-            f = NULL;
-    }
-    if (f) {
-        xl_count(XL_C_FLOW_HIT);
-    } else {
-        __u32 zero = 0;
-        struct xl_meta *m = meta.lookup(&zero);
-        if (!m)
-            return XDP_ABORTED;
-        __u32 h = xl_flow_hash(ip->saddr, ip->daddr, fk.sport, fk.dport, fk.proto, m->seed);
-        __u32 slot = vip_id * XL_RING_SIZE + h % XL_RING_SIZE;
-        __u32 *owner = maglev.lookup(&slot);
-        if (!owner || *owner == XL_NO_BACKEND) {
-            xl_count(XL_C_DROP_NO_BACKEND);
-            return XDP_DROP;
-        }
-        bid = *owner;
-        be = backends.lookup(&bid);
-        if (!xl_valid_backend(be, vip_id)) {
-            xl_count(XL_C_DROP_NO_BACKEND);
-            return XDP_DROP;
-        }
-        struct xl_flow nf = {};
-        nf.backend_id = bid;
-        nf.vip_id = vip_id;
-        nf.first_ns = now;
-        flows.update(&fk, &nf);
-        f = flows.lookup(&fk);
+    struct xl_flow nf = {};
+    nf.backend_id = bid;
+    nf.vip_id = vip_id;
+    nf.first_ns = now;
+    flows.update(fk, &nf);
+    struct xl_flow *f = flows.lookup(fk);
 
-        struct xl_flow_key rk = {};
-        __builtin_memcpy(rk.src, be->addr, 4);
-        __builtin_memcpy(rk.dst, fk.src, 4);
-        rk.sport = be->port ? be->port : fk.dport;
-        rk.dport = fk.sport;
-        rk.proto = fk.proto;
-        rk.family = XL_FAMILY_IPV4;
-        struct xl_rev_nat rn = {};
-        __builtin_memcpy(rn.vip_addr, fk.dst, 4);
-        rn.vip_port = fk.dport;
-        rn.vip_id = vip_id;
-        rev_flows.update(&rk, &rn);
+    struct xl_flow_key rk = {};
+    __builtin_memcpy(rk.src, be->addr, 4);
+    __builtin_memcpy(rk.dst, fk->src, 4);
+    rk.sport = be->port ? be->port : fk->dport;
+    rk.dport = fk->sport;
+    rk.proto = fk->proto;
+    rk.family = XL_FAMILY_IPV4;
+    struct xl_rev_nat rn = {};
+    __builtin_memcpy(rn.vip_addr, fk->dst, 4);
+    rn.vip_port = fk->dport;
+    rn.vip_id = vip_id;
+    rev_flows.update(&rk, &rn);
 
-        xl_count(XL_C_NEW_FLOW);
-        created = 1;
-        if (!f) /* evicted at once by a full LRU: still forward this packet */
-            goto nat;
-    }
-    f->last_ns = now;
-    __sync_fetch_and_add(&f->fwd_packets, 1);
-    __sync_fetch_and_add(&f->fwd_bytes, p->len);
-    xl_tcp_track(f, p->tcp, 0);
-
-nat:
-    xl_stat_add(vip_stats.lookup(&vip_id), p->len, created);
-    xl_stat_add(backend_stats.lookup(&bid), p->len, created);
-
-    __be32 new_addr;
-    __builtin_memcpy(&new_addr, be->addr, 4);
-    xl_rewrite(p, &ip->daddr, new_addr, p->dport, be->port);
-    return xl_fib_forward(ctx, p);
+    xl_count(XL_C_NEW_FLOW);
+    return xl_to_backend(ctx, p, f, be, bid, vip_id, now, 1);
 }
 
 /* Backend -> client reply of a tracked flow: rewrite the source back to the VIP. */
@@ -149,6 +168,9 @@ static __always_inline int xl_reply(struct xdp_md *ctx, struct xl_pkt *p,
         xl_count(XL_C_DROP_TTL);
         return XDP_DROP;
     }
+    struct xl_meta *m = xl_meta();
+    if (!m)
+        return XDP_ABORTED;
     struct xl_flow_key fk = {};
     __builtin_memcpy(fk.src, rk->dst, 4);
     __builtin_memcpy(fk.dst, rn->vip_addr, 4);
@@ -156,19 +178,19 @@ static __always_inline int xl_reply(struct xdp_md *ctx, struct xl_pkt *p,
     fk.dport = rn->vip_port;
     fk.proto = rk->proto;
     fk.family = XL_FAMILY_IPV4;
+    __u64 now = bpf_ktime_get_coarse_ns();
+    struct xl_next_hop *nh = NULL;
     struct xl_flow *f = flows.lookup(&fk);
     if (f) {
-        f->last_ns = bpf_ktime_get_coarse_ns();
-        __sync_fetch_and_add(&f->rev_packets, 1);
-        __sync_fetch_and_add(&f->rev_bytes, p->len);
+        f->last_ns = now;
+        f->rev_packets += 1;
+        f->rev_bytes += p->len;
         xl_tcp_track(f, p->tcp, 1);
+        nh = &f->rev_nh;
     }
     xl_count(XL_C_REPLY);
-
-    __be32 vip_addr;
-    __builtin_memcpy(&vip_addr, rn->vip_addr, 4);
-    xl_rewrite(p, &ip->saddr, vip_addr, p->sport, rn->vip_port);
-    return xl_fib_forward(ctx, p);
+    xl_rewrite(p, &ip->saddr, *(__u32 *)rn->vip_addr, p->sport, rn->vip_port);
+    return xl_fib_forward(ctx, p, nh, now, m->next_hop_ttl_ns);
 }
 
 int xdplb_main(struct xdp_md *ctx)
@@ -190,8 +212,19 @@ int xdplb_main(struct xdp_md *ctx)
     __u32 slot = xl_addr_slot(ip->daddr);
     __u8 *maybe = addr_filter.lookup(&slot);
     if (maybe && (*maybe & XL_ADDR_MAYBE_VIP)) {
-        /* A VIP hit proves the address is a VIP address: one lookup for VIP traffic. */
         if (p.sport && !p.frag && !p.options) {
+            struct xl_flow_key fk = {};
+            xl_packet_key(&p, &fk);
+            /* Flow first: an established flow costs one hash lookup. Its backend naming
+             * this packet's VIP proves the VIP; otherwise the VIP decides (a hit proves the
+             * address is a VIP address: one lookup more for a new flow). */
+            struct xl_flow *f = flows.lookup(&fk);
+            if (f) {
+                __u32 bid = f->backend_id;
+                struct xl_backend *be = backends.lookup(&bid);
+                if (xl_backend_serves(be, &p))
+                    return xl_established(ctx, &p, f, be, bid);
+            }
             struct xl_vip_key vk = {};
             __builtin_memcpy(vk.addr, &ip->daddr, 4);
             vk.port = *p.dport;
@@ -199,7 +232,7 @@ int xdplb_main(struct xdp_md *ctx)
             vk.family = XL_FAMILY_IPV4;
             struct xl_vip_info *vip = vips.lookup(&vk);
             if (vip)
-                return xl_forward(ctx, &p, vip);
+                return xl_new_flow(ctx, &p, &fk, vip);
         }
         struct xl_addr_key ak = {};
         __builtin_memcpy(ak.addr, &ip->daddr, 4);
@@ -222,12 +255,7 @@ int xdplb_main(struct xdp_md *ctx)
     maybe = addr_filter.lookup(&slot);
     if (maybe && (*maybe & XL_ADDR_MAYBE_BACKEND) && p.sport && !p.options) {
         struct xl_flow_key rk = {};
-        __builtin_memcpy(rk.src, &ip->saddr, 4);
-        __builtin_memcpy(rk.dst, &ip->daddr, 4);
-        rk.sport = *p.sport;
-        rk.dport = *p.dport;
-        rk.proto = p.proto;
-        rk.family = XL_FAMILY_IPV4;
+        xl_packet_key(&p, &rk);
         struct xl_rev_nat *rn = rev_flows.lookup(&rk);
         if (rn)
             return xl_reply(ctx, &p, &rk, rn);

@@ -46,6 +46,7 @@ maglev:
   seed: 0                     # 0 .. 2**32-1, default 0
 flows:
   max_entries: 1000000        # flow table size, default 1000000
+  next_hop_cache_ms: 100      # how long a flow reuses its FIB lookup, default 100 (0: never)
 """
 
 # A valid VIP whose lines the error tests below count from: line 1 is "vips:".
@@ -96,7 +97,14 @@ def test_example_parses_with_documented_defaults(tmp_path: Path) -> None:
     assert (hc.type, hc.path, hc.expect_status) == ("tcp", "/healthz", (200,))
     assert (hc.interval, hc.timeout, hc.rise, hc.fall) == (2.0, 1.0, 2, 3)
     assert (cfg.maglev.table_size, cfg.maglev.seed) == (65537, 0)
-    assert cfg.flows.max_entries == 1_000_000
+    assert (cfg.flows.max_entries, cfg.flows.next_hop_cache_ms) == (1_000_000, 100)
+
+
+def test_next_hop_cache_bounds(tmp_path: Path) -> None:
+    assert parse_config(MINIMAL + "flows: {next_hop_cache_ms: 0}\n").flows.next_hop_cache_ms == 0
+    for bad in ("-1", "10001", "0.5", "'100'"):
+        assert_error(errors(tmp_path, MINIMAL + f"flows:\n  next_hop_cache_ms: {bad}\n"),
+                     9, "flows.next_hop_cache_ms", "")
 
 
 def test_optional_sections_default() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import time
 from collections import Counter
 
 import pytest
@@ -411,3 +412,99 @@ def test_rings_read_back_as_written(eng):
         got = fresh._ring_now(v.vip_id, engine.state.ring_size)
         assert (got == v.ring.astype("uint32")).all(), v.name
     assert fresh.apply(engine.state, fresh.read_current()).slots_written == 0
+
+
+def _configure_cache(engine: Engine, ms: int) -> None:
+    text = CONFIG.replace("max_entries: 65536", f"max_entries: 65536\n  next_hop_cache_ms: {ms}")
+    engine.configure(parse_config(text, "cache.yaml"))
+
+
+def _sport_to(engine: Engine, backend: str, start: int) -> int:
+    return next(s for s in range(start, start + 1000)
+                if expected_backend(engine, "web", CLIENT, VIP, s, 80, 6) == backend)
+
+
+def test_next_hop_cached_per_flow_until_it_expires(eng):
+    """An established flow reuses its next hop for next_hop_cache_ms: a neighbour's new MAC
+    reaches a new flow at once and an established one once its cache expires."""
+    engine, d0, _ = eng
+    new_mac = "02:00:00:00:00:99"
+    s1, s2 = _sport_to(engine, "10.20.0.12", 52000), _sport_to(engine, "10.20.0.12", 53000)
+    _configure_cache(engine, 10_000)
+    try:
+        r = engine.run(syn(sport=s1), d0)
+        assert r.counters.get("fib_lookup") == 1 and Ether(r.data).dst == BE_MACS["10.20.0.12"]
+        _ip("neigh", "replace", "10.20.0.12", "lladdr", new_mac, "dev", "d0", "nud", "permanent")
+        engine.routes_changed()
+        r = engine.run(syn(sport=s1, flags="A"), d0)  # cached: no lookup, the old MAC
+        assert r.verdict == "tx" and "fib_lookup" not in r.counters, r.counters
+        pkt = assert_checksums(r.data)
+        assert pkt.dst == BE_MACS["10.20.0.12"] and pkt[IP].ttl == 63
+        assert Ether(engine.run(syn(sport=s2), d0).data).dst == new_mac  # a new flow
+        _configure_cache(engine, 50)
+        time.sleep(0.2)  # past the TTL (the coarse clock ticks every few ms)
+        r = engine.run(syn(sport=s1, flags="A"), d0)
+        assert r.counters.get("fib_lookup") == 1 and Ether(r.data).dst == new_mac
+        _configure_cache(engine, 0)  # 0: a lookup for every packet
+        for _ in range(2):
+            assert engine.run(syn(sport=s1, flags="A"), d0).counters.get("fib_lookup") == 1
+    finally:
+        _ip("neigh", "replace", "10.20.0.12", "lladdr", BE_MACS["10.20.0.12"], "dev", "d0",
+            "nud", "permanent")
+        engine.routes_changed()
+        engine.configure(parse_config(CONFIG, "test.yaml"))
+
+
+def test_next_hop_cache_keeps_the_mtu_check(eng):
+    """A cached next hop covers packets up to the size its lookup checked: a longer one is
+    looked up again, and one over the egress MTU goes to the kernel (ICMP, fragmentation)."""
+    engine, d0, _ = eng
+    _configure_cache(engine, 10_000)
+    try:
+        assert engine.run(syn(sport=46000), d0).verdict == "tx"
+        r = engine.run(syn(sport=46000, flags="PA", payload=b"x" * 1000), d0)
+        assert r.verdict == "tx" and r.counters.get("fib_lookup") == 1  # longer: looked up
+        r = engine.run(syn(sport=46000, flags="PA", payload=b"x" * 500), d0)
+        assert r.verdict == "tx" and "fib_lookup" not in r.counters  # covered
+        big = syn(sport=46000, flags="PA", payload=b"x" * 1600)  # d0's MTU is 1500
+        r = engine.run(big, d0)
+        assert r.verdict == "pass" and r.counters.get("fib_miss") == 1, r.counters
+        assert Ether(r.data)[IP].ttl == 64  # the kernel forwards (and decrements) it
+        r = engine.run(syn(sport=46000, flags="PA"), d0)  # the miss emptied the cache
+        assert r.verdict == "tx" and r.counters.get("fib_lookup") == 1
+    finally:
+        engine.configure(parse_config(CONFIG, "test.yaml"))
+
+
+def test_reply_next_hop_cached(eng):
+    engine, d0, _ = eng
+    sport = _sport_to(engine, "10.20.0.12", 54000)
+    engine.run(syn(sport=sport), d0)
+    reply = bytes(Ether(src=BE_MACS["10.20.0.12"], dst=LB_MAC)
+                  / IP(src="10.20.0.12", dst=CLIENT) / TCP(sport=8080, dport=sport, flags="A"))
+    first, second = engine.run(reply, d0), engine.run(reply, d0)
+    assert first.counters.get("fib_lookup") == 1 and "fib_lookup" not in second.counters
+    assert first.data == second.data and Ether(second.data).dst == CLIENT_MAC
+
+
+def test_flow_needs_a_backend_of_its_own_vip(eng):
+    """A flow hit is checked by the backend's VIP key (no VIP lookup): a backend id that
+    now belongs to another VIP does not take the flow along."""
+    from xdplb.sync import vip_key
+
+    engine, d0, _ = eng
+    sport = _sport_to(engine, "10.20.0.12", 55000)
+    assert engine.run(syn(sport=sport), d0).counters.get("new_flow") == 1
+    web = next(v for v in engine.state.vips if v.name == "web")
+    bid = next(b.backend_id for b in web.backends if b.address == "10.20.0.12")
+    be = engine.maps.lookup("backends", bid)
+    other = vip_key("10.200.0.20", 80, 6)
+    moved = type(be).from_buffer_copy(bytes(be))
+    moved.vip_addr, moved.vip_port = other.addr, other.port
+    engine.maps.update("backends", bid, moved)
+    try:
+        r = engine.run(syn(sport=sport, flags="A"), d0)
+        assert "flow_hit" not in r.counters
+        assert r.verdict == "drop" and r.counters.get("drop_no_backend") == 1  # the ring's pick
+    finally:
+        engine.maps.update("backends", bid, be)

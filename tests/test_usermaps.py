@@ -7,7 +7,7 @@ import errno
 import pytest
 
 from xdplb.config import parse_config
-from xdplb.layout import MAX_VIPS, Counter, Flow, FlowKey, Stat, addr16
+from xdplb.layout import MAX_VIPS, Counter, Flow, FlowKey, Stat, addr4, addr16
 from xdplb.maps import read_counters
 from xdplb.state import desired_state
 from xdplb.sync import MapSync
@@ -25,7 +25,7 @@ flows: {max_entries: 1024}
 
 
 def fkey(i: int) -> FlowKey:
-    return FlowKey(addr16(bytes((10, 0, i >> 8, i & 255))), addr16(bytes(4)), i, 80, 6, 2)
+    return FlowKey(addr4(bytes((10, 0, i >> 8, i & 255))), addr4(bytes(4)), i, 80, 6, 2)
 
 
 def test_sizes_follow_the_program_constants():

@@ -142,6 +142,7 @@ Weight = Annotated[StrictInt, _in_range(0, 65535)]
 Seed = Annotated[StrictInt, _in_range(0, 2**32 - 1)]
 MaxEntries = Annotated[StrictInt, _in_range(MAX_ENTRIES_MIN, MAX_ENTRIES_MAX)]
 StatusCode = Annotated[StrictInt, _in_range(100, 599)]
+CacheMs = Annotated[StrictInt, _in_range(0, 10_000)]
 Count = Annotated[StrictInt, Field(ge=1)]
 
 
@@ -385,6 +386,9 @@ class Flows(_Model):
     """Connection-tracking (flow) table parameters."""
 
     max_entries: MaxEntries = 1_000_000
+    # How long a flow reuses its bpf_fib_lookup result (next-hop MACs and egress) before it
+    # looks again; 0 looks up every packet. Neighbour and route changes reach a flow within it.
+    next_hop_cache_ms: CacheMs = 100
 
 
 class Config(_Model):

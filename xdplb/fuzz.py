@@ -311,8 +311,7 @@ def _describe(i: int, f: Frame, a: RunResult, b: RunResult, names: tuple[str, st
 
 
 def _results_differ(a: RunResult, b: RunResult) -> bool:
-    return (a.verdict, a.data, a.counters, a.effect, a.backend) != \
-        (b.verdict, b.data, b.counters, b.effect, b.backend)
+    return a.comparable() != b.comparable()
 
 
 def _tables_differ(a: Engine, b: Engine) -> str | None:

@@ -6,8 +6,10 @@ declarations the BPF program compiles against are rendered from the same field l
 constants. Python reads and writes the maps with these ctypes types, whether the maps
 live in the kernel (pinned, see ``pins.py``) or in the scapy data path.
 
-Addresses are 16 bytes everywhere (IPv4 in the first 4, wire order) so that IPv6 can
-follow without a new layout. Ports are stored in network byte order, as on the wire.
+Addresses are 16 bytes (IPv4 in the first 4, wire order) in configuration maps, so that
+IPv6 can follow without a new layout; flow keys are IPv4 only, because every packet hashes
+one: a 40-byte key costs 20 ns a lookup here against 14 ns for 16 bytes, and an IPv6 data
+path would get tables of its own. Ports are stored in network byte order, as on the wire.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ MAX_VIPS = 64
 MAX_BACKENDS = 4096
 MAX_TX_PORTS = 64
 NO_BACKEND = 0xFFFFFFFF  # Maglev slot value for "no backend"
+NO_TX_SLOT = 0xFFFFFFFF  # NextHop.tx_slot: leave by XDP_TX
 ADDR_FILTER_BITS = 16
 ADDR_MAYBE_VIP, ADDR_MAYBE_BACKEND = 1, 2
 
 U8, U16, U32, U64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 Addr = ctypes.c_uint8 * ADDR_LEN
+Addr4 = ctypes.c_uint8 * 4
 
 
 class Counter(enum.IntEnum):
@@ -51,7 +55,8 @@ class Counter(enum.IntEnum):
     FLOW_HIT = 12  # forward packet matched a tracked flow
     REPLY = 13  # reply of a tracked flow, reverse-NATed
     FIB_MISS = 14  # bpf_fib_lookup did not return success
-    MAX = 15
+    FIB_LOOKUP = 15  # bpf_fib_lookup calls; other forwards used their flow's cached next hop
+    MAX = 16
 
 
 OUTCOMES = tuple(c for c in Counter if c < Counter.NEW_FLOW)
@@ -85,12 +90,12 @@ class _Struct(ctypes.Structure):
 
 
 class FlowKey(_Struct):
-    """Forward flow: client -> VIP. Also the reverse key: backend -> client."""
+    """Forward flow: client -> VIP. Also the reverse key: backend -> client. IPv4."""
 
     c_name = "xl_flow_key"
     _fields_ = [
-        ("src", Addr),
-        ("dst", Addr),
+        ("src", Addr4),
+        ("dst", Addr4),
         ("sport", U16),  # network order
         ("dport", U16),  # network order
         ("proto", U8),
@@ -99,8 +104,27 @@ class FlowKey(_Struct):
     ]
 
 
+class NextHop(_Struct):
+    """A flow's cached bpf_fib_lookup result for one direction. Valid while ``ns`` is younger
+    than Meta.next_hop_ttl_ns, the packet arrived on ``in_ifindex`` and is no longer than
+    ``max_len`` (the longest IPv4 total length the lookup's MTU check has passed)."""
+
+    c_name = "xl_next_hop"
+    _fields_ = [
+        ("ns", U64),  # CLOCK_MONOTONIC (coarse) of the lookup; 0: nothing cached
+        ("in_ifindex", U32),
+        ("out_ifindex", U32),
+        ("tx_slot", U32),  # devmap slot to redirect to; NO_TX_SLOT: XDP_TX (out = in)
+        ("max_len", U16),
+        ("dmac", U8 * 6),
+        ("smac", U8 * 6),
+        ("pad", U8 * 6),
+    ]
+
+
 class Flow(_Struct):
-    """A tracked flow; counters updated with atomic adds from every CPU."""
+    """A tracked flow. Counters are plain adds, not atomic: RSS keeps a flow's direction on
+    one CPU, and a rare lost count is worth less than a locked add on every packet."""
 
     c_name = "xl_flow"
     _fields_ = [
@@ -114,7 +138,17 @@ class Flow(_Struct):
         ("rev_bytes", U64),
         ("tcp_state", U8),
         ("pad", U8 * 7),
+        ("fwd_nh", NextHop),  # client -> backend
+        ("rev_nh", NextHop),  # backend -> client
     ]
+
+
+# What two data paths running the same frames may do differently: read the clock. Besides
+# the timestamps, whether a cached next hop has expired depends on when a frame runs, and
+# with it the cache's content and the FIB_LOOKUP count (never the frame that leaves: the
+# cache only holds what a lookup would return while routes and neighbours stay put).
+CLOCK_FIELDS = ("first_ns", "last_ns", "fwd_nh", "rev_nh")
+CLOCK_COUNTERS = frozenset({"fib_lookup"})
 
 
 class RevNat(_Struct):
@@ -153,7 +187,9 @@ class AddrKey(_Struct):
 
 
 class Backend(_Struct):
-    """One (VIP, backend) pair, indexed by backend id."""
+    """One (VIP, backend) pair, indexed by backend id. It names its VIP by key, so a flow
+    hit is validated without looking the VIP up: the packet's (daddr, dport, proto) must be
+    the backend's VIP."""
 
     c_name = "xl_backend"
     _fields_ = [
@@ -163,7 +199,10 @@ class Backend(_Struct):
         ("flags", U8),  # BackendFlag
         ("vip_id", U32),
         ("weight", U32),  # configured weight (0 = drained); for readers, not the data path
-        ("pad", U32),
+        ("vip_addr", Addr),
+        ("vip_port", U16),  # network order
+        ("vip_proto", U8),
+        ("pad", U8),
     ]
 
 
@@ -186,6 +225,7 @@ class Meta(_Struct):
         ("seed", U32),
         ("ring_size", U32),
         ("layout", U64),  # layout_version() as an int: readers check it
+        ("next_hop_ttl_ns", U64),  # how long a flow's cached next hop is used; 0: never
     ]
 
 
@@ -230,8 +270,8 @@ MAPS: tuple[MapSpec, ...] = (
 MAP_BY_NAME = {m.name: m for m in MAPS}
 
 _C_SCALARS = {U8: "__u8", U16: "__u16", U32: "__u32", U64: "__u64"}
-_STRUCTS: tuple[type[_Struct], ...] = (
-    FlowKey, Flow, RevNat, VipKey, VipInfo, AddrKey, Backend, Stat, Meta,
+_STRUCTS: tuple[type[_Struct], ...] = (  # in dependency order
+    FlowKey, NextHop, Flow, RevNat, VipKey, VipInfo, AddrKey, Backend, Stat, Meta,
 )
 
 
@@ -240,12 +280,32 @@ def _c_field(name: str, ctype: type) -> str:
         return f"{_C_SCALARS[ctype]} {name};"
     if issubclass(ctype, ctypes.Array):
         return f"{_C_SCALARS[ctype._type_]} {name}[{ctype._length_}];"
+    if issubclass(ctype, _Struct):
+        return f"struct {ctype.c_name} {name};"
     raise TypeError(f"no C rendering for {ctype}")
 
 
 def _c_type(t: type) -> str:
     # not .get(): the default would be evaluated (and fail) for scalars
     return _C_SCALARS[t] if t in _C_SCALARS else f"struct {t.c_name}"  # noqa: SIM401
+
+
+def _alignment(t: type) -> int:
+    if issubclass(t, ctypes.Array):
+        return _alignment(t._type_)
+    if issubclass(t, ctypes.Structure):
+        return max(_alignment(ft) for _, ft in t._fields_)
+    return ctypes.sizeof(t)
+
+
+def _check_natural(s: type[_Struct]) -> None:
+    """Every field at a multiple of its alignment and no tail padding: C lays the struct
+    out exactly as ctypes does with _pack_ = 1."""
+    for name, t in s._fields_:
+        if getattr(s, name).offset % _alignment(t):
+            raise TypeError(f"{s.__name__}.{name} is not naturally aligned: add padding")
+    if ctypes.sizeof(s) % _alignment(s):
+        raise TypeError(f"{s.__name__} needs tail padding to a multiple of {_alignment(s)}")
 
 
 def render_structs() -> str:
@@ -263,6 +323,7 @@ def render_structs() -> str:
         f"#define XL_MAX_BACKENDS {MAX_BACKENDS}",
         f"#define XL_MAX_TX_PORTS {MAX_TX_PORTS}",
         f"#define XL_NO_BACKEND {NO_BACKEND}u",
+        f"#define XL_NO_TX_SLOT {NO_TX_SLOT}u",
         f"#define XL_FAMILY_IPV4 {FAMILY_IPV4}",
         f"#define XL_ADDR_FILTER_BITS {ADDR_FILTER_BITS}",
         f"#define XL_ADDR_FILTER_SIZE {1 << ADDR_FILTER_BITS}",
@@ -270,8 +331,12 @@ def render_structs() -> str:
         f"#define XL_ADDR_MAYBE_BACKEND {ADDR_MAYBE_BACKEND}",
     ]
     for s in _STRUCTS:
+        _check_natural(s)
         fields = "\n".join("    " + _c_field(n, t) for n, t in s._fields_)
-        out.append(f"struct {s.c_name} {{\n{fields}\n}} __attribute__((packed));")
+        # Not packed: a packed struct has alignment 1, and clang then splits every wider
+        # field access into byte loads and shifts (measured: ~5x the loads). _check_natural
+        # proves the C layout equals the ctypes one (_pack_ = 1) without it.
+        out.append(f"struct {s.c_name} {{\n{fields}\n}};")
     return "\n".join(out) + "\n"
 
 
@@ -297,6 +362,24 @@ def layout_version() -> str:
     """Short digest of every shared struct and map: pins are versioned by it, so a program
     never reopens maps of another layout (BCC does not check types of pinned maps)."""
     return hashlib.sha256(render_structs().encode() + render_maps(None).encode()).hexdigest()[:12]
+
+
+def field_spans(s: type[_Struct], names: tuple[str, ...]) -> list[tuple[int, int]]:
+    """Byte ranges of fields named like ``"a"`` or ``"a.b"`` (a field of a nested struct)."""
+    spans = []
+    for name in names:
+        t, off = s, 0
+        for part in name.split("."):
+            f = getattr(t, part)
+            off += f.offset
+            t = dict(t._fields_)[part]
+        spans.append((off, off + f.size))
+    return spans
+
+
+def addr4(packed: bytes) -> Addr4:
+    """A packed IPv4 address as a flow key field."""
+    return Addr4(*packed)
 
 
 def addr16(packed: bytes) -> Addr:

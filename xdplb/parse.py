@@ -86,7 +86,7 @@ def parse(buf: bytes | bytearray) -> tuple[int, Pkt | None]:
 
 def flow_key(src: bytes, dst: bytes, sport: bytes, dport: bytes, proto: int) -> bytes:
     """An xl_flow_key's bytes from IPv4 addresses and ports as on the wire."""
-    return src + ADDR_PAD + dst + ADDR_PAD + sport + dport + bytes((proto,)) + FAMILY_PAD
+    return src + dst + sport + dport + bytes((proto,)) + FAMILY_PAD
 
 
 def forward_key(buf: bytes | bytearray, p: Pkt) -> bytes | None:

@@ -15,13 +15,19 @@ from typing import NamedTuple
 
 from xdplb import csum
 from xdplb.fib import LOOPBACK_IFINDEX, SUCCESS, Fib
-from xdplb.hashing import flow_hash
+from xdplb.hashing import addr_slot, flow_hash
 from xdplb.layout import (
+    ADDR_FILTER_BITS,
+    ADDR_MAYBE_BACKEND,
+    ADDR_MAYBE_VIP,
     FAMILY_IPV4,
     NO_BACKEND,
+    NO_TX_SLOT,
+    Backend,
     BackendFlag,
     Counter,
     Flow,
+    NextHop,
     RevNat,
     Stat,
     TcpState,
@@ -61,10 +67,11 @@ def _put_le16(buf: bytearray, off: int, v: int) -> None:
     buf[off + 1] = v >> 8
 
 
-def _valid(be, vip_id: int) -> bool:
-    """xl_valid_backend"""
+def _serves(be: Backend | None, daddr: bytes, dport: bytes, proto: int) -> bool:
+    """xl_backend_serves: in use, not failed, and (daddr, dport, proto) is its VIP."""
     return be is not None and bool(be.flags & _VALID) and not be.flags & _DOWN \
-        and be.vip_id == vip_id
+        and bytes(be.vip_addr)[:4] == daddr and be.vip_port == int.from_bytes(dport, "little") \
+        and be.vip_proto == proto
 
 
 def _stat_add(s: Stat | None, length: int, flows: int) -> None:
@@ -128,7 +135,7 @@ class PyDatapath:
         self.maglev, self.flows, self.rev_flows = t["maglev"], t["flows"], t["rev_flows"]
         self.tx_ports, self.tx_devs, self.meta = t["tx_ports"], t["tx_devs"], t["meta"]
         self.counters, self.vip_stats = t["counters"], t["vip_stats"]
-        self.backend_stats = t["backend_stats"]
+        self.backend_stats, self.addr_filter = t["backend_stats"], t["addr_filter"]
         self.fib = fib
         self.ring_size = ring_size
         self.clock = clock
@@ -143,6 +150,10 @@ class PyDatapath:
     def _count(self, c: Counter) -> None:
         self.counters.ref(_COUNTER_KEYS[c]).value += 1
 
+    def _maybe(self, addr: bytes) -> int:
+        """The prefilter bits of an address (a superset: they never decide alone)."""
+        return self.addr_filter.get(key_bytes(addr_slot(addr, ADDR_FILTER_BITS))).value
+
     def _main(self, buf: bytearray, ingress: int) -> tuple[int, int]:
         rc, p = parse(buf)
         if rc == NOT_IPV4:
@@ -152,24 +163,32 @@ class PyDatapath:
             self._count(Counter.PASS_MALFORMED)
             return XDP_PASS, 0
         ip = p.ip
-        daddr = bytes(buf[ip + 16 : ip + 20])
-        if self.vip_addrs.ref(daddr + ADDR_PAD) is not None:
-            # Rules for VIP addresses: fragments and IP options are never balanced.
-            if p.frag:
-                self._count(Counter.DROP_FRAGMENT)
-                return XDP_DROP, 0
-            if p.options:
-                self._count(Counter.DROP_IP_OPTIONS)
-                return XDP_DROP, 0
-            if p.sport >= 0:
-                vk = daddr + ADDR_PAD + bytes(buf[p.dport : p.dport + 2]) + bytes((p.proto,))
-                vip = self.vips.ref(vk + _FAMILY)
+        saddr, daddr = bytes(buf[ip + 12 : ip + 16]), bytes(buf[ip + 16 : ip + 20])
+        if self._maybe(daddr) & ADDR_MAYBE_VIP:
+            if p.sport >= 0 and not p.frag and not p.options:
+                sport, dport = bytes(buf[p.sport : p.sport + 2]), bytes(buf[p.dport : p.dport + 2])
+                fk = flow_key(saddr, daddr, sport, dport, p.proto)
+                # Flow first: its backend naming this packet's VIP proves the VIP.
+                f = self.flows.ref(fk)
+                if f is not None:
+                    be = self.backends.ref(key_bytes(f.backend_id))
+                    if _serves(be, daddr, dport, p.proto):
+                        return self._established(buf, p, f, be, ingress)
+                vip = self.vips.ref(daddr + ADDR_PAD + dport + bytes((p.proto,)) + _FAMILY)
                 if vip is not None:
-                    return self._forward(buf, p, vip.vip_id, ingress)
-            self._count(Counter.PASS_NOT_VIP)
-            return XDP_PASS, 0
-        if p.sport >= 0 and not p.options:
-            rk = flow_key(bytes(buf[ip + 12 : ip + 16]), daddr, bytes(buf[p.sport : p.sport + 2]),
+                    return self._new_flow(buf, p, fk, vip.vip_id, ingress)
+            if self.vip_addrs.ref(daddr + ADDR_PAD) is not None:
+                # Rules for VIP addresses: fragments and IP options are never balanced.
+                if p.frag:
+                    self._count(Counter.DROP_FRAGMENT)
+                    return XDP_DROP, 0
+                if p.options:
+                    self._count(Counter.DROP_IP_OPTIONS)
+                    return XDP_DROP, 0
+                self._count(Counter.PASS_NOT_VIP)
+                return XDP_PASS, 0
+        if self._maybe(saddr) & ADDR_MAYBE_BACKEND and p.sport >= 0 and not p.options:
+            rk = flow_key(saddr, daddr, bytes(buf[p.sport : p.sport + 2]),
                           bytes(buf[p.dport : p.dport + 2]), p.proto)
             rn = self.rev_flows.ref(rk)
             if rn is not None:
@@ -177,64 +196,65 @@ class PyDatapath:
         self._count(Counter.PASS_NOT_VIP)
         return XDP_PASS, 0
 
-    def _forward(self, buf: bytearray, p: Pkt, vip_id: int, ingress: int) -> tuple[int, int]:
-        """Client -> VIP."""
+    def _established(self, buf: bytearray, p: Pkt, f: Flow, be: Backend, ingress: int
+                     ) -> tuple[int, int]:
+        """Client -> VIP of a tracked flow whose backend still serves it."""
+        if buf[p.ip + 8] <= 1:
+            self._count(Counter.DROP_TTL)
+            return XDP_DROP, 0
+        self._count(Counter.FLOW_HIT)
+        return self._to_backend(buf, p, f, be, f.backend_id, f.vip_id, self.clock(), 0,
+                                ingress)
+
+    def _new_flow(self, buf: bytearray, p: Pkt, fk: bytes, vip_id: int, ingress: int
+                  ) -> tuple[int, int]:
+        """Client -> VIP without a flow that can take it: the Maglev ring picks."""
         ip = p.ip
         if buf[ip + 8] <= 1:
             self._count(Counter.DROP_TTL)
             return XDP_DROP, 0
-        saddr, daddr = bytes(buf[ip + 12 : ip + 16]), bytes(buf[ip + 16 : ip + 20])
-        sport, dport = bytes(buf[p.sport : p.sport + 2]), bytes(buf[p.dport : p.dport + 2])
-        fk = flow_key(saddr, daddr, sport, dport, p.proto)
+        saddr, daddr, sport, dport = fk[:4], fk[4:8], fk[8:10], fk[10:12]
+        h = flow_hash(saddr, daddr, int.from_bytes(sport, "big"), int.from_bytes(dport, "big"),
+                      p.proto, self.meta.ref(_ZERO).seed)
+        owner = self.maglev.ref(key_bytes(vip_id * self.ring_size + h % self.ring_size))
+        if owner is None or owner.value == NO_BACKEND:
+            self._count(Counter.DROP_NO_BACKEND)
+            return XDP_DROP, 0
+        bid = owner.value
+        be = self.backends.ref(key_bytes(bid))
+        if not _serves(be, daddr, dport, p.proto):
+            self._count(Counter.DROP_NO_BACKEND)
+            return XDP_DROP, 0
         now = self.clock()
-        created = 0
+        nf = Flow()
+        nf.backend_id, nf.vip_id, nf.first_ns = bid, vip_id, now
+        self.flows.put(fk, nf)
         f = self.flows.ref(fk)
-        be = None
-        bid = NO_BACKEND
+        be_port = be.port.to_bytes(2, "little")
+        rk = flow_key(bytes(be.addr)[:4], saddr, be_port if be.port else dport, sport, p.proto)
+        rn = RevNat()
+        rn.vip_addr[:4] = daddr
+        rn.vip_port = int.from_bytes(dport, "little")
+        rn.vip_id = vip_id
+        self.rev_flows.put(rk, rn)
+        self._count(Counter.NEW_FLOW)
+        return self._to_backend(buf, p, f, be, bid, vip_id, now, 1, ingress)
+
+    def _to_backend(self, buf: bytearray, p: Pkt, f: Flow | None, be: Backend, bid: int,
+                    vip_id: int, now: int, created: int, ingress: int) -> tuple[int, int]:
+        """xl_to_backend: flow accounting, DNAT, next hop. ``f`` is None when a full LRU
+        evicted a new entry at once: forward all the same."""
+        nh = None
         if f is not None:
-            bid = f.backend_id
-            be = self.backends.ref(key_bytes(bid))
-            # A removed or failed backend does not blackhole its flows: re-pick below.
-            if not _valid(be, vip_id):
-                f = None
-        if f is not None:
-            self._count(Counter.FLOW_HIT)
-        else:
-            seed = self.meta.ref(_ZERO).seed
-            h = flow_hash(saddr, daddr, int.from_bytes(sport, "big"),
-                          int.from_bytes(dport, "big"), p.proto, seed)
-            owner = self.maglev.ref(key_bytes(vip_id * self.ring_size + h % self.ring_size))
-            if owner is None or owner.value == NO_BACKEND:
-                self._count(Counter.DROP_NO_BACKEND)
-                return XDP_DROP, 0
-            bid = owner.value
-            be = self.backends.ref(key_bytes(bid))
-            if not _valid(be, vip_id):
-                self._count(Counter.DROP_NO_BACKEND)
-                return XDP_DROP, 0
-            nf = Flow()
-            nf.backend_id, nf.vip_id, nf.first_ns = bid, vip_id, now
-            self.flows.put(fk, nf)
-            f = self.flows.ref(fk)
-            be_port = be.port.to_bytes(2, "little")
-            rk = flow_key(bytes(be.addr)[:4], saddr, be_port if be.port else dport, sport,
-                          p.proto)
-            rn = RevNat()
-            rn.vip_addr[:4] = daddr
-            rn.vip_port = int.from_bytes(dport, "little")
-            rn.vip_id = vip_id
-            self.rev_flows.put(rk, rn)
-            self._count(Counter.NEW_FLOW)
-            created = 1
-        if f is not None:  # (an LRU that evicts at once leaves none: forward all the same)
             f.last_ns = now
             f.fwd_packets += 1
             f.fwd_bytes += len(buf)
             _tcp_track(f, buf, p.tcp, False)
+            nh = f.fwd_nh
         _stat_add(self.vip_stats.ref(key_bytes(vip_id)), len(buf), created)
         _stat_add(self.backend_stats.ref(key_bytes(bid)), len(buf), created)
-        _rewrite(buf, p, ip + 16, bytes(be.addr)[:4], p.dport, be.port)
-        return self._fib_forward(buf, p, ingress)
+        _rewrite(buf, p, p.ip + 16, bytes(be.addr)[:4], p.dport, be.port)
+        return self._fib_forward(buf, p, ingress, nh, now)
 
     def _reply(self, buf: bytearray, p: Pkt, rk: bytes, rn: RevNat, ingress: int
                ) -> tuple[int, int]:
@@ -245,42 +265,72 @@ class PyDatapath:
             return XDP_DROP, 0
         vip_addr = bytes(rn.vip_addr)[:4]
         # the forward key: client (the reply's destination) -> VIP
-        fk = flow_key(rk[16:20], vip_addr, rk[34:36], rn.vip_port.to_bytes(2, "little"),
+        fk = flow_key(rk[4:8], vip_addr, rk[10:12], rn.vip_port.to_bytes(2, "little"),
                       p.proto)
+        now = self.clock()
+        nh = None
         f = self.flows.ref(fk)
         if f is not None:
-            f.last_ns = self.clock()
+            f.last_ns = now
             f.rev_packets += 1
             f.rev_bytes += len(buf)
             _tcp_track(f, buf, p.tcp, True)
+            nh = f.rev_nh
         self._count(Counter.REPLY)
         _rewrite(buf, p, ip + 12, vip_addr, p.sport, rn.vip_port)
-        return self._fib_forward(buf, p, ingress)
+        return self._fib_forward(buf, p, ingress, nh, now)
 
-    def _fib_forward(self, buf: bytearray, p: Pkt, ingress: int) -> tuple[int, int]:
-        """xl_fib_forward: TX, REDIRECT, or PASS for the kernel to resolve or forward. The
-        TTL is decremented only when we send the packet ourselves."""
+    def _resolve(self, buf: bytearray, p: Pkt, ingress: int, nh: NextHop | None, now: int
+                 ) -> NextHop | None:
+        """xl_resolve: bpf_fib_lookup, remembered in ``nh`` when the flow has one; None when
+        the kernel must take the packet (counted)."""
         ip = p.ip
+        tot_len = (buf[ip + 2] << 8) | buf[ip + 3]
         res = self.fib.lookup(bytes(buf[ip + 16 : ip + 20]), bytes(buf[ip + 12 : ip + 16]),
-                              buf[ip + 1], p.proto, (buf[ip + 2] << 8) | buf[ip + 3], ingress)
+                              buf[ip + 1], p.proto, tot_len, ingress)
+        self._count(Counter.FIB_LOOKUP)
         if res.rc != SUCCESS:
+            if nh is not None:
+                nh.ns = 0
             self._count(Counter.FIB_MISS)
             self._count(Counter.PASS_FIB)
-            return XDP_PASS, 0
-        slot = None
+            return None
+        tx_slot = NO_TX_SLOT
         if res.ifindex != ingress:
             slot = self.tx_ports.ref(key_bytes(res.ifindex))
             if slot is None:
+                if nh is not None:
+                    nh.ns = 0
                 self._count(Counter.PASS_FOREIGN_EGRESS)
+                return None
+            tx_slot = slot.value
+        h = nh if nh is not None else NextHop()
+        h.ns, h.in_ifindex, h.out_ifindex, h.tx_slot = now, ingress, res.ifindex, tx_slot
+        h.max_len = tot_len
+        h.dmac[:] = res.dmac
+        h.smac[:] = res.smac
+        return h
+
+    def _fib_forward(self, buf: bytearray, p: Pkt, ingress: int, nh: NextHop | None, now: int
+                     ) -> tuple[int, int]:
+        """xl_fib_forward: by the flow's fresh cached next hop, else bpf_fib_lookup; TX,
+        REDIRECT, or PASS for the kernel to resolve or forward. The TTL is decremented only
+        when we send the packet ourselves."""
+        ip = p.ip
+        h = nh
+        if (nh is None or not nh.ns or now - nh.ns >= self.meta.ref(_ZERO).next_hop_ttl_ns
+                or nh.in_ifindex != ingress or ((buf[ip + 2] << 8) | buf[ip + 3]) > nh.max_len):
+            h = self._resolve(buf, p, ingress, nh, now)
+            if h is None:
                 return XDP_PASS, 0
         decrement_ttl(buf, ip)
-        buf[0:6] = res.dmac
-        buf[6:12] = res.smac
-        if slot is None:
+        buf[0:6] = bytes(h.dmac)
+        buf[6:12] = bytes(h.smac)
+        if h.tx_slot == NO_TX_SLOT:
             self._count(Counter.TX)
             return XDP_TX, ingress
         self._count(Counter.REDIRECT)
-        dev = self.tx_devs.ref(key_bytes(slot.value))
+        dev = self.tx_devs.ref(key_bytes(h.tx_slot))
         if dev is None:  # bpf_redirect_map(map, slot, 0) on an empty slot
             return XDP_ABORTED, 0
         return XDP_REDIRECT, dev.value

@@ -84,7 +84,8 @@ class MapSync:
         rep = SyncReport()
         m = self.maps
         M = desired.ring_size
-        m.update("meta", 0, Meta(desired.seed, M, int(layout_version(), 16)))
+        m.update("meta", 0, Meta(desired.seed, M, int(layout_version(), 16),
+                                 desired.next_hop_ttl_ns))
 
         # 1. removed VIPs go first: their id may be reused by a VIP added below
         wanted = {v.key: v for v in desired.vips}
@@ -95,10 +96,12 @@ class MapSync:
 
         # 2. backends (new ones become valid before any slot points at them)
         for v in desired.vips:
+            vip = vip_key(*v.key)  # a backend names its VIP: the data path checks flows by it
             for b in v.backends:
                 flags = BackendFlag.VALID | (BackendFlag.DOWN if b.down else 0)
                 new = Backend(addr16(ipaddress.IPv4Address(b.address).packed),
-                              _be16(b.port), FAMILY_IPV4, int(flags), v.vip_id, b.weight)
+                              _be16(b.port), FAMILY_IPV4, int(flags), v.vip_id, b.weight,
+                              vip.addr, vip.port, vip.proto)
                 old = m.lookup("backends", b.backend_id)
                 if old is None or bytes(old) != bytes(new):
                     m.update("backends", b.backend_id, new)

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from xdplb import bpfsys
 from xdplb.config import Config
 from xdplb.fib import Fib
-from xdplb.layout import MAP_BY_NAME, OUTCOMES, Counter, Flow
+from xdplb.layout import (
+    CLOCK_COUNTERS,
+    CLOCK_FIELDS,
+    MAP_BY_NAME,
+    OUTCOMES,
+    Counter,
+    Flow,
+    field_spans,
+)
 from xdplb.maps import KernelMaps, _sum_percpu
 from xdplb.parse import OK, forward_key, parse
 from xdplb.program import Program, compile_program
@@ -34,9 +42,15 @@ EFFECTS = ("created", "hit", "rebalanced", "reply", "none")
 
 _OUTCOME_NAMES = [c.name.lower() for c in OUTCOMES]
 _COUNTERS = MAP_BY_NAME["counters"]
-# first_ns and last_ns: the only fields in which the two data paths may differ
-_TIMESTAMPS = slice(Flow.first_ns.offset, Flow.last_ns.offset + Flow.last_ns.size)
-_NO_TIMESTAMPS = bytes(_TIMESTAMPS.stop - _TIMESTAMPS.start)
+_CLOCK_SPANS = field_spans(Flow, CLOCK_FIELDS)  # where the two data paths may differ
+
+
+def without_clock(raw: bytes) -> bytes:
+    """A flow entry with what depends on the clock zeroed, for comparison."""
+    out = bytearray(raw)
+    for start, stop in _CLOCK_SPANS:
+        out[start:stop] = bytes(stop - start)
+    return bytes(out)
 
 
 class FrameSizeError(ValueError):
@@ -51,6 +65,11 @@ class RunResult:
     reason: str  # the outcome counter (pass_not_vip, drop_ttl, tx...); the verdict if none
     effect: str  # on the flow table: one of EFFECTS
     backend: str | None  # "addr:port" of the flow's backend, for balanced frames and replies
+
+    def comparable(self) -> tuple:
+        """What another engine must reproduce exactly: all but the clock's doing."""
+        counters = {k: v for k, v in self.counters.items() if k not in CLOCK_COUNTERS}
+        return (self.verdict, self.data, counters, self.reason, self.effect, self.backend)
 
 
 @dataclass(frozen=True)
@@ -122,6 +141,10 @@ class Engine:
     def _execute(self, frame: bytes, ingress_ifindex: int) -> tuple[str, bytes]:
         raise NotImplementedError
 
+    def routes_changed(self) -> None:
+        """Links, routes or neighbours of the namespace changed (the kernel's FIB is live;
+        the scapy engine's copy is re-read)."""
+
     def _counter_blobs(self) -> dict[bytes, bytes]:
         return dict(self.maps.raw_items("counters"))
 
@@ -152,8 +175,7 @@ class Engine:
 
     def flow_table(self, stats: bool = True) -> FlowTable:
         """The state to compare (``stats=False``: flow entries only, which is cheaper)."""
-        flows = {k: v[: _TIMESTAMPS.start] + _NO_TIMESTAMPS + v[_TIMESTAMPS.stop :]
-                 for k, v in self.maps.raw_items("flows")}
+        flows = {k: without_clock(v) for k, v in self.maps.raw_items("flows")}
         rev = dict(self.maps.raw_items("rev_flows"))
 
         def sums(name: str) -> dict[int, bytes]:
@@ -212,6 +234,9 @@ class ScapyEngine(Engine):
     def _execute(self, frame: bytes, ingress_ifindex: int) -> tuple[str, bytes]:
         out = self.datapath.run(frame, ingress_ifindex)
         return VERDICTS[out.action], out.data
+
+    def routes_changed(self) -> None:
+        self.fib.invalidate()
 
     def close(self) -> None:
         self.fib.close()

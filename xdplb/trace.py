@@ -28,7 +28,7 @@ from xdplb.layout import (
     Flow,
     FlowKey,
     RevNat,
-    addr16,
+    addr4,
 )
 from xdplb.maps import KernelMaps, read_counters
 from xdplb.program import compile_program
@@ -75,8 +75,8 @@ class Probe:
 
 
 def flow_key(src: str, sport: int, dst: str, dport: int, proto: int) -> FlowKey:
-    return FlowKey(addr16(ipaddress.IPv4Address(src).packed),
-                   addr16(ipaddress.IPv4Address(dst).packed),
+    return FlowKey(addr4(ipaddress.IPv4Address(src).packed),
+                   addr4(ipaddress.IPv4Address(dst).packed),
                    socket.htons(sport), socket.htons(dport), proto, FAMILY_IPV4)
 
 

@@ -12,8 +12,11 @@
 #include <linux/tcp.h>
 #include <linux/socket.h>
 
+#ifndef BENCH_KEY_LEN
+#define BENCH_KEY_LEN 40
+#endif
 struct bench_key {
-    __u8 b[40];
+    __u8 b[BENCH_KEY_LEN];
 };
 struct bench_val {
     __u8 b[64];
