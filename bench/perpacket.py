@@ -12,7 +12,7 @@ cases interleaved so that load from elsewhere on the machine hits them alike. Ca
 - reply: backend -> client of a tracked flow (reverse NAT, cached next hop, XDP_TX)
 - non-VIP: TCP to the balancer's own address (prefilter, XDP_PASS, untouched)
 - baseline: a program compiled in the same run that parses Ethernet/IPv4/TCP and returns
-  XDP_TX, plus two variants that add one ingredient each (a 40-byte-key hash lookup, a
+  XDP_TX, plus variants that add one ingredient each (a hash lookup with a flow key, a
   bpf_fib_lookup) to show what the real program's cost is made of.
 
 Every case runs through bench/bpf/harness.c (see there why) and the harness's own cost is
@@ -41,7 +41,7 @@ from scapy.layers.l2 import Ether
 
 from xdplb import bpfsys, xdp_link
 from xdplb.config import parse_config
-from xdplb.layout import FAMILY_IPV4, FlowKey, Meta, addr4
+from xdplb.layout import FAMILY_IPV4, Flow, FlowKey, Meta, addr4
 from xdplb.maps import read_counters
 from xdplb.testrun import BpfEngine
 
@@ -118,10 +118,11 @@ def neighbours(lab: Lab) -> None:
 def _baselines(stack: contextlib.ExitStack, lookup_key: bytes) -> dict[str, int]:
     """The baseline and its one-ingredient variants, compiled now; name -> program fd."""
     fds = {}
+    sizes = [f"-DBENCH_KEY_LEN={ctypes.sizeof(FlowKey)}", f"-DBENCH_VAL_LEN={ctypes.sizeof(Flow)}"]
     for name, flags in (("baseline", []), ("baseline_lookup", ["-DBENCH_LOOKUP"]),
                         ("baseline_insert", ["-DBENCH_INSERT"]),
                         ("baseline_fib", ["-DBENCH_FIB"])):
-        bpf = compile_bcc("baseline.c", flags)
+        bpf = compile_bcc("baseline.c", flags + sizes)
         stack.callback(bpf.cleanup)
         fds[name] = xdp_fd(bpf, "bench_baseline")
         if name == "baseline_lookup":
@@ -232,6 +233,7 @@ def measure(lab: Lab, repeat: int, runs: int) -> dict:
         "runs": runs,
         "frame_bytes": FRAME_LEN,
         "harness_extra_ns": extra,
+        "key_bytes": ctypes.sizeof(FlowKey),
         "cases": {name: {"ns": cost[name], "median_ns": med[name], "harness": name not in direct,
                          "samples_ns": samples.get(name, [med[name]])} for name in med},
         "ratios": {name: cost[name] / cost["baseline"] for name in med},

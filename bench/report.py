@@ -15,13 +15,14 @@ from common import BENCH, DOCS, load
 
 PLOT = DOCS / "performance-pps.png"
 PERPACKET_ROWS = (
-    ("established", "xdplb, established flow (flow hit, DNAT, FIB, XDP_TX)"),
+    ("established", "xdplb, established flow (flow hit, DNAT, cached next hop, XDP_TX)"),
+    ("established_no_cache", "xdplb, established flow, next-hop cache off (FIB every packet)"),
     ("new_flow", "xdplb, new flow: SYN, full flow table (hash, Maglev, 2 LRU inserts)"),
     ("new_flow_empty", "xdplb, new flow: SYN, flow table with room"),
-    ("reply", "xdplb, reply (reverse NAT, FIB, XDP_TX)"),
+    ("reply", "xdplb, reply (reverse NAT, cached next hop, XDP_TX)"),
     ("non_vip", "xdplb, non-VIP pass-through"),
     ("baseline", "baseline: parse Ethernet/IPv4/TCP, XDP_TX"),
-    ("baseline_lookup", "baseline + one hash lookup, 40-byte key"),
+    ("baseline_lookup", "baseline + one hash lookup, {key_bytes}-byte key (a flow key)"),
     ("baseline_insert_empty", "baseline + one LRU insert, 1M table with room"),
     ("baseline_insert", "baseline + one LRU insert, full 1M table"),
     ("baseline_fib", "baseline + one bpf_fib_lookup"),
@@ -54,6 +55,7 @@ def perpacket(r: dict[str, Any]) -> str:
         target = r["targets"].get(key)
         tcell = (f"<= {target}x: {_verdict(r['ratios'][key], target, False)}"
                  if target else "")
+        label = label.format(key_bytes=r.get("key_bytes", 40))
         out.append(f"| {label} | {c['ns']:.0f} | {r['ratios'][key]:.1f} | {tcell} |")
     cross = [(k, k.removesuffix("_direct")) for k in r["cases"] if k.endswith("_direct")]
     checks = ", ".join(f"{b} {r['cases'][b]['ns']:.0f} vs {r['cases'][d]['ns']:.0f}"

@@ -1,9 +1,11 @@
 /* The per-packet baseline: parse Ethernet, IPv4 and TCP with full bounds checks, return
  * XDP_TX. Optional stages (compiled in with -D flags) price single ingredients of the real
  * program, to show what its cost is made of:
- *   BENCH_LOOKUP  one hash-map hit with a 40-byte key (the size of xdplb's flow key)
- *   BENCH_INSERT  one insert of a new 40-byte key and 64-byte value into a 1,000,000-entry
- *                 LRU hash, xdplb's flow table (a new flow does two such inserts)
+ *   BENCH_LOOKUP  one hash-map hit with a BENCH_KEY_LEN-byte key (perpacket.py passes the
+ *                 size of xdplb's flow key)
+ *   BENCH_INSERT  one insert of a new key and a BENCH_VAL_LEN-byte value (xdplb's flow entry)
+ *                 into a 1,000,000-entry LRU hash, like xdplb's flow table (a new flow does
+ *                 two inserts)
  *   BENCH_FIB     one bpf_fib_lookup() of the destination (xdplb does one per forward) */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
@@ -13,13 +15,16 @@
 #include <linux/socket.h>
 
 #ifndef BENCH_KEY_LEN
-#define BENCH_KEY_LEN 40
+#define BENCH_KEY_LEN 16
+#endif
+#ifndef BENCH_VAL_LEN
+#define BENCH_VAL_LEN 64
 #endif
 struct bench_key {
     __u8 b[BENCH_KEY_LEN];
 };
 struct bench_val {
-    __u8 b[64];
+    __u8 b[BENCH_VAL_LEN];
 };
 #ifdef BENCH_LOOKUP
 BPF_HASH(bench_table, struct bench_key, __u64, 1024);
