@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from common import busy_seconds, compile_bcc, cpu_seconds, softirq_seconds, xdp_fd
-from lab import Lab, netns_pids
+from lab import Lab, netns_pids, xdp_attach_pass
 from pyroute2 import netns as pr_netns
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
@@ -185,8 +185,7 @@ class Sink:
         try:
             yield self
         finally:
-            with bpfsys.load_xdp_pass("xdplb_lab_pass") as fd:
-                xdp_link.xdp_attach(ifname, fd, "native", netns=ns)
+            xdp_attach_pass([(ns, ifname)])
 
     def close(self) -> None:
         self.bpf.cleanup()

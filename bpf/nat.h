@@ -98,13 +98,17 @@ static __always_inline struct xl_next_hop *xl_resolve(struct xdp_md *ctx, struct
  * decremented only when we forward ourselves: a packet handed to the kernel is
  * decremented by the kernel's own forwarding. */
 static __always_inline int xl_fib_forward(struct xdp_md *ctx, struct xl_pkt *p,
-                                          struct xl_next_hop *nh, __u64 now, __u64 ttl)
+                                          struct xl_next_hop *nh, __u64 now)
 {
     struct iphdr *ip = p->ip;
     struct xl_next_hop *h = nh;
     struct xl_next_hop tmp;
+    __u32 zero = 0;
+    struct xl_meta *m = NULL;
 
-    if (!nh || !nh->ns || now - nh->ns >= ttl || nh->in_ifindex != ctx->ingress_ifindex ||
+    if (nh && nh->ns) /* only a filled cache needs its TTL: new flows skip the load */
+        m = meta.lookup(&zero);
+    if (!m || now - nh->ns >= m->next_hop_ttl_ns || nh->in_ifindex != ctx->ingress_ifindex ||
         bpf_ntohs(ip->tot_len) > nh->max_len) {
         h = xl_resolve(ctx, p, nh, &tmp, now);
         if (!h)

@@ -65,21 +65,12 @@ static __always_inline void xl_packet_key(struct xl_pkt *p, struct xl_flow_key *
     k->family = XL_FAMILY_IPV4;
 }
 
-static __always_inline struct xl_meta *xl_meta(void)
-{
-    __u32 zero = 0;
-    return meta.lookup(&zero);
-}
-
 /* Client -> backend, the part every forwarded packet shares: flow accounting, DNAT, next
  * hop. ``f`` is NULL when a full LRU evicted a new entry at once: forward all the same. */
 static __always_inline int xl_to_backend(struct xdp_md *ctx, struct xl_pkt *p,
                                          struct xl_flow *f, struct xl_backend *be,
                                          __u32 bid, __u32 vip_id, __u64 now, __u64 created)
 {
-    struct xl_meta *m = xl_meta();
-    if (!m)
-        return XDP_ABORTED;
     struct xl_next_hop *nh = NULL;
     if (f) {
         /* Plain adds: RSS keeps a flow's direction on one CPU (see layout.Flow). */
@@ -92,7 +83,7 @@ static __always_inline int xl_to_backend(struct xdp_md *ctx, struct xl_pkt *p,
     xl_stat_add(vip_stats.lookup(&vip_id), p->len, created);
     xl_stat_add(backend_stats.lookup(&bid), p->len, created);
     xl_rewrite(p, &p->ip->daddr, *(__u32 *)be->addr, p->dport, be->port);
-    return xl_fib_forward(ctx, p, nh, now, m->next_hop_ttl_ns);
+    return xl_fib_forward(ctx, p, nh, now);
 }
 
 /* Client -> VIP of a tracked flow whose backend still serves it: the fast path. */
@@ -117,7 +108,8 @@ static __always_inline int xl_new_flow(struct xdp_md *ctx, struct xl_pkt *p,
         xl_count(XL_C_DROP_TTL);
         return XDP_DROP;
     }
-    struct xl_meta *m = xl_meta();
+    __u32 zero = 0;
+    struct xl_meta *m = meta.lookup(&zero);
     if (!m)
         return XDP_ABORTED;
     __u32 vip_id = vip->vip_id;
@@ -168,9 +160,6 @@ static __always_inline int xl_reply(struct xdp_md *ctx, struct xl_pkt *p,
         xl_count(XL_C_DROP_TTL);
         return XDP_DROP;
     }
-    struct xl_meta *m = xl_meta();
-    if (!m)
-        return XDP_ABORTED;
     struct xl_flow_key fk = {};
     __builtin_memcpy(fk.src, rk->dst, 4);
     __builtin_memcpy(fk.dst, rn->vip_addr, 4);
@@ -190,7 +179,7 @@ static __always_inline int xl_reply(struct xdp_md *ctx, struct xl_pkt *p,
     }
     xl_count(XL_C_REPLY);
     xl_rewrite(p, &ip->saddr, *(__u32 *)rn->vip_addr, p->sport, rn->vip_port);
-    return xl_fib_forward(ctx, p, nh, now, m->next_hop_ttl_ns);
+    return xl_fib_forward(ctx, p, nh, now);
 }
 
 int xdplb_main(struct xdp_md *ctx)
