@@ -22,6 +22,7 @@ PERPACKET_ROWS = (
     ("reply", "xdplb, reply (reverse NAT, cached next hop, XDP_TX)"),
     ("non_vip", "xdplb, non-VIP pass-through"),
     ("baseline", "baseline: parse Ethernet/IPv4/TCP, XDP_TX"),
+    ("null", "empty program (only returns XDP_TX): the test-run loop's share"),
     ("baseline_lookup", "baseline + one hash lookup, {key_bytes}-byte key (a flow key)"),
     ("baseline_insert_empty", "baseline + one LRU insert, 1M table with room"),
     ("baseline_insert", "baseline + one LRU insert, full 1M table"),
@@ -63,7 +64,8 @@ def perpacket(r: dict[str, Any]) -> str:
     naive = r["naive_established"]
     out += ["", f"{r['frame_bytes']}-byte frames, median of {r['runs']} measurements of "
             f"{r['repeat']:,} runs each; the harness's own {r['harness_extra_ns']:.0f} ns are "
-            f"taken out. Cross-check, harness vs direct run (ns) for programs that leave the "
+            f"taken out; \"x baseline\" is the median of the ratios within each round of "
+            f"the interleaved runs. Cross-check, harness vs direct run (ns) for programs that leave the "
             f"frame alone: {checks}. Timed without the harness, xdplb on an established flow "
             f"reports {naive['ns']:.0f} ns, but its counters show why: "
             f"{', '.join(f'{k} {v:,}' for k, v in naive['counters'].items())}."]

@@ -6,7 +6,7 @@
 #define XL_IP_OFFMASK 0x1fff
 
 enum xl_parse_result {
-    XL_P_OK = 0,        /* IPv4 with a consistent header; L4 parsed unless fragment */
+    XL_P_OK = 0,        /* consistent headers (L4: parsed unless a fragment) */
     XL_P_NOT_IPV4 = 1,  /* ARP, IPv6, QinQ, ...: not ours */
     XL_P_MALFORMED = 2, /* truncated or inconsistent: the kernel judges it */
 };
@@ -16,6 +16,7 @@ struct xl_vlan_hdr {
     __be16 proto;
 };
 
+/* Filled in by the parsers below; the caller need not zero it. */
 struct xl_pkt {
     struct ethhdr *eth;
     struct iphdr *ip;
@@ -29,7 +30,9 @@ struct xl_pkt {
     __u8 options;    /* IHL > 5 */
 };
 
-static __always_inline int xl_parse(struct xdp_md *ctx, struct xl_pkt *p)
+/* Ethernet and IPv4: enough to tell whether the packet can be ours at all (most traffic is
+ * not, and then its L4 header is none of our business). */
+static __always_inline int xl_parse_l3(struct xdp_md *ctx, struct xl_pkt *p)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
@@ -65,9 +68,22 @@ static __always_inline int xl_parse(struct xdp_md *ctx, struct xl_pkt *p)
     p->proto = ip->protocol;
     p->options = ihl > sizeof(*ip);
     p->frag = (ip->frag_off & bpf_htons(XL_IP_MF | XL_IP_OFFMASK)) != 0;
-    if (p->frag)
-        return XL_P_OK; /* no trustworthy L4 header */
+    return XL_P_OK;
+}
 
+/* TCP/UDP of a packet xl_parse_l3() accepted: fills the port and checksum pointers unless
+ * it is a fragment (no trustworthy L4 header) or another protocol. */
+static __always_inline int xl_parse_l4(struct xdp_md *ctx, struct xl_pkt *p)
+{
+    void *data_end = (void *)(long)ctx->data_end;
+    struct iphdr *ip = p->ip;
+    p->sport = p->dport = NULL;
+    p->l4_check = NULL;
+    p->tcp = NULL;
+    if (p->frag)
+        return XL_P_OK;
+    __u32 ihl = ip->ihl * 4;
+    __u32 tot = bpf_ntohs(ip->tot_len);
     void *l4 = (void *)ip + ihl;
     __u32 l4_len = tot - ihl;
     if (ip->protocol == IPPROTO_TCP) {

@@ -182,10 +182,18 @@ static __always_inline int xl_reply(struct xdp_md *ctx, struct xl_pkt *p,
     return xl_fib_forward(ctx, p, nh, now);
 }
 
+/* Is ``daddr`` a VIP address (any port, any protocol)? */
+static __always_inline int xl_vip_addr(__be32 daddr)
+{
+    struct xl_addr_key ak = {};
+    __builtin_memcpy(ak.addr, &daddr, 4);
+    return vip_addrs.lookup(&ak) != NULL;
+}
+
 int xdplb_main(struct xdp_md *ctx)
 {
-    struct xl_pkt p = {};
-    int rc = xl_parse(ctx, &p);
+    struct xl_pkt p; /* not zeroed: the parsers set every field they leave valid */
+    int rc = xl_parse_l3(ctx, &p);
     if (rc == XL_P_NOT_IPV4) {
         xl_count(XL_C_PASS_NOT_IPV4);
         return XDP_PASS;
@@ -197,10 +205,26 @@ int xdplb_main(struct xdp_md *ctx)
     struct iphdr *ip = p.ip;
 
     /* Prefilter (inlined array loads): most traffic is neither to a VIP address nor from a
-     * backend and skips both hash lookups below. A set bit only means "maybe". */
+     * backend, skips the hash lookups below and is passed without a look at its L4
+     * header. A set bit only means "maybe". */
     __u32 slot = xl_addr_slot(ip->daddr);
-    __u8 *maybe = addr_filter.lookup(&slot);
-    if (maybe && (*maybe & XL_ADDR_MAYBE_VIP)) {
+    __u8 *bits = addr_filter.lookup(&slot);
+    int maybe_vip = bits && (*bits & XL_ADDR_MAYBE_VIP);
+    slot = xl_addr_slot(ip->saddr);
+    bits = addr_filter.lookup(&slot);
+    int maybe_backend = bits && (*bits & XL_ADDR_MAYBE_BACKEND);
+    if (!maybe_vip && !maybe_backend) {
+        xl_count(XL_C_PASS_NOT_VIP);
+        return XDP_PASS;
+    }
+    if (xl_parse_l4(ctx, &p) != XL_P_OK) {
+        /* Malformed only if it was ours to judge: a VIP address's (a prefilter collision
+         * must not decide which counter moves). */
+        xl_count(maybe_vip && xl_vip_addr(ip->daddr) ? XL_C_PASS_MALFORMED : XL_C_PASS_NOT_VIP);
+        return XDP_PASS;
+    }
+
+    if (maybe_vip) {
         if (p.sport && !p.frag && !p.options) {
             struct xl_flow_key fk = {};
             xl_packet_key(&p, &fk);
@@ -223,9 +247,7 @@ int xdplb_main(struct xdp_md *ctx)
             if (vip)
                 return xl_new_flow(ctx, &p, &fk, vip);
         }
-        struct xl_addr_key ak = {};
-        __builtin_memcpy(ak.addr, &ip->daddr, 4);
-        if (vip_addrs.lookup(&ak)) {
+        if (xl_vip_addr(ip->daddr)) {
             /* Rules for VIP addresses: fragments and IP options are never balanced. */
             if (p.frag) {
                 xl_count(XL_C_DROP_FRAGMENT);
@@ -240,9 +262,7 @@ int xdplb_main(struct xdp_md *ctx)
         }
     }
 
-    slot = xl_addr_slot(ip->saddr);
-    maybe = addr_filter.lookup(&slot);
-    if (maybe && (*maybe & XL_ADDR_MAYBE_BACKEND) && p.sport && !p.options) {
+    if (maybe_backend && p.sport && !p.options) {
         struct xl_flow_key rk = {};
         xl_packet_key(&p, &rk);
         struct xl_rev_nat *rn = rev_flows.lookup(&rk);

@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from socket import inet_aton, inet_ntoa
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -32,7 +33,8 @@ from xdplb.fuzz import (
     reconfigure,
     run_fuzz,
 )
-from xdplb.layout import OUTCOMES
+from xdplb.hashing import addr_slot
+from xdplb.layout import ADDR_FILTER_BITS, OUTCOMES
 from xdplb.pktcheck import checksum_errors, rewrite_errors, scapy_recomputed_errors
 from xdplb.testrun import (
     EFFECTS,
@@ -140,6 +142,16 @@ def eth(dst: str = "02:00:00:00:00:01") -> Ether:
     return Ether(src="02:00:00:00:0a:02", dst=dst)
 
 
+def filter_twin(addr: str) -> str:
+    """Another 10/8 address in the same prefilter slot as ``addr``: a "maybe" that is not."""
+    want = addr_slot(inet_aton(addr), ADDR_FILTER_BITS)
+    for n in range(1, 1 << 24):
+        twin = inet_aton(f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}")
+        if addr_slot(twin, ADDR_FILTER_BITS) == want and inet_ntoa(twin) != addr:
+            return inet_ntoa(twin)
+    raise AssertionError(f"no prefilter twin of {addr} in 10/8")
+
+
 def corpus() -> Iterator[Case]:
     syn = build(CLIENT, VIP, 6, 40000, 80, flags="S", payload=b"hello")
     yield Case("VIP hit, TCP SYN, port rewritten", syn, "tx", "created", rewritten=True)
@@ -219,6 +231,14 @@ def corpus() -> Iterator[Case]:
     udp = bytearray(build(CLIENT, VIP, 17, 1, 53, payload=b"abc"))
     udp[l4 + 4 : l4 + 6] = b"\x00\x07"
     yield Case("UDP length 7", bytes(udp), "pass_malformed")
+    # L4 headers are only judged for packets that may be ours: to a VIP address (above) or
+    # from a backend. Others pass as not ours, also when the prefilter cannot tell.
+    for name, src, dst in (("to another address", CLIENT, "10.10.0.1"),
+                           ("to a prefilter twin of the VIP", CLIENT, filter_twin(VIP)),
+                           ("from a backend", "10.20.0.12", CLIENT)):
+        bad = bytearray(build(src, dst, 6, 8080, 40000))
+        bad[l4 + 12] = 0x20  # data offset 2
+        yield Case(f"TCP data offset 2 {name}", bytes(bad), "pass_not_vip")
 
 
 def test_corpus_same_fate_in_both(bench, fresh):

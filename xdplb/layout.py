@@ -41,7 +41,7 @@ class Counter(enum.IntEnum):
     REDIRECT); the rest are events counted on the way."""
 
     PASS_NOT_IPV4 = 0  # ARP, IPv6, QinQ, anything not IPv4
-    PASS_MALFORMED = 1  # truncated or inconsistent headers: the kernel judges them
+    PASS_MALFORMED = 1  # broken Ethernet/IPv4, or broken TCP/UDP to a VIP address: kernel judges
     PASS_NOT_VIP = 2  # IPv4 that is neither VIP traffic nor a reply of a tracked flow
     PASS_FIB = 3  # NATed, but the FIB has no neighbour / no route: the kernel forwards it
     PASS_FOREIGN_EGRESS = 4  # NATed, egress interface is not one we are attached to

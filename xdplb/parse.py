@@ -1,5 +1,6 @@
 """Frame parsing for the scapy data path, rule for rule as bpf/parse.h: Ethernet (+ one
-802.1Q tag), IPv4, TCP/UDP, with the same bounds checks and the same verdicts. Offsets into
+802.1Q tag) and IPv4, then TCP/UDP only for packets that may be ours, with the same bounds
+checks and the same verdicts. Offsets into
 the frame, not objects: this runs for every packet, and scapy's dissection is far too slow.
 """
 
@@ -38,8 +39,8 @@ class Pkt:
     tcp: int = -1  # offset of the TCP header; -1 unless TCP
 
 
-def parse(buf: bytes | bytearray) -> tuple[int, Pkt | None]:
-    """(OK, Pkt) or (NOT_IPV4 | MALFORMED, None), as xl_parse()."""
+def parse_l3(buf: bytes | bytearray) -> tuple[int, Pkt | None]:
+    """(OK, Pkt) or (NOT_IPV4 | MALFORMED, None), as xl_parse_l3(): Ethernet and IPv4."""
     end = len(buf)
     if end < ETH_LEN:
         return MALFORMED, None
@@ -60,28 +61,41 @@ def parse(buf: bytes | bytearray) -> tuple[int, Pkt | None]:
     tot = (buf[ip + 2] << 8) | buf[ip + 3]
     if vihl >> 4 != 4 or ihl < IP_MIN or tot < ihl or ip + tot > end:
         return MALFORMED, None
-    proto = buf[ip + 9]
     frag = (((buf[ip + 6] << 8) | buf[ip + 7]) & IP_MF_OFFMASK) != 0
-    p = Pkt(ip, proto, frag, ihl > IP_MIN)
-    if frag:
-        return OK, p  # no trustworthy L4 header
+    return OK, Pkt(ip, buf[ip + 9], frag, ihl > IP_MIN)
+
+
+def parse_l4(buf: bytes | bytearray, p: Pkt) -> int:
+    """OK or MALFORMED, as xl_parse_l4(): fills in p's TCP/UDP offsets unless a fragment."""
+    if p.frag:
+        return OK  # no trustworthy L4 header
+    end, ip = len(buf), p.ip
+    ihl = (buf[ip] & 0x0F) * 4
     l4 = ip + ihl
-    l4_len = tot - ihl
-    if proto == IPPROTO_TCP:
+    l4_len = ((buf[ip + 2] << 8) | buf[ip + 3]) - ihl
+    if p.proto == IPPROTO_TCP:
         if l4 + TCP_MIN > end:  # bounds against the frame, as the verifier demands
-            return MALFORMED, None
+            return MALFORMED
         doff = (buf[l4 + 12] >> 4) * 4
         if doff < TCP_MIN or doff > l4_len:
-            return MALFORMED, None
+            return MALFORMED
         p.tcp, p.sport, p.dport, p.l4_check = l4, l4, l4 + 2, l4 + 16
-    elif proto == IPPROTO_UDP:
+    elif p.proto == IPPROTO_UDP:
         if l4 + UDP_LEN > end:
-            return MALFORMED, None
+            return MALFORMED
         ulen = (buf[l4 + 4] << 8) | buf[l4 + 5]
         if ulen < UDP_LEN or ulen > l4_len:
-            return MALFORMED, None
+            return MALFORMED
         p.sport, p.dport, p.l4_check = l4, l4 + 2, l4 + 6
-    return OK, p
+    return OK
+
+
+def parse(buf: bytes | bytearray) -> tuple[int, Pkt | None]:
+    """Both layers: (OK, Pkt) or (NOT_IPV4 | MALFORMED, None)."""
+    rc, p = parse_l3(buf)
+    if rc == OK and parse_l4(buf, p) != OK:
+        return MALFORMED, None
+    return rc, p
 
 
 def flow_key(src: bytes, dst: bytes, sport: bytes, dport: bytes, proto: int) -> bytes:

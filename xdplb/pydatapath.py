@@ -32,7 +32,17 @@ from xdplb.layout import (
     Stat,
     TcpState,
 )
-from xdplb.parse import ADDR_PAD, IPPROTO_UDP, MALFORMED, NOT_IPV4, Pkt, flow_key, parse
+from xdplb.parse import (
+    ADDR_PAD,
+    IPPROTO_UDP,
+    MALFORMED,
+    NOT_IPV4,
+    OK,
+    Pkt,
+    flow_key,
+    parse_l3,
+    parse_l4,
+)
 from xdplb.usermaps import UserMaps, key_bytes
 
 # enum xdp_action
@@ -154,8 +164,12 @@ class PyDatapath:
         """The prefilter bits of an address (a superset: they never decide alone)."""
         return self.addr_filter.get(key_bytes(addr_slot(addr, ADDR_FILTER_BITS))).value
 
+    def _vip_addr(self, daddr: bytes) -> bool:
+        """Is ``daddr`` a VIP address (any port, any protocol)?"""
+        return self.vip_addrs.ref(daddr + ADDR_PAD) is not None
+
     def _main(self, buf: bytearray, ingress: int) -> tuple[int, int]:
-        rc, p = parse(buf)
+        rc, p = parse_l3(buf)
         if rc == NOT_IPV4:
             self._count(Counter.PASS_NOT_IPV4)
             return XDP_PASS, 0
@@ -164,7 +178,19 @@ class PyDatapath:
             return XDP_PASS, 0
         ip = p.ip
         saddr, daddr = bytes(buf[ip + 12 : ip + 16]), bytes(buf[ip + 16 : ip + 20])
-        if self._maybe(daddr) & ADDR_MAYBE_VIP:
+        # Most traffic is neither to a VIP address nor from a backend: passed without a look
+        # at its L4 header.
+        maybe_vip = bool(self._maybe(daddr) & ADDR_MAYBE_VIP)
+        maybe_backend = bool(self._maybe(saddr) & ADDR_MAYBE_BACKEND)
+        if not maybe_vip and not maybe_backend:
+            self._count(Counter.PASS_NOT_VIP)
+            return XDP_PASS, 0
+        if parse_l4(buf, p) != OK:
+            # Malformed only if it was ours to judge: a prefilter collision must not decide.
+            ours = maybe_vip and self._vip_addr(daddr)
+            self._count(Counter.PASS_MALFORMED if ours else Counter.PASS_NOT_VIP)
+            return XDP_PASS, 0
+        if maybe_vip:
             if p.sport >= 0 and not p.frag and not p.options:
                 sport, dport = bytes(buf[p.sport : p.sport + 2]), bytes(buf[p.dport : p.dport + 2])
                 fk = flow_key(saddr, daddr, sport, dport, p.proto)
@@ -177,7 +203,7 @@ class PyDatapath:
                 vip = self.vips.ref(daddr + ADDR_PAD + dport + bytes((p.proto,)) + _FAMILY)
                 if vip is not None:
                     return self._new_flow(buf, p, fk, vip.vip_id, ingress)
-            if self.vip_addrs.ref(daddr + ADDR_PAD) is not None:
+            if self._vip_addr(daddr):
                 # Rules for VIP addresses: fragments and IP options are never balanced.
                 if p.frag:
                     self._count(Counter.DROP_FRAGMENT)
@@ -187,7 +213,7 @@ class PyDatapath:
                     return XDP_DROP, 0
                 self._count(Counter.PASS_NOT_VIP)
                 return XDP_PASS, 0
-        if self._maybe(saddr) & ADDR_MAYBE_BACKEND and p.sport >= 0 and not p.options:
+        if maybe_backend and p.sport >= 0 and not p.options:
             rk = flow_key(saddr, daddr, bytes(buf[p.sport : p.sport + 2]),
                           bytes(buf[p.dport : p.dport + 2]), p.proto)
             rn = self.rev_flows.ref(rk)
