@@ -1,5 +1,6 @@
 """The scapy data path, attached: frames tapped with AF_PACKET on the attached interfaces go
-through ``pydatapath.PyDatapath`` and leave again by the same sockets.
+through ``pydatapath.PyDatapath`` and leave again by the same sockets. The tap sits after GRO:
+``gso`` turns what it hands over back into the frames that were on the wire.
 
 - TX / redirect: sent on the egress interface's socket, as XDP would.
 - Pass, rewritten (no neighbour yet, or an egress we are not attached to): handed to the
@@ -29,7 +30,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink import rtnl
 
-from xdplb import nftguard
+from xdplb import gso, nftguard
 from xdplb.config import Config
 from xdplb.fib import Fib
 from xdplb.layout import BackendFlag
@@ -49,6 +50,7 @@ AUXDATA = struct.Struct("=IIIHHHH")  # struct tpacket_auxdata
 TP_STATUS_VLAN_VALID, TP_STATUS_VLAN_TPID_VALID = 0x10, 0x40
 ETH_P_8021Q = 0x8100
 RCVBUF = 8 << 20  # bursts wait here while Python catches up
+RECV_LEN = 65536 + 64  # a 64 KB GRO aggregate, its headers and the virtio_net_hdr
 BATCH = 256  # frames per socket per wake-up, so one busy interface cannot starve another
 TICK = 0.2  # seconds between checks of the maps (guard) and statistics publication
 RTNLGRP_IPV4_NETCONF = 24  # forwarding sysctl changes
@@ -69,7 +71,7 @@ class ScapyForwarder:
         self.ifaces = dict(ifaces)
         self.publish = publish
         self.guard = nftguard.Guard(nftguard.table_name(list(ifaces.values())), list(ifaces))
-        self.stats = {"received": 0, "sent": 0, "to_kernel": 0, "errors": 0}
+        self.stats = {"received": 0, "aggregates": 0, "sent": 0, "to_kernel": 0, "errors": 0}
         self._socks: dict[int, socket.socket] = {}
         self._raw: socket.socket | None = None
         self._events: socket.socket | None = None
@@ -92,6 +94,8 @@ class ScapyForwarder:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
                 # The kernel strips an 802.1Q tag before the tap; auxdata gives it back.
                 s.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+                # GRO aggregates and frames awaiting checksum offload are marked (gso.py).
+                s.setsockopt(SOL_PACKET, gso.PACKET_VNET_HDR, 1)
                 s.bind((name, ETH_P_ALL))
                 s.setblocking(False)
                 self._socks[idx] = s
@@ -175,19 +179,34 @@ class ScapyForwarder:
     def _drain(self, sock: socket.socket, ifindex: int) -> None:
         for _ in range(BATCH):
             try:
-                frame, anc, _, addr = sock.recvmsg(65535, 64)
+                data, anc, flags, addr = sock.recvmsg(RECV_LEN, 64)
             except BlockingIOError:
                 return
             if addr[2] == PACKET_OUTGOING:
                 continue
             self.stats["received"] += 1
-            self._forward(with_tag(frame, anc), ifindex)
+            vnet, frame = data[: gso.VNET_HDR.size], with_tag(data[gso.VNET_HDR.size :], anc)
+            # No GSO type, no checksum to complete: a frame as it was on the wire (most are).
+            if not vnet[1] and not vnet[0] & gso.F_NEEDS_CSUM and not flags & socket.MSG_TRUNC:
+                self._forward(frame, ifindex)
+                continue
+            try:
+                if flags & socket.MSG_TRUNC:
+                    raise gso.Unsupported(f"frame longer than {RECV_LEN} bytes")
+                frames = gso.wire_frames(vnet, frame)
+            except gso.Unsupported as e:
+                self.stats["errors"] += 1
+                log.debug("scapy data path: cannot forward: %s", e)
+                continue
+            self.stats["aggregates"] += gso.is_aggregate(vnet)
+            for f in frames:
+                self._forward(f, ifindex)
 
     def _forward(self, frame: bytes, ifindex: int) -> None:
         out = self.datapath.run(frame, ifindex)
         try:
             if out.action in (XDP_TX, XDP_REDIRECT):
-                self._socks[out.egress].send(out.data)
+                self._socks[out.egress].send(gso.NO_VNET_HDR + out.data)
                 self.stats["sent"] += 1
             elif out.action == XDP_PASS and out.data != frame:
                 self._to_kernel(out.data)
