@@ -65,9 +65,9 @@ def perpacket(r: dict[str, Any]) -> str:
     out += ["", f"{r['frame_bytes']}-byte frames, median of {r['runs']} measurements of "
             f"{r['repeat']:,} runs each; the harness's own {r['harness_extra_ns']:.0f} ns are "
             f"taken out; \"x baseline\" is the median of the ratios within each round of "
-            f"the interleaved runs. Cross-check, harness vs direct run (ns) for programs that leave the "
-            f"frame alone: {checks}. Timed without the harness, xdplb on an established flow "
-            f"reports {naive['ns']:.0f} ns, but its counters show why: "
+            f"the interleaved runs. Cross-check, harness vs direct run (ns) for programs that "
+            f"leave the frame alone: {checks}. Timed without the harness, xdplb on an "
+            f"established flow reports {naive['ns']:.0f} ns, but its counters show why: "
             f"{', '.join(f'{k} {v:,}' for k, v in naive['counters'].items())}."]
     return "\n".join(out)
 

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lab import REPO, Lab
+from lab import REPO, Lab, run_command
 
 XDPLB = REPO / ".venv" / "bin" / "xdplb"
 
@@ -17,8 +17,8 @@ def xdplb(lab: Lab, *args: str, check: bool = True, timeout: float = 60
           ) -> subprocess.CompletedProcess:
     """Run an xdplb command in the LB's network namespace (``--netns``, never `ip netns
     exec`: that would hide bpffs and the agent's pins)."""
-    return subprocess.run([str(XDPLB), "--netns", lab.lb_ns, *args], capture_output=True,
-                          text=True, check=check, timeout=timeout)
+    # A failure's message carries the command's stderr (what went wrong).
+    return run_command([str(XDPLB), "--netns", lab.lb_ns, *args], check=check, timeout=timeout)
 
 
 def status(lab: Lab) -> dict:

@@ -59,7 +59,7 @@ class CommandError(subprocess.CalledProcessError):
         return f"{super().__str__()}: {(err or '').strip()}"
 
 
-def _run(
+def run_command(
     cmd: Sequence[str], *, check: bool = True, timeout: float = 30, **kw: Any
 ) -> subprocess.CompletedProcess:
     kw.setdefault("capture_output", True)
@@ -196,7 +196,7 @@ def teardown_prefix(prefix: str) -> None:
     for n in names:
         # Deleting a namespace destroys its veths, and with them the peers in the other
         # namespaces and any XDP program attached to either end.
-        p = _run(["ip", "netns", "delete", n], check=False)
+        p = run_command(["ip", "netns", "delete", n], check=False)
         if p.returncode != 0 and (NETNS_DIR / n).exists():
             print(f"lab: could not delete netns {n}: {p.stderr.strip()}", file=sys.stderr)
     shutil.rmtree(rundir, ignore_errors=True)
@@ -454,7 +454,7 @@ class Lab:
 
         Raises CommandError (a CalledProcessError that shows stderr) when check and it fails.
         """
-        return _run(self._wrap(ns, cmd, nsenter), check=check, timeout=timeout, **kw)
+        return run_command(self._wrap(ns, cmd, nsenter), check=check, timeout=timeout, **kw)
 
     def popen(
         self, ns: str | None, *cmd: str, nsenter: bool = False, **kw: Any
@@ -584,17 +584,17 @@ class Lab:
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         self._save_state()  # first, so that `down` finds a half-built lab too
         for ns in self.namespaces:
-            _run(["ip", "netns", "add", ns])
+            run_command(["ip", "netns", "add", ns])
             # Before any interface exists, so that none ever gets IPv6 (no RS/DAD/MLD noise).
             self._sh(ns, [["sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"],
                           ["ip", "link", "set", "lo", "up"]])  # fmt: skip
         # No STP: ports forward as soon as they are up. No snooping: no IGMP queries.
         br = f"br0 address {mac(0xFE, 0)} type bridge stp_state 0 forward_delay 0 mcast_snooping 0"
-        _run(["ip", "-n", self.sw_ns, "link", "add", *br.split()])
+        run_command(["ip", "-n", self.sw_ns, "link", "add", *br.split()])
         for v in self.veths:
             # Created inside the namespaces, so no name ever appears in the caller's namespace.
             link = f"{v.if_a} address {v.mac_a} type veth peer name {v.if_b} address {v.mac_b}"
-            _run(["ip", "-n", v.ns_a, "link", "add", *link.split(), "netns", v.ns_b])
+            run_command(["ip", "-n", v.ns_a, "link", "add", *link.split(), "netns", v.ns_b])
         lb_peers = set(self.xdp_peers)
         for ns in self.namespaces:
             self._sh(ns, self._configure(ns, lb_peers))
