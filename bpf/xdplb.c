@@ -182,6 +182,14 @@ static __always_inline int xl_reply(struct xdp_md *ctx, struct xl_pkt *p,
     return xl_fib_forward(ctx, p, nh, now);
 }
 
+/* The prefilter's ``bit`` for ``addr``: 0 means certainly not, 1 only "maybe". */
+static __always_inline int xl_maybe(__be32 addr, __u8 bit)
+{
+    __u32 slot = xl_addr_slot(addr);
+    __u8 *bits = addr_filter.lookup(&slot);
+    return bits && (*bits & bit);
+}
+
 /* Is ``daddr`` a VIP address (any port, any protocol)? */
 static __always_inline int xl_vip_addr(__be32 daddr)
 {
@@ -207,12 +215,9 @@ int xdplb_main(struct xdp_md *ctx)
     /* Prefilter (inlined array loads): most traffic is neither to a VIP address nor from a
      * backend, skips the hash lookups below and is passed without a look at its L4
      * header. A set bit only means "maybe". */
-    __u32 slot = xl_addr_slot(ip->daddr);
-    __u8 *bits = addr_filter.lookup(&slot);
-    int maybe_vip = bits && (*bits & XL_ADDR_MAYBE_VIP);
-    slot = xl_addr_slot(ip->saddr);
-    bits = addr_filter.lookup(&slot);
-    int maybe_backend = bits && (*bits & XL_ADDR_MAYBE_BACKEND);
+    int maybe_vip = xl_maybe(ip->daddr, XL_ADDR_MAYBE_VIP);
+    /* The source's bit waits for VIP candidates: an established flow never needs it. */
+    int maybe_backend = !maybe_vip && xl_maybe(ip->saddr, XL_ADDR_MAYBE_BACKEND);
     if (!maybe_vip && !maybe_backend) {
         xl_count(XL_C_PASS_NOT_VIP);
         return XDP_PASS;
@@ -262,7 +267,7 @@ int xdplb_main(struct xdp_md *ctx)
         }
     }
 
-    if (maybe_backend && p.sport && !p.options) {
+    if ((maybe_backend || xl_maybe(ip->saddr, XL_ADDR_MAYBE_BACKEND)) && p.sport && !p.options) {
         struct xl_flow_key rk = {};
         xl_packet_key(&p, &rk);
         struct xl_rev_nat *rn = rev_flows.lookup(&rk);

@@ -47,9 +47,9 @@ def wire_frames(vnet: bytes, frame: bytes) -> list[bytes]:
     if rc != OK or p is None or p.frag or gso_size == 0:
         raise Unsupported(f"GSO type {gso_type}: not an unfragmented IPv4 datagram")
     if kind == GSO_TCPV4 and p.proto == IPPROTO_TCP:
-        return _cut(frame, p, gso_size, _tcp_segment)
+        return _cut(frame, p, gso_size)
     if kind == GSO_UDP_L4 and p.proto == IPPROTO_UDP:
-        return _cut(frame, p, gso_size, _udp_segment)
+        return _cut(frame, p, gso_size)
     raise Unsupported(f"GSO type {gso_type} for IP protocol {p.proto}")
 
 
@@ -78,20 +78,17 @@ def _complete(frame: bytes) -> bytes:
     return frame[: p.ip + ihl] + bytes(l4) + frame[end:]
 
 
-def _tcp_segment(l4_head: bytearray, i: int, n: int, size: int) -> None:
-    seq = int.from_bytes(l4_head[4:8], "big")
-    l4_head[4:8] = ((seq + i * size) & 0xFFFFFFFF).to_bytes(4, "big")
+def _fix_tcp(l4h: bytearray, i: int, n: int, size: int) -> None:
+    """Segment i of n: its sequence number; FIN and PSH on the last only, CWR on the first."""
+    seq = int.from_bytes(l4h[4:8], "big")
+    l4h[4:8] = ((seq + i * size) & 0xFFFFFFFF).to_bytes(4, "big")
     if i < n - 1:
-        l4_head[13] &= ~(TCP_FIN | TCP_PSH) & 0xFF
+        l4h[13] &= ~(TCP_FIN | TCP_PSH) & 0xFF
     if i > 0:
-        l4_head[13] &= ~TCP_CWR & 0xFF
+        l4h[13] &= ~TCP_CWR & 0xFF
 
 
-def _udp_segment(l4_head: bytearray, i: int, n: int, size: int) -> None:
-    pass  # every datagram has its own header; its length is set with the payload's
-
-
-def _cut(frame: bytes, p: Pkt, size: int, fix_l4) -> list[bytes]:
+def _cut(frame: bytes, p: Pkt, size: int) -> list[bytes]:
     """Cut an aggregate into segments of ``size`` payload bytes, headers copied and fixed."""
     ip = p.ip
     ihl = (frame[ip] & 0x0F) * 4
@@ -110,8 +107,9 @@ def _cut(frame: bytes, p: Pkt, size: int, fix_l4) -> list[bytes]:
         iph[10:12] = b"\0\0"
         iph[10:12] = checksum(bytes(iph)).to_bytes(2, "big")
         l4h = bytearray(frame[l4 : l4 + head])
-        fix_l4(l4h, i, n, size)
-        if p.proto == IPPROTO_UDP:
+        if p.proto == IPPROTO_TCP:
+            _fix_tcp(l4h, i, n, size)
+        else:  # UDP: each datagram has its own header
             l4h[4:6] = (head + len(chunk)).to_bytes(2, "big")
         off = _check_off(p)
         l4h[off : off + 2] = b"\0\0"

@@ -181,7 +181,8 @@ class PyDatapath:
         # Most traffic is neither to a VIP address nor from a backend: passed without a look
         # at its L4 header.
         maybe_vip = bool(self._maybe(daddr) & ADDR_MAYBE_VIP)
-        maybe_backend = bool(self._maybe(saddr) & ADDR_MAYBE_BACKEND)
+        # The source's bit waits for VIP candidates: an established flow never needs it.
+        maybe_backend = not maybe_vip and bool(self._maybe(saddr) & ADDR_MAYBE_BACKEND)
         if not maybe_vip and not maybe_backend:
             self._count(Counter.PASS_NOT_VIP)
             return XDP_PASS, 0
@@ -213,6 +214,7 @@ class PyDatapath:
                     return XDP_DROP, 0
                 self._count(Counter.PASS_NOT_VIP)
                 return XDP_PASS, 0
+        maybe_backend = maybe_backend or bool(self._maybe(saddr) & ADDR_MAYBE_BACKEND)
         if maybe_backend and p.sport >= 0 and not p.options:
             rk = flow_key(saddr, daddr, bytes(buf[p.sport : p.sport + 2]),
                           bytes(buf[p.dport : p.dport + 2]), p.proto)
