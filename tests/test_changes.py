@@ -23,6 +23,7 @@ from lab import HERE, Lab
 pytestmark = pytest.mark.root
 
 INTERVAL, FALL, RISE = 0.5, 2, 2
+VIP = "10.200.0.10"
 HC_HTTP = (f"{{type: http, path: /healthz, interval: {int(INTERVAL * 1000)}ms, "
            f"timeout: 400ms, rise: {RISE}, fall: {FALL}}}")
 HC_TCP = (f"{{type: tcp, interval: {int(INTERVAL * 1000)}ms, timeout: 400ms, "
@@ -34,9 +35,9 @@ def pool(backends: list[str], weights: dict[str, int] | None = None) -> str:
     bes = "".join(f"      - address: {a}\n        weight: {weights.get(a, 1)}\n"
                   for a in backends)
     return (f"vips:\n"
-            f"  - name: web\n    address: 10.200.0.10\n    port: 80\n    protocol: tcp\n"
+            f"  - name: web\n    address: {VIP}\n    port: 80\n    protocol: tcp\n"
             f"    health_check: {HC_HTTP}\n    backends:\n{bes}"
-            f"  - name: stream\n    address: 10.200.0.10\n    port: 7000\n    protocol: tcp\n"
+            f"  - name: stream\n    address: {VIP}\n    port: 7000\n    protocol: tcp\n"
             f"    health_check: {HC_TCP}\n    backends:\n{bes}")
 
 
@@ -56,7 +57,7 @@ class World:
         self.agent = AgentProcess(lab, self.config)
         self.log = tmp / "traffic.jsonl"
         self.traffic = lab.popen(
-            lab.client_ns, sys.executable, str(HERE / "traffic.py"), "--vip", "10.200.0.10",
+            lab.client_ns, sys.executable, str(HERE / "traffic.py"), "--vip", VIP,
             "--log", str(self.log), "--streams", "12", "--rate", "20", "--duration", "400")
 
     def events(self, since: float = 0.0, kind: str | None = None) -> list[dict]:
@@ -79,6 +80,17 @@ class World:
     def new(self, since: float, until: float | None = None) -> list[dict]:
         return [e for e in self.events(since, "new") if until is None or e["t"] < until]
 
+    def fetch_from(self, sport: int) -> str:
+        """The backend answering an HTTP GET to the VIP from client port ``sport``."""
+        body = self.lab.http_get(self.lab.client_ns, VIP, sport=sport)
+        return body.split("backend=", 1)[1].split()[0]
+
+    def flows_of(self, events: list[dict]) -> list[dict]:
+        """The tracked flows of these connections (by client port): what sent them where."""
+        ports = {e.get("sport") for e in events}
+        rows = xdplb(self.lab, "flows", "--json", "--vip", "web", check=False).stdout
+        return [f for line in rows.splitlines() if (f := json.loads(line))["client_port"] in ports]
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -98,11 +110,15 @@ def world(tmp_path_factory):
             w.agent.stop()
 
 
-def assert_new_ok(events: list[dict], never: tuple[str, ...] = ()) -> None:
+def assert_new_ok(events: list[dict], never: tuple[str, ...] = (),
+                  world: World | None = None) -> None:
     """New connections: none to a backend in ``never``; errors (e.g. a connect timeout on
     this loaded 2-core machine) at most 2% of them, and shown when there are more."""
     assert events, "no new connections in the window"
     bad = [e for e in events if e["backend"] in never]
+    if bad and world:  # what sent them there: shown with the failure
+        print("flows:", *world.flows_of(bad[:5]), "agent log:", world.agent.log_text()[-4000:],
+              sep="\n")
     assert not bad, bad[:5]
     errors = [e for e in events if not e["backend"]]
     assert len(errors) <= max(1, len(events) // 50), errors[:5]
@@ -180,6 +196,8 @@ def test_program_replaced_by_newer_build(world):
 def test_drain_keeps_connections_and_takes_no_new_ones(world):
     on_be1 = [i for i, b in world.streams().items() if b == "be1"]
     assert on_be1
+    # A client port (outside the ephemeral range) whose connections land on be1.
+    reused = next(p for p in range(20000, 20060) if world.fetch_from(p) == "be1")
     t_before = time.time()
     for vip in ("web", "stream"):
         assert "drained" in xdplb(world.lab, "drain", vip, BE["be1"]).stdout
@@ -188,7 +206,10 @@ def test_drain_keeps_connections_and_takes_no_new_ones(world):
     assert world.breaks(t_before) == []
     beating = {e["id"] for e in world.events(t1 - 1.5, "beat")}
     assert set(on_be1) <= beating  # drained backend's streams still move data
-    assert_new_ok(world.new(t0), never=("be1",))
+    # A new connection on a finished flow's 5-tuple (the client reused its port) is a new
+    # flow: balanced anew, not sent to the drained backend by the old entry.
+    assert world.fetch_from(reused) != "be1", world.flows_of([{"sport": reused}])
+    assert_new_ok(world.new(t0), never=("be1",), world=world)
     st = status(world.lab)["groups"][0]
     w = {(v["port"], b["address"]): b["weight"] for v in st["vips"] for b in v["backends"]}
     assert w[(80, BE["be1"])] == 0
@@ -204,7 +225,7 @@ def test_backend_stopped_and_back(world):
     world.lab.stop_backend("be2")
     detect = t0 + FALL * INTERVAL + 1.0
     settle(FALL * INTERVAL + 3)
-    assert_new_ok(world.new(detect), never=("be2",))
+    assert_new_ok(world.new(detect), never=("be2",), world=world)
     broken = {e["id"] for e in world.breaks(t0)}
     assert not broken & set(survivors)
     assert "backend stream/10.20.0.12:7000 is DOWN" in world.agent.log_text()

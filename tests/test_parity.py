@@ -164,6 +164,9 @@ def corpus() -> Iterator[Case]:
                rewritten=True)
     yield Case("TCP RST", build(CLIENT, VIP, 6, 40000, 80, flags="R"), "tx", "hit",
                rewritten=True)
+    # The connection is over (RST seen): a new SYN on its 5-tuple is a new flow.
+    yield Case("SYN reusing a finished flow's 5-tuple", syn, "tx", "rebalanced", rewritten=True)
+    yield Case("SYN retransmitted (half-open flow stays)", syn, "tx", "hit", rewritten=True)
     yield Case("stray reply (untracked port)", build("10.20.0.12", CLIENT, 6, 8080, 40001),
                "pass_not_vip")
     yield Case("UDP with checksum", build(CLIENT, VIP, 17, 5353, 53, payload=b"query"), "tx",
@@ -287,6 +290,34 @@ def test_rebalance_after_backend_removed(fresh):
     effects = [run_both(a, b, build(CLIENT, VIP, 6, s, 80, flags="A"), 0).effect
                for s in sports]
     assert "rebalanced" in effects and "hit" in effects
+
+
+def test_reused_tuple_after_drain_is_balanced_anew(fresh):
+    """A SYN on the 5-tuple of a flow whose connection is over (FIN or RST seen) is balanced
+    anew, so a drained backend gets none; unfinished flows stay on it. Same in both."""
+    a, b = fresh
+    two = CORPUS_CONFIG.replace("[{address: 10.20.0.12, port: 8080}]",
+                                "[{address: 10.20.0.12, port: 8080}, {address: 10.20.0.11}]")
+    for e in (a, b):
+        e.configure(config(two))
+    on = {s: run_both(a, b, build(CLIENT, VIP, 6, s, 80, flags="S"), 0).backend
+          for s in range(30000, 30060)}
+    drained = "10.20.0.11:80"
+    mine = [s for s, be in on.items() if be == drained]
+    assert len(mine) >= 6, on
+    fin, rst, open_ = mine[0::3], mine[1::3], mine[2::3]
+    for s, flags in [(s, "FA") for s in fin] + [(s, "R") for s in rst]:
+        run_both(a, b, build(CLIENT, VIP, 6, s, 80, flags=flags), 0)
+    for e in (a, b):
+        e.configure(config(two.replace("{address: 10.20.0.11}",
+                                       "{address: 10.20.0.11, weight: 0}")))
+    for s in fin + rst:
+        r = run_both(a, b, build(CLIENT, VIP, 6, s, 80, flags="S"), 0)
+        assert (r.effect, r.backend) == ("rebalanced", "10.20.0.12:8080"), s
+    for s in open_:  # a half-open flow's retransmitted SYN; then established, even a SYN
+        for flags in ("S", "A", "S"):
+            r = run_both(a, b, build(CLIENT, VIP, 6, s, 80, flags=flags), 0)
+            assert (r.effect, r.backend) == ("hit", drained), (s, flags)
 
 
 # --- hypothesis -------------------------------------------------------------------------------

@@ -91,6 +91,14 @@ def _stat_add(s: Stat | None, length: int, flows: int) -> None:
         s.flows += flows
 
 
+def _reopens(f: Flow, buf: bytearray, tcp: int) -> bool:
+    """xl_reopens: a pure SYN on a flow whose connection is over (FIN or RST seen) opens a
+    new connection on a reused 5-tuple; it is balanced anew (a retransmitted SYN of a
+    half-open flow stays put)."""
+    return f.tcp_state >= TcpState.FIN and tcp >= 0 \
+        and buf[tcp + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN
+
+
 def _tcp_track(f: Flow, buf: bytearray, tcp: int, reply: bool) -> None:
     """xl_tcp_track: coarse TCP state, enough to tell half-open, established and closing."""
     if tcp < 0:
@@ -199,7 +207,7 @@ class PyDatapath:
                 f = self.flows.ref(fk)
                 if f is not None:
                     be = self.backends.ref(key_bytes(f.backend_id))
-                    if _serves(be, daddr, dport, p.proto):
+                    if _serves(be, daddr, dport, p.proto) and not _reopens(f, buf, p.tcp):
                         return self._established(buf, p, f, be, ingress)
                 vip = self.vips.ref(daddr + ADDR_PAD + dport + bytes((p.proto,)) + _FAMILY)
                 if vip is not None:

@@ -497,6 +497,23 @@ class Lab:
             ns, sys.executable, "-c", code, input=payload, text=False, timeout=timeout + 10
         ).stdout
 
+    def http_get(self, ns: str, addr: str, port: int = 80, sport: int = 0,
+                 timeout: float = 5) -> str:
+        """Body of an HTTP/1.0 ``GET /`` from ns, from source port ``sport`` if given. It reads
+        until the server closes, so the server closes first and the client's port is free
+        again at once (no TIME_WAIT on this side): the next call may reuse the 5-tuple."""
+        code = (
+            "import socket,sys\n"
+            f"s=socket.socket(); s.settimeout({float(timeout)})\n"
+            "s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+            f"s.bind(('0.0.0.0',{int(sport)}))\n"
+            f"s.connect(('{ipaddress.IPv4Address(addr)}',{int(port)}))\n"
+            "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); out=b''\n"
+            "while c:=s.recv(4096): out+=c\n"
+            "sys.stdout.write(out.decode(errors='replace'))\n"
+        )
+        return self.run(ns, sys.executable, "-c", code, timeout=timeout + 10).stdout
+
     # -- lifecycle -------------------------------------------------------------------------
 
     def __enter__(self) -> Lab:

@@ -8,7 +8,7 @@
 - ``--rate R`` new HTTP connections per second to VIP:``--http-port``, each recording which
   backend answered (or the error).
 
-Everything is appended as JSON lines to ``--log``: {"ev": "new", "t", "backend"|"error"},
+Everything is appended as JSON lines to ``--log``: {"ev": "new", "t", "sport", "backend"|"error"},
 {"ev": "stream", "id", "backend"} at connect, {"ev": "break", "t", "id", "backend", "error"},
 and {"ev": "beat", "t", "id", "backend", "bytes"} every second. Stops after ``--duration``
 seconds (bounded) or on SIGTERM, then writes {"ev": "end", "streams": {...}}.
@@ -84,13 +84,15 @@ def new_connections(a: argparse.Namespace, stop: threading.Event, fh) -> None:
         start = time.time()
         try:
             with socket.create_connection((a.vip, a.http_port), timeout=2) as s:
+                sport = s.getsockname()[1]
                 s.sendall(req)
                 data = b""
                 while chunk := s.recv(4096):
                     data += chunk
             body = data.decode(errors="replace")
             name = body.split("backend=", 1)[1].split()[0] if "backend=" in body else None
-            emit(fh, ev="new", t=start, backend=name, **({} if name else {"error": body[:80]}))
+            emit(fh, ev="new", t=start, sport=sport, backend=name,
+                 **({} if name else {"error": body[:80]}))
         except OSError as e:
             emit(fh, ev="new", t=start, backend=None, error=str(e))
         stop.wait(max(0.0, 1.0 / a.rate - (time.time() - start)))
