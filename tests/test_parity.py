@@ -293,8 +293,10 @@ def test_rebalance_after_backend_removed(fresh):
 
 
 def test_reused_tuple_after_drain_is_balanced_anew(fresh):
-    """A SYN on the 5-tuple of a flow whose connection is over (FIN or RST seen) is balanced
-    anew, so a drained backend gets none; unfinished flows stay on it. Same in both."""
+    """A pure SYN on a tracked 5-tuple opens a new connection (the client reused its port):
+    it is balanced anew, so a drained backend gets none, whether the old connection was seen
+    to end (FIN, RST) or not (established). A half-open flow's retransmitted SYN, and every
+    other packet, stays on its backend. Same in both engines."""
     a, b = fresh
     two = CORPUS_CONFIG.replace("[{address: 10.20.0.12, port: 8080}]",
                                 "[{address: 10.20.0.12, port: 8080}, {address: 10.20.0.11}]")
@@ -302,22 +304,26 @@ def test_reused_tuple_after_drain_is_balanced_anew(fresh):
         e.configure(config(two))
     on = {s: run_both(a, b, build(CLIENT, VIP, 6, s, 80, flags="S"), 0).backend
           for s in range(30000, 30060)}
-    drained = "10.20.0.11:80"
+    drained, other = "10.20.0.11:80", "10.20.0.12:8080"
     mine = [s for s, be in on.items() if be == drained]
     assert len(mine) >= 6, on
-    fin, rst, open_ = mine[0::3], mine[1::3], mine[2::3]
-    for s, flags in [(s, "FA") for s in fin] + [(s, "R") for s in rst]:
-        run_both(a, b, build(CLIENT, VIP, 6, s, 80, flags=flags), 0)
+    ends = {s: ("FA", "R", "A")[i % 3] for i, s in enumerate(mine)}  # last packet of each
+
+    def send(s: int, flags: str) -> tuple[str, str | None]:
+        r = run_both(a, b, build(CLIENT, VIP, 6, s, 80, flags=flags), 0)
+        return r.effect, r.backend
+
+    for s, last in ends.items():
+        assert send(s, "S") == ("hit", drained), s  # retransmitted SYN of a half-open flow
+        assert send(s, "A") == ("hit", drained), s  # established
+        assert send(s, last) == ("hit", drained), s
     for e in (a, b):
         e.configure(config(two.replace("{address: 10.20.0.11}",
                                        "{address: 10.20.0.11, weight: 0}")))
-    for s in fin + rst:
-        r = run_both(a, b, build(CLIENT, VIP, 6, s, 80, flags="S"), 0)
-        assert (r.effect, r.backend) == ("rebalanced", "10.20.0.12:8080"), s
-    for s in open_:  # a half-open flow's retransmitted SYN; then established, even a SYN
-        for flags in ("S", "A", "S"):
-            r = run_both(a, b, build(CLIENT, VIP, 6, s, 80, flags=flags), 0)
-            assert (r.effect, r.backend) == ("hit", drained), (s, flags)
+    for s, last in ends.items():
+        assert send(s, last) == ("hit", drained), s  # the old connection's packets stay
+        assert send(s, "S") == ("rebalanced", other), (s, last)  # a new one does not
+        assert send(s, "S") == ("hit", other), s
 
 
 # --- hypothesis -------------------------------------------------------------------------------

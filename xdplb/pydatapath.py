@@ -92,11 +92,10 @@ def _stat_add(s: Stat | None, length: int, flows: int) -> None:
 
 
 def _reopens(f: Flow, buf: bytearray, tcp: int) -> bool:
-    """xl_reopens: a pure SYN on a flow whose connection is over (FIN or RST seen) opens a
-    new connection on a reused 5-tuple; it is balanced anew (a retransmitted SYN of a
-    half-open flow stays put)."""
-    return f.tcp_state >= TcpState.FIN and tcp >= 0 \
-        and buf[tcp + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN
+    """xl_reopens: a pure SYN opens a new connection on a reused 5-tuple (the entry's is
+    over): balanced anew, except on a half-open flow (a retransmitted SYN stays put)."""
+    return tcp >= 0 and buf[tcp + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN \
+        and f.tcp_state != TcpState.SYN_SEEN
 
 
 def _tcp_track(f: Flow, buf: bytearray, tcp: int, reply: bool) -> None:
