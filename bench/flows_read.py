@@ -150,8 +150,7 @@ def main() -> int:
 def run(n: int, run_dir: Path) -> int:
     from xdplb import bulk, pins, runstate
     from xdplb.config import parse_config
-    from xdplb.flowtable import monotonic_ns
-    from xdplb.layout import Flow, FlowKey
+    from xdplb.layout import Flow, FlowKey, coarse_ns
     from xdplb.maps import KernelMaps
     from xdplb.program import compile_program
     from xdplb.state import desired_state
@@ -173,7 +172,7 @@ def run(n: int, run_dir: Path) -> int:
                                                          "config": str(pool)})
         ks, vs = ctypes.sizeof(FlowKey), ctypes.sizeof(Flow)
         web = next(v for v in state.vips if v.name == "web")
-        keys, values = synthetic_flows(n, [b.backend_id for b in web.backends], monotonic_ns())
+        keys, values = synthetic_flows(n, [b.backend_id for b in web.backends], coarse_ns())
         fill(maps.fds["flows"], keys, values, ks, vs)
         print(f"setup: compiled, pinned in {group.path}, {n} flows written "
               f"({time.perf_counter() - t0:.1f}s)")

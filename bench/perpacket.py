@@ -193,8 +193,9 @@ def measure(lab: Lab, repeat: int, runs: int) -> dict:
                 track()
             meta = engine.maps.lookup("meta", 0)
             if c.next_hop_cache_ms is not None:
-                engine.maps.update("meta", 0, Meta(meta.seed, meta.ring_size, meta.layout,
-                                                   c.next_hop_cache_ms * 1_000_000))
+                changed = Meta.from_buffer_copy(meta)
+                changed.next_hop_ttl_ns = c.next_hop_cache_ms * 1_000_000
+                engine.maps.update("meta", 0, changed)
             try:
                 before = read_counters(engine.maps)
                 res = (harness.run(c.target_fd, c.data, repeat, c.new_flow) if c.harness else

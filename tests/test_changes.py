@@ -24,6 +24,7 @@ pytestmark = pytest.mark.root
 
 INTERVAL, FALL, RISE = 0.5, 2, 2
 VIP = "10.200.0.10"
+UDP_IDLE = 4.0  # flows.udp_idle_timeout, seconds
 HC_HTTP = (f"{{type: http, path: /healthz, interval: {int(INTERVAL * 1000)}ms, "
            f"timeout: 400ms, rise: {RISE}, fall: {FALL}}}")
 HC_TCP = (f"{{type: tcp, interval: {int(INTERVAL * 1000)}ms, timeout: 400ms, "
@@ -38,7 +39,10 @@ def pool(backends: list[str], weights: dict[str, int] | None = None) -> str:
             f"  - name: web\n    address: {VIP}\n    port: 80\n    protocol: tcp\n"
             f"    health_check: {HC_HTTP}\n    backends:\n{bes}"
             f"  - name: stream\n    address: {VIP}\n    port: 7000\n    protocol: tcp\n"
-            f"    health_check: {HC_TCP}\n    backends:\n{bes}")
+            f"    health_check: {HC_TCP}\n    backends:\n{bes}"
+            f"  - name: echo\n    address: {VIP}\n    port: 5000\n    protocol: udp\n"
+            f"    backends:\n{bes}"
+            f"flows:\n  udp_idle_timeout: {UDP_IDLE:g}s\n")
 
 
 BE = {"be1": "10.20.0.11", "be2": "10.20.0.12", "be3": "10.20.0.13"}
@@ -84,6 +88,11 @@ class World:
         """The backend answering an HTTP GET to the VIP from client port ``sport``."""
         body = self.lab.http_get(self.lab.client_ns, VIP, sport=sport)
         return body.split("backend=", 1)[1].split()[0]
+
+    def udp_from(self, sport: int) -> str:
+        """The backend answering a UDP datagram to the VIP from client port ``sport``."""
+        reply = self.lab.udp_request(self.lab.client_ns, VIP, 5000, b"ping", sport=sport)
+        return reply.decode().split()[0]
 
     def flows_of(self, events: list[dict]) -> list[dict]:
         """The tracked flows of these connections (by client port): what sent them where."""
@@ -134,9 +143,9 @@ def test_add_backend_by_reload(world):
     t0 = time.time()
     r = xdplb(world.lab, "reload")
     assert "reloaded" in r.stdout
-    # Only the slots the new backend takes were written: about 1/3 of each VIP's ring.
+    # Only the slots the new backend takes were written: about 1/3 of each of the 3 rings.
     m = re.findall(r"reload: maps updated .*?(\d+) Maglev slots written", world.agent.log_text())
-    assert m and 0 < int(m[-1]) <= 2 * (65537 // 3 + 656), m
+    assert m and 0 < int(m[-1]) <= 3 * (65537 // 3 + 656), m
     settle(3)
     assert world.breaks(t0) == []
     fresh = world.new(t0 + 0.5)
@@ -196,11 +205,15 @@ def test_program_replaced_by_newer_build(world):
 def test_drain_keeps_connections_and_takes_no_new_ones(world):
     on_be1 = [i for i, b in world.streams().items() if b == "be1"]
     assert on_be1
-    # A client port (outside the ephemeral range) whose connections land on be1.
+    # Client ports (outside the ephemeral range) whose TCP connections / UDP flow land on be1.
     reused = next(p for p in range(20000, 20060) if world.fetch_from(p) == "be1")
+    udp_port = next(p for p in range(21000, 21060) if world.udp_from(p) == "be1")
     t_before = time.time()
-    for vip in ("web", "stream"):
+    for vip in ("web", "stream", "echo"):
         assert "drained" in xdplb(world.lab, "drain", vip, BE["be1"]).stdout
+    assert time.time() - t_before < UDP_IDLE - 0.5, "the drains took too long to test UDP"
+    assert world.udp_from(udp_port) == "be1"  # an active UDP flow stays through the drain
+    udp_last = time.time()
     t0 = time.time()  # the drain is applied when the command returns
     t1 = settle(3)
     assert world.breaks(t_before) == []
@@ -210,10 +223,13 @@ def test_drain_keeps_connections_and_takes_no_new_ones(world):
     # flow: balanced anew, not sent to the drained backend by the old entry.
     assert world.fetch_from(reused) != "be1", world.flows_of([{"sport": reused}])
     assert_new_ok(world.new(t0), never=("be1",), world=world)
+    # Idle past flows.udp_idle_timeout, the UDP flow is over: the next datagram is a new flow.
+    time.sleep(max(0.0, udp_last + UDP_IDLE + 0.5 - time.time()))
+    assert world.udp_from(udp_port) != "be1"
     st = status(world.lab)["groups"][0]
     w = {(v["port"], b["address"]): b["weight"] for v in st["vips"] for b in v["backends"]}
     assert w[(80, BE["be1"])] == 0
-    for vip in ("web", "stream"):
+    for vip in ("web", "stream", "echo"):
         xdplb(world.lab, "undrain", vip, BE["be1"])
     settle(2)
     assert "be1" in {e["backend"] for e in world.new(time.time() - 1.5)}

@@ -47,6 +47,7 @@ maglev:
 flows:
   max_entries: 1000000        # flow table size, default 1000000
   next_hop_cache_ms: 100      # how long a flow reuses its FIB lookup, default 100 (0: never)
+  udp_idle_timeout: 60s       # a UDP flow idle this long is over, default 60s (0: never)
 """
 
 # A valid VIP whose lines the error tests below count from: line 1 is "vips:".
@@ -98,6 +99,19 @@ def test_example_parses_with_documented_defaults(tmp_path: Path) -> None:
     assert (hc.interval, hc.timeout, hc.rise, hc.fall) == (2.0, 1.0, 2, 3)
     assert (cfg.maglev.table_size, cfg.maglev.seed) == (65537, 0)
     assert (cfg.flows.max_entries, cfg.flows.next_hop_cache_ms) == (1_000_000, 100)
+    assert cfg.flows.udp_idle_timeout == 60.0
+
+
+def test_udp_idle_timeout(tmp_path: Path) -> None:
+    """A duration, or 0 for never; anything else names the field."""
+    for text, want in (("0", 0.0), ("'0'", 0.0), ("500ms", 0.5), ("2m", 120.0), ("90", 90.0)):
+        flows = parse_config(MINIMAL + f"flows: {{udp_idle_timeout: {text}}}\n").flows
+        assert flows.udp_idle_timeout == want, text
+    assert parse_config(MINIMAL).flows.udp_idle_timeout == 60.0
+    for bad, fragment in (("-1", "out of range (0 or 1ms-1h)"), ("2h", "not a valid duration"),
+                          ("false", "got a boolean"), ("0.0001", "out of range")):
+        assert_error(errors(tmp_path, MINIMAL + f"flows:\n  udp_idle_timeout: {bad}\n"),
+                     9, "flows.udp_idle_timeout", fragment)
 
 
 def test_next_hop_cache_bounds(tmp_path: Path) -> None:

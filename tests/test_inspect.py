@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from collections import Counter
 
 import pytest
@@ -50,7 +51,9 @@ maglev:
   table_size: 65537
 flows:
   max_entries: 100000
+  udp_idle_timeout: 2s
 """
+UDP_IDLE = 2.0
 ETH_IP_UDP = 14 + 20 + 8  # what a UDP frame adds to its payload (the data path counts frames)
 
 
@@ -184,12 +187,27 @@ def test_trace_agrees_with_real_packets(running):
     assert f"addr={t['backend']['address']} " in body, (t, body)
 
     # Human output explains the slot; a reply is recognised as one.
+    lab.udp_request(lab.client_ns, VIP, 5000, b"x", sport=43000)  # active: within the timeout
     text = xdplb(lab, "trace", "udp", f"{lab.client_addr}:43000", f"{VIP}:5000").stdout
     assert "tracked flow to backend" in text and "agree: yes" in text
     (row,) = flows(lab, "--client", f"{lab.client_addr}:44001")
     r = json.loads(xdplb(lab, "trace", "tcp", f"{row['backend']}:{row['backend_port']}",
                          f"{lab.client_addr}:44001", "--json").stdout)
     assert r["decision"] == "reply" and r["out"] == f"{VIP}:80" and r["agree"], r
+
+
+def test_trace_of_an_idle_udp_flow(running):
+    """A UDP flow idle past flows.udp_idle_timeout: its next datagram is a new flow, and
+    trace (program and models alike) says so."""
+    lab, _ = running
+    lab.udp_request(lab.client_ns, VIP, 5000, b"x", sport=43100)
+    time.sleep(UDP_IDLE + 0.5)
+    t = json.loads(xdplb(lab, "trace", "udp", f"{lab.client_addr}:43100", f"{VIP}:5000",
+                         "--json").stdout)
+    assert t["decision"] == "rebalanced" and t["agree"], t
+    assert t["tracked_flow"]["udp_idle_over"] and t["tracked_flow"]["idle_s"] >= UDP_IDLE
+    text = xdplb(lab, "trace", "udp", f"{lab.client_addr}:43100", f"{VIP}:5000").stdout
+    assert "over flows.udp_idle_timeout: a new flow" in text and "agree: yes" in text
 
 
 def test_filters_return_only_matching_rows(running):

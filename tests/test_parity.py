@@ -326,6 +326,46 @@ def test_reused_tuple_after_drain_is_balanced_anew(fresh):
         assert send(s, "S") == ("hit", other), s
 
 
+def test_udp_flow_idle_past_the_timeout_is_a_new_flow(fresh):
+    """A UDP flow idle for flows.udp_idle_timeout is over: the client's next datagram is
+    balanced anew (a drained backend gets no more); before that, and with 0, it stays."""
+    a, b = fresh
+    dns = ("[{address: 10.20.0.11}]", "[{address: 10.20.0.11}, {address: 10.20.0.12}]")
+    two = CORPUS_CONFIG.replace(*dns)
+    drained, other = "10.20.0.11:53", "10.20.0.12:53"
+
+    def configure(idle: str, weight: int = 1) -> None:
+        text = two.replace("{address: 10.20.0.11}", f"{{address: 10.20.0.11, weight: {weight}}}")
+        text = text.replace("max_entries: 4096", f"max_entries: 4096, udp_idle_timeout: {idle}")
+        for e in (a, b):
+            e.configure(config(text))
+
+    def send(s: int) -> tuple[str, str | None]:
+        r = run_both(a, b, build(CLIENT, VIP, 17, s, 53, payload=b"q"), 0)
+        return r.effect, r.backend
+
+    configure("200ms")
+    mine = [s for s in range(31000, 31040) if send(s)[1] == drained]
+    assert len(mine) >= 4
+    keep, expire = mine[: len(mine) // 2], mine[len(mine) // 2 :]
+    configure("200ms", weight=0)  # drained: its flows continue while they are active
+    for s in mine:
+        assert send(s) == ("hit", drained), s
+    time.sleep(0.1)
+    for s in keep:  # active again within the timeout
+        assert send(s) == ("hit", drained), s
+    time.sleep(0.15)
+    for s in keep:
+        assert send(s) == ("hit", drained), s
+    for s in expire:  # idle 250 ms > 200 ms: a new flow, elsewhere
+        assert send(s) == ("rebalanced", other), s
+        assert send(s) == ("hit", other), s
+    configure("0", weight=0)  # 0: never
+    time.sleep(0.3)
+    for s in keep:
+        assert send(s) == ("hit", drained), s
+
+
 # --- hypothesis -------------------------------------------------------------------------------
 
 SETTINGS = settings(max_examples=300, deadline=None, derandomize=True,

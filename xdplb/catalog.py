@@ -66,6 +66,7 @@ class Catalog:
     backends: dict[int, BackendRef]  # valid slots of the backends array only
     seed: int
     ring_size: int
+    udp_idle_ns: int = 0  # meta.udp_idle_ns: a UDP flow idle this long is over (0: never)
 
     @classmethod
     def read(cls, maps: KernelMaps, group: pins.PinGroup | None = None) -> Catalog:
@@ -81,7 +82,7 @@ class Catalog:
                 backends[bid] = BackendRef(bid, be.vip_id, ipv4_of(be.addr), from_be16(be.port),
                                            be.weight, bool(be.flags & BackendFlag.DOWN))
         meta = maps.lookup("meta", 0)
-        return cls(vips, backends, meta.seed, meta.ring_size)
+        return cls(vips, backends, meta.seed, meta.ring_size, meta.udp_idle_ns)
 
     @property
     def named(self) -> bool:

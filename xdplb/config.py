@@ -216,9 +216,11 @@ def _format_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def _parse_duration(value: Any) -> float:
+def _parse_duration(value: Any, zero_ok: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         _fail(f"expected a duration such as '2s' or '500ms', got {_describe(value)}")
+    if zero_ok and value in (0, "0"):
+        return 0.0
     if isinstance(value, str):
         match = _DURATION_RE.fullmatch(value.strip())
         if not match:
@@ -230,11 +232,14 @@ def _parse_duration(value: Any) -> float:
     else:
         seconds = float(value)
     if not (math.isfinite(seconds) and DURATION_MIN <= seconds <= DURATION_MAX):
-        _fail(f"{value} is out of range (1ms-1h)")
+        _fail(f"{value} is out of range ({'0 or ' if zero_ok else ''}1ms-1h)")
     return seconds
 
 
 Duration = Annotated[float, BeforeValidator(_parse_duration)]
+
+# A duration, or 0 for "never".
+OptionalDuration = Annotated[float, BeforeValidator(lambda v: _parse_duration(v, zero_ok=True))]
 
 
 def _int_as_list(value: Any) -> Any:
@@ -389,6 +394,9 @@ class Flows(_Model):
     # How long a flow reuses its bpf_fib_lookup result (next-hop MACs and egress) before it
     # looks again; 0 looks up every packet. Neighbour and route changes reach a flow within it.
     next_hop_cache_ms: CacheMs = 100
+    # UDP has no end of connection: a flow idle this long is over, and the client's next
+    # datagram is a new flow (balanced anew: a drained backend gets no more). 0: never.
+    udp_idle_timeout: OptionalDuration = 60.0
 
 
 class Config(_Model):

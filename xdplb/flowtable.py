@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from xdplb import bulk
 from xdplb.catalog import Catalog
-from xdplb.layout import Flow, FlowKey, TcpState
+from xdplb.layout import Flow, FlowKey, TcpState, coarse_ns
 from xdplb.maps import KernelMaps
 from xdplb.state import PROTOCOLS
 
@@ -34,10 +33,6 @@ ACTIVE_IDLE_S = 60.0
 SORT_KEYS = ("bytes", "packets", "rate", "age", "idle", "client")
 
 
-def monotonic_ns() -> int:
-    """The data path stamps flows with CLOCK_MONOTONIC (coarse): the same clock."""
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-
 
 @dataclass(frozen=True)
 class FlowTable:
@@ -50,7 +45,7 @@ class FlowTable:
     def read(cls, maps: KernelMaps, batch: int = bulk.BATCH) -> FlowTable:
         keys, flows = bulk.read_map(maps.fds["flows"], RAW_KEY, FLOW_DTYPE, batch)
         # Read the clock after the map: the coarse stamps then never lie in the future.
-        return cls(keys, flows, monotonic_ns(), maps.max_entries("flows"))
+        return cls(keys, flows, coarse_ns(), maps.max_entries("flows"))
 
     @property
     def keys(self) -> np.ndarray:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import hashlib
+import time
 from dataclasses import dataclass
 
 ADDR_LEN = 16
@@ -148,6 +149,14 @@ class Flow(_Struct):
 # with it the cache's content and the FIB_LOOKUP count (never the frame that leaves: the
 # cache only holds what a lookup would return while routes and neighbours stay put).
 CLOCK_FIELDS = ("first_ns", "last_ns", "fwd_nh", "rev_nh")
+CLOCK_MONOTONIC_COARSE = 6  # what bpf_ktime_get_coarse_ns reads; `time` has no name for it
+
+
+def coarse_ns() -> int:
+    """The clock the data path stamps flows with (bpf_ktime_get_coarse_ns)."""
+    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
+
+
 CLOCK_COUNTERS = frozenset({"fib_lookup"})
 
 
@@ -226,6 +235,7 @@ class Meta(_Struct):
         ("ring_size", U32),
         ("layout", U64),  # layout_version() as an int: readers check it
         ("next_hop_ttl_ns", U64),  # how long a flow's cached next hop is used; 0: never
+        ("udp_idle_ns", U64),  # a UDP flow idle this long is over (a new flow next); 0: never
     ]
 
 

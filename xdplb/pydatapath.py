@@ -10,7 +10,6 @@ must be made to the other.
 
 from __future__ import annotations
 
-import time
 from typing import NamedTuple
 
 from xdplb import csum
@@ -31,6 +30,7 @@ from xdplb.layout import (
     RevNat,
     Stat,
     TcpState,
+    coarse_ns,
 )
 from xdplb.parse import (
     ADDR_PAD,
@@ -50,16 +50,11 @@ XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = 0, 1, 2, 3, 4
 ACTIONS = {XDP_ABORTED: "aborted", XDP_DROP: "drop", XDP_PASS: "pass", XDP_TX: "tx",
            XDP_REDIRECT: "redirect"}
 
-CLOCK_MONOTONIC_COARSE = 6  # what bpf_ktime_get_coarse_ns reads; `time` has no name for it
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 _VALID, _DOWN = int(BackendFlag.VALID), int(BackendFlag.DOWN)
 _ZERO = key_bytes(0)
 _COUNTER_KEYS = [key_bytes(c) for c in range(int(Counter.MAX))]
 _FAMILY = bytes((FAMILY_IPV4,))
-
-
-def coarse_ns() -> int:
-    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
 
 
 class Outcome(NamedTuple):
@@ -89,13 +84,6 @@ def _stat_add(s: Stat | None, length: int, flows: int) -> None:
         s.packets += 1
         s.bytes += length
         s.flows += flows
-
-
-def _reopens(f: Flow, buf: bytearray, tcp: int) -> bool:
-    """xl_reopens: a pure SYN opens a new connection on a reused 5-tuple (the entry's is
-    over): balanced anew, except on a half-open flow (a retransmitted SYN stays put)."""
-    return tcp >= 0 and buf[tcp + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN \
-        and f.tcp_state != TcpState.SYN_SEEN
 
 
 def _tcp_track(f: Flow, buf: bytearray, tcp: int, reply: bool) -> None:
@@ -206,8 +194,9 @@ class PyDatapath:
                 f = self.flows.ref(fk)
                 if f is not None:
                     be = self.backends.ref(key_bytes(f.backend_id))
-                    if _serves(be, daddr, dport, p.proto) and not _reopens(f, buf, p.tcp):
-                        return self._established(buf, p, f, be, ingress)
+                    now = self.clock()
+                    if _serves(be, daddr, dport, p.proto) and not self._reopens(f, buf, p, now):
+                        return self._established(buf, p, f, be, ingress, now)
                 vip = self.vips.ref(daddr + ADDR_PAD + dport + bytes((p.proto,)) + _FAMILY)
                 if vip is not None:
                     return self._new_flow(buf, p, fk, vip.vip_id, ingress)
@@ -231,15 +220,24 @@ class PyDatapath:
         self._count(Counter.PASS_NOT_VIP)
         return XDP_PASS, 0
 
-    def _established(self, buf: bytearray, p: Pkt, f: Flow, be: Backend, ingress: int
-                     ) -> tuple[int, int]:
+    def _reopens(self, f: Flow, buf: bytearray, p: Pkt, now: int) -> bool:
+        """xl_reopens: is the entry's connection over, the packet a new flow? TCP: a pure SYN
+        (a reused 5-tuple), except on a half-open flow (a retransmission). UDP: the flow has
+        been idle for meta.udp_idle_ns (0: never)."""
+        if p.tcp >= 0:
+            return buf[p.tcp + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN \
+                and f.tcp_state != TcpState.SYN_SEEN
+        idle = self.meta.ref(_ZERO).udp_idle_ns
+        return bool(idle) and now - f.last_ns >= idle
+
+    def _established(self, buf: bytearray, p: Pkt, f: Flow, be: Backend, ingress: int,
+                     now: int) -> tuple[int, int]:
         """Client -> VIP of a tracked flow whose backend still serves it."""
         if buf[p.ip + 8] <= 1:
             self._count(Counter.DROP_TTL)
             return XDP_DROP, 0
         self._count(Counter.FLOW_HIT)
-        return self._to_backend(buf, p, f, be, f.backend_id, f.vip_id, self.clock(), 0,
-                                ingress)
+        return self._to_backend(buf, p, f, be, f.backend_id, f.vip_id, now, 0, ingress)
 
     def _new_flow(self, buf: bytearray, p: Pkt, fk: bytes, vip_id: int, ingress: int
                   ) -> tuple[int, int]:

@@ -99,7 +99,10 @@ def render_trace(t: dict[str, Any]) -> str:
     elif d in ("new", "rebalanced") and m:
         why = (f"hash {m['hash']:#010x} (seed {m['seed']}) % {m['ring_size']} = slot "
                f"{m['slot']}, owned by {be}")
-        if d == "rebalanced":
+        if d == "rebalanced" and f.get("udp_idle_over"):
+            why = (f"tracked flow idle {fmt_seconds(f['idle_s'])}, over "
+                   f"flows.udp_idle_timeout: a new flow: {why}")
+        elif d == "rebalanced":
             why = (f"tracked flow's backend {f['backend'] or f['backend_id']} is down or gone: "
                    f"re-picked: {why}")
         else:

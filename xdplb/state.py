@@ -59,6 +59,7 @@ class DesiredState:
     ring_size: int
     seed: int
     next_hop_ttl_ns: int = 0
+    udp_idle_ns: int = 0
 
     def backend_ids(self) -> set[int]:
         return {b.backend_id for v in self.vips for b in v.backends}
@@ -133,7 +134,8 @@ def desired_state(
         ids = np.array([b.backend_id for b in bes] + [NO_BACKEND], dtype=np.uint32)
         ring = ids[np.where(table < 0, len(bes), table)]
         vips.append(DesiredVip(vid, v.name, vk[0], vk[1], vk[2], tuple(bes), ring))
-    return DesiredState(tuple(vips), M, seed, cfg.flows.next_hop_cache_ms * 1_000_000)
+    return DesiredState(tuple(vips), M, seed, cfg.flows.next_hop_cache_ms * 1_000_000,
+                        round(cfg.flows.udp_idle_timeout * 1e9))
 
 
 def packed_ipv4(address: str) -> bytes:

@@ -85,7 +85,7 @@ class MapSync:
         m = self.maps
         M = desired.ring_size
         m.update("meta", 0, Meta(desired.seed, M, int(layout_version(), 16),
-                                 desired.next_hop_ttl_ns))
+                                 desired.next_hop_ttl_ns, desired.udp_idle_ns))
 
         # 1. removed VIPs go first: their id may be reused by a VIP added below
         wanted = {v.key: v for v in desired.vips}

@@ -18,7 +18,7 @@ from typing import Any
 
 from xdplb import bpfsys, xdp_link
 from xdplb.catalog import Catalog, read_rings, split_endpoint
-from xdplb.flowtable import STATE_NAMES, monotonic_ns
+from xdplb.flowtable import STATE_NAMES
 from xdplb.hashing import flow_hash
 from xdplb.layout import (
     FAMILY_IPV4,
@@ -29,6 +29,7 @@ from xdplb.layout import (
     FlowKey,
     RevNat,
     addr4,
+    coarse_ns,
 )
 from xdplb.maps import KernelMaps, read_counters
 from xdplb.program import compile_program
@@ -93,10 +94,26 @@ class Live:
     rev_key: FlowKey | None = None
     rev: RevNat | None = None
     reply: bool = False  # the probe is a backend's reply of a tracked flow
+    read_ns: int = 0  # when the tables were read: the trace answers as of then
+
+    def flow_as_read(self) -> Flow | None:
+        """The flow with its timestamps moved on by the time since the read, so that a data
+        path running it now (after compiling, seconds later) sees the idle time it had when
+        it was read: program and models answer for the same moment."""
+        if self.flow is None:
+            return None
+        f = Flow.from_buffer_copy(self.flow)
+        shift = coarse_ns() - self.read_ns
+        f.first_ns += shift
+        f.last_ns += shift
+        for nh in (f.fwd_nh, f.rev_nh):
+            if nh.ns:  # 0: nothing cached
+                nh.ns += shift
+        return f
 
 
 def _live_state(maps: KernelMaps, cat: Catalog, p: Probe) -> Live:
-    live = Live()
+    live = Live(read_ns=coarse_ns())
     rev = maps.lookup("rev_flows", p.key())
     if rev is not None:  # backend -> client: the reply of a tracked flow
         live.reply, live.rev_key, live.rev = True, p.key(), rev
@@ -126,7 +143,7 @@ def model(maps: KernelMaps, cat: Catalog, p: Probe, live: Live) -> dict[str, Any
     if vip is None:
         return {"decision": "not_vip", "out": _endpoint(p.dst, p.dport)}
     f = live.flow
-    if f is not None:
+    if f is not None and not _udp_idle_over(cat, p, f, live.read_ns):
         be = cat.backends.get(f.backend_id)
         if be is not None and not be.down and be.vip_id == vip.id:
             return {"decision": "tracked", "backend_id": be.id,
@@ -144,6 +161,13 @@ def model(maps: KernelMaps, cat: Catalog, p: Probe, live: Live) -> dict[str, Any
         return {"decision": "drop", "reason": "drop_no_backend", "maglev": ring}
     return {"decision": decision, "backend_id": be.id, "maglev": ring,
             "out": _endpoint(be.address, be.port or p.dport)}
+
+
+def _udp_idle_over(cat: Catalog, p: Probe, f: Flow, now: int) -> bool:
+    """Had this UDP flow been idle for flows.udp_idle_timeout at ``now`` (its next datagram
+    is a new flow)? The data path's xl_reopens for UDP."""
+    return p.proto == socket.IPPROTO_UDP and cat.udp_idle_ns > 0 \
+        and now - f.last_ns >= cat.udp_idle_ns
 
 
 def _decision(counters: dict[str, int], rebalanced: bool) -> str:
@@ -178,7 +202,7 @@ def run_bpf(r: Reader, p: Probe, live: Live) -> dict[str, Any]:
     try:
         own = KernelMaps(program.map_fds, own=False)
         if live.flow is not None:
-            own.update("flows", live.flow_key, live.flow)
+            own.update("flows", live.flow_key, live.flow_as_read())
         if live.rev is not None:
             own.update("rev_flows", live.rev_key, live.rev)
         ingress = _ingress(r, live)
@@ -224,7 +248,7 @@ def scapy_model(r: Reader, p: Probe, live: Live, ingress: str) -> dict[str, Any]
         base = vid * cat.ring_size
         um.update_many("maglev", enumerate(ring.tolist(), base))
     if live.flow is not None:
-        um.update("flows", live.flow_key, live.flow)
+        um.update("flows", live.flow_key, live.flow_as_read())
     if live.rev is not None:
         um.update("rev_flows", live.rev_key, live.rev)
     fib = Fib()
@@ -269,7 +293,7 @@ def trace(r: Reader, p: Probe) -> dict[str, Any]:
         "out": bpf["out"],
         "ingress": bpf["ingress"],
         "backend": None,
-        "tracked_flow": _flow_json(live, cat),
+        "tracked_flow": _flow_json(live, cat, p),
         "maglev": predicted.get("maglev"),
         "counters": bpf["counters"],
         "models": models,
@@ -283,11 +307,11 @@ def trace(r: Reader, p: Probe) -> dict[str, Any]:
     return out
 
 
-def _flow_json(live: Live, cat: Catalog) -> dict[str, Any] | None:
+def _flow_json(live: Live, cat: Catalog, p: Probe) -> dict[str, Any] | None:
     f = live.flow
     if f is None:
         return None
-    now = monotonic_ns()
+    now = live.read_ns  # as of the read, like the decision
     be = cat.backends.get(f.backend_id)
     return {
         "backend_id": f.backend_id,
@@ -296,6 +320,7 @@ def _flow_json(live: Live, cat: Catalog) -> dict[str, Any] | None:
         "age_s": round(max(now - f.first_ns, 0) / 1e9, 3),
         "idle_s": round(max(now - f.last_ns, 0) / 1e9, 3),
         "tcp_state": STATE_NAMES.get(f.tcp_state, str(f.tcp_state)),
+        "udp_idle_over": _udp_idle_over(cat, p, f, live.read_ns),
         "fwd_packets": f.fwd_packets, "fwd_bytes": f.fwd_bytes,
         "rev_packets": f.rev_packets, "rev_bytes": f.rev_bytes,
     }
