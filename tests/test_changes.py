@@ -210,9 +210,10 @@ def test_drain_keeps_connections_and_takes_no_new_ones(world):
     udp_port = next(p for p in range(21000, 21060) if world.udp_from(p) == "be1")
     t_before = time.time()
     for vip in ("web", "stream", "echo"):
+        t = time.time()
         assert "drained" in xdplb(world.lab, "drain", vip, BE["be1"]).stdout
-    assert time.time() - t_before < UDP_IDLE - 0.5, "the drains took too long to test UDP"
-    assert world.udp_from(udp_port) == "be1"  # an active UDP flow stays through the drain
+        # An active UDP flow (a datagram after each command) stays through the drain.
+        assert world.udp_from(udp_port) == "be1", f"{time.time() - t:.1f}s since the last one"
     udp_last = time.time()
     t0 = time.time()  # the drain is applied when the command returns
     t1 = settle(3)

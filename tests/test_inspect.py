@@ -51,9 +51,9 @@ maglev:
   table_size: 65537
 flows:
   max_entries: 100000
-  udp_idle_timeout: 2s
+  udp_idle_timeout: 4s
 """
-UDP_IDLE = 2.0
+UDP_IDLE = 4.0  # long enough for a trace to read the tables after a datagram
 ETH_IP_UDP = 14 + 20 + 8  # what a UDP frame adds to its payload (the data path counts frames)
 
 
