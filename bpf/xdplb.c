@@ -67,7 +67,8 @@ static __always_inline int xl_reopens(struct xl_flow *f, struct xl_pkt *p, __u64
         return th->syn && !th->ack && f->tcp_state != XL_TCP_SYN_SEEN;
     __u32 zero = 0;
     struct xl_meta *m = meta.lookup(&zero);
-    return m && m->udp_idle_ns && now - f->last_ns >= m->udp_idle_ns;
+    /* Signed: a stamp from the future (another CPU's clock read a moment later) is idle 0. */
+    return m && m->udp_idle_ns && (__s64)(now - f->last_ns) >= (__s64)m->udp_idle_ns;
 }
 
 /* The packet's own 5-tuple as a flow key (forward key of a client packet, reverse key of
