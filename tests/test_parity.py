@@ -34,7 +34,7 @@ from xdplb.fuzz import (
     run_fuzz,
 )
 from xdplb.hashing import addr_slot
-from xdplb.layout import ADDR_FILTER_BITS, OUTCOMES
+from xdplb.layout import ADDR_FILTER_BITS, OUTCOMES, coarse_ns
 from xdplb.pktcheck import checksum_errors, rewrite_errors, scapy_recomputed_errors
 from xdplb.testrun import (
     EFFECTS,
@@ -45,6 +45,7 @@ from xdplb.testrun import (
     RunResult,
     engine_pair,
 )
+from xdplb.trace import flow_key
 
 pytestmark = pytest.mark.root
 
@@ -360,6 +361,14 @@ def test_udp_flow_idle_past_the_timeout_is_a_new_flow(fresh):
     for s in expire:  # idle 250 ms > 200 ms: a new flow, elsewhere
         assert send(s) == ("rebalanced", other), s
         assert send(s) == ("hit", other), s
+    # A stamp from a moment later (a reply on another CPU read the clock after this packet
+    # did) is idle 0, not idle for ever.
+    key = flow_key(CLIENT, keep[0], VIP, 53, 17)
+    for e in (a, b):
+        f = e.maps.lookup("flows", key)
+        f.last_ns = coarse_ns() + 50_000_000
+        e.maps.update("flows", key, f)
+    assert send(keep[0]) == ("hit", drained)
     configure("0", weight=0)  # 0: never
     time.sleep(0.3)
     for s in keep:
