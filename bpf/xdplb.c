@@ -45,6 +45,35 @@ static __always_inline void xl_tcp_track(struct xl_flow *f, struct tcphdr *th, i
         f->tcp_state = st;
 }
 
+/* One packet of a tracked flow (``f`` NULL: none), one direction: last seen, counters, TCP
+ * state. Returns that direction's next-hop cache. Plain adds: RSS keeps a flow's direction
+ * on one CPU (see layout.Flow). */
+static __always_inline struct xl_next_hop *xl_flow_seen(struct xl_flow *f, struct xl_pkt *p,
+                                                        __u64 now, int reply)
+{
+    if (!f)
+        return NULL;
+    f->last_ns = now;
+    if (reply) {
+        f->rev_packets += 1;
+        f->rev_bytes += p->len;
+    } else {
+        f->fwd_packets += 1;
+        f->fwd_bytes += p->len;
+    }
+    xl_tcp_track(f, p->tcp, reply);
+    return reply ? &f->rev_nh : &f->fwd_nh;
+}
+
+/* TTL 1 or less: the next hop would discard it, so it is dropped here (counted). */
+static __always_inline int xl_ttl_expired(struct iphdr *ip)
+{
+    if (ip->ttl > 1)
+        return 0;
+    xl_count(XL_C_DROP_TTL);
+    return 1;
+}
+
 /* May ``be`` take this packet's flow? In use, not failed, and the packet's (daddr, dport,
  * proto) is its VIP: that proves the VIP without a VIP lookup. */
 static __always_inline int xl_backend_serves(struct xl_backend *be, struct xl_pkt *p)
@@ -89,15 +118,7 @@ static __always_inline int xl_to_backend(struct xdp_md *ctx, struct xl_pkt *p,
                                          struct xl_flow *f, struct xl_backend *be,
                                          __u32 bid, __u32 vip_id, __u64 now, __u64 created)
 {
-    struct xl_next_hop *nh = NULL;
-    if (f) {
-        /* Plain adds: RSS keeps a flow's direction on one CPU (see layout.Flow). */
-        f->last_ns = now;
-        f->fwd_packets += 1;
-        f->fwd_bytes += p->len;
-        xl_tcp_track(f, p->tcp, 0);
-        nh = &f->fwd_nh;
-    }
+    struct xl_next_hop *nh = xl_flow_seen(f, p, now, 0);
     xl_stat_add(vip_stats.lookup(&vip_id), p->len, created);
     xl_stat_add(backend_stats.lookup(&bid), p->len, created);
     xl_rewrite(p, &p->ip->daddr, *(__u32 *)be->addr, p->dport, be->port);
@@ -109,10 +130,8 @@ static __always_inline int xl_established(struct xdp_md *ctx, struct xl_pkt *p,
                                           struct xl_flow *f, struct xl_backend *be, __u32 bid,
                                           __u64 now)
 {
-    if (p->ip->ttl <= 1) {
-        xl_count(XL_C_DROP_TTL);
+    if (xl_ttl_expired(p->ip))
         return XDP_DROP;
-    }
     xl_count(XL_C_FLOW_HIT);
     return xl_to_backend(ctx, p, f, be, bid, f->vip_id, now, 0);
 }
@@ -124,10 +143,8 @@ static __always_inline int xl_new_flow(struct xdp_md *ctx, struct xl_pkt *p,
                                        struct xl_flow_key *fk, struct xl_vip_info *vip)
 {
     struct iphdr *ip = p->ip;
-    if (ip->ttl <= 1) {
-        xl_count(XL_C_DROP_TTL);
+    if (xl_ttl_expired(ip))
         return XDP_DROP;
-    }
     __u32 zero = 0;
     struct xl_meta *m = meta.lookup(&zero);
     if (!m)
@@ -176,10 +193,8 @@ static __always_inline int xl_reply(struct xdp_md *ctx, struct xl_pkt *p,
                                     struct xl_flow_key *rk, struct xl_rev_nat *rn)
 {
     struct iphdr *ip = p->ip;
-    if (ip->ttl <= 1) {
-        xl_count(XL_C_DROP_TTL);
+    if (xl_ttl_expired(ip))
         return XDP_DROP;
-    }
     struct xl_flow_key fk = {};
     __builtin_memcpy(fk.src, rk->dst, 4);
     __builtin_memcpy(fk.dst, rn->vip_addr, 4);
@@ -188,15 +203,7 @@ static __always_inline int xl_reply(struct xdp_md *ctx, struct xl_pkt *p,
     fk.proto = rk->proto;
     fk.family = XL_FAMILY_IPV4;
     __u64 now = bpf_ktime_get_coarse_ns();
-    struct xl_next_hop *nh = NULL;
-    struct xl_flow *f = flows.lookup(&fk);
-    if (f) {
-        f->last_ns = now;
-        f->rev_packets += 1;
-        f->rev_bytes += p->len;
-        xl_tcp_track(f, p->tcp, 1);
-        nh = &f->rev_nh;
-    }
+    struct xl_next_hop *nh = xl_flow_seen(flows.lookup(&fk), p, now, 1);
     xl_count(XL_C_REPLY);
     xl_rewrite(p, &ip->saddr, *(__u32 *)rn->vip_addr, p->sport, rn->vip_port);
     return xl_fib_forward(ctx, p, nh, now);

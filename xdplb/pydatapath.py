@@ -104,6 +104,23 @@ def _tcp_track(f: Flow, buf: bytearray, tcp: int, reply: bool) -> None:
         f.tcp_state = st
 
 
+def _flow_seen(f: Flow | None, buf: bytearray, p: Pkt, now: int, reply: bool
+               ) -> NextHop | None:
+    """xl_flow_seen: one packet of a tracked flow (None: none), one direction: last seen,
+    counters, TCP state. Returns that direction's next-hop cache."""
+    if f is None:
+        return None
+    f.last_ns = now
+    if reply:
+        f.rev_packets += 1
+        f.rev_bytes += len(buf)
+    else:
+        f.fwd_packets += 1
+        f.fwd_bytes += len(buf)
+    _tcp_track(f, buf, p.tcp, reply)
+    return f.rev_nh if reply else f.fwd_nh
+
+
 def _rewrite(buf: bytearray, p: Pkt, addr: int, new_addr: bytes, port: int, new_port: int
              ) -> None:
     """xl_rewrite: the address at ``addr`` (and the port at ``port`` unless new_port is 0),
@@ -154,6 +171,13 @@ class PyDatapath:
 
     def _count(self, c: Counter) -> None:
         self.counters.ref(_COUNTER_KEYS[c]).value += 1
+
+    def _ttl_expired(self, buf: bytearray, p: Pkt) -> bool:
+        """xl_ttl_expired: TTL 1 or less is dropped here (counted)."""
+        if buf[p.ip + 8] > 1:
+            return False
+        self._count(Counter.DROP_TTL)
+        return True
 
     def _maybe(self, addr: bytes) -> int:
         """The prefilter bits of an address (a superset: they never decide alone)."""
@@ -233,8 +257,7 @@ class PyDatapath:
     def _established(self, buf: bytearray, p: Pkt, f: Flow, be: Backend, ingress: int,
                      now: int) -> tuple[int, int]:
         """Client -> VIP of a tracked flow whose backend still serves it."""
-        if buf[p.ip + 8] <= 1:
-            self._count(Counter.DROP_TTL)
+        if self._ttl_expired(buf, p):
             return XDP_DROP, 0
         self._count(Counter.FLOW_HIT)
         return self._to_backend(buf, p, f, be, f.backend_id, f.vip_id, now, 0, ingress)
@@ -242,9 +265,7 @@ class PyDatapath:
     def _new_flow(self, buf: bytearray, p: Pkt, fk: bytes, vip_id: int, ingress: int
                   ) -> tuple[int, int]:
         """Client -> VIP without a flow that can take it: the Maglev ring picks."""
-        ip = p.ip
-        if buf[ip + 8] <= 1:
-            self._count(Counter.DROP_TTL)
+        if self._ttl_expired(buf, p):
             return XDP_DROP, 0
         saddr, daddr, sport, dport = fk[:4], fk[4:8], fk[8:10], fk[10:12]
         h = flow_hash(saddr, daddr, int.from_bytes(sport, "big"), int.from_bytes(dport, "big"),
@@ -277,13 +298,7 @@ class PyDatapath:
                     vip_id: int, now: int, created: int, ingress: int) -> tuple[int, int]:
         """xl_to_backend: flow accounting, DNAT, next hop. ``f`` is None when a full LRU
         evicted a new entry at once: forward all the same."""
-        nh = None
-        if f is not None:
-            f.last_ns = now
-            f.fwd_packets += 1
-            f.fwd_bytes += len(buf)
-            _tcp_track(f, buf, p.tcp, False)
-            nh = f.fwd_nh
+        nh = _flow_seen(f, buf, p, now, False)
         _stat_add(self.vip_stats.ref(key_bytes(vip_id)), len(buf), created)
         _stat_add(self.backend_stats.ref(key_bytes(bid)), len(buf), created)
         _rewrite(buf, p, p.ip + 16, bytes(be.addr)[:4], p.dport, be.port)
@@ -293,22 +308,14 @@ class PyDatapath:
                ) -> tuple[int, int]:
         """Backend -> client reply of a tracked flow: the source back to the VIP."""
         ip = p.ip
-        if buf[ip + 8] <= 1:
-            self._count(Counter.DROP_TTL)
+        if self._ttl_expired(buf, p):
             return XDP_DROP, 0
         vip_addr = bytes(rn.vip_addr)[:4]
         # the forward key: client (the reply's destination) -> VIP
         fk = flow_key(rk[4:8], vip_addr, rk[10:12], rn.vip_port.to_bytes(2, "little"),
                       p.proto)
         now = self.clock()
-        nh = None
-        f = self.flows.ref(fk)
-        if f is not None:
-            f.last_ns = now
-            f.rev_packets += 1
-            f.rev_bytes += len(buf)
-            _tcp_track(f, buf, p.tcp, True)
-            nh = f.rev_nh
+        nh = _flow_seen(self.flows.ref(fk), buf, p, now, True)
         self._count(Counter.REPLY)
         _rewrite(buf, p, ip + 12, vip_addr, p.sport, rn.vip_port)
         return self._fib_forward(buf, p, ingress, nh, now)
