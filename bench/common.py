@@ -32,7 +32,7 @@ def compile_bcc(source: str, cflags: Iterable[str] = ()) -> Any:
     from bcc import BPF
 
     # The loader's stderr capture: BCC warns about the skewed kernel headers on every compile.
-    from xdplb.program import _quiet_stderr
+    from xdplb.kernel.loader import _quiet_stderr
 
     quiet = _quiet_stderr()
     try:

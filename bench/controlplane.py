@@ -29,12 +29,12 @@ from agent_process import AgentProcess
 from common import save
 from lab import Lab
 
+from xdplb.agent.mapsync import MapSync
 from xdplb.config import parse_config
-from xdplb.maglev import build_table
-from xdplb.maps import KernelMaps
-from xdplb.program import compile_program
-from xdplb.state import desired_state
-from xdplb.sync import MapSync
+from xdplb.kernel.loader import compile_program
+from xdplb.kernel.maps import KernelMaps
+from xdplb.model.desired import desired_state
+from xdplb.model.maglev import build_table
 
 M = 65537
 SIZES = (10, 100, 1000)

@@ -34,7 +34,7 @@ from workload import (
     udp_pps,
 )
 
-from xdplb import bpfsys, xdp_link
+from xdplb.kernel import bpfsys, xdp_link
 
 PREFIX = "xlb-e2e"
 TARGETS = {"iptables": 2.0, "nginx": 5.0, "haproxy": 5.0}  # xdplb native pps >= N x peer

@@ -61,8 +61,8 @@ TIMEOUT = 600  # seconds any one timed command may take
 
 def synthetic_flows(n: int, backend_ids: list[int], now_ns: int) -> tuple[bytes, bytes]:
     """n distinct client flows to the web VIP, as raw FlowKey and Flow records."""
-    from xdplb.flowtable import FLOW_DTYPE, KEY_DTYPE
-    from xdplb.layout import FAMILY_IPV4
+    from xdplb.abi.layout import FAMILY_IPV4
+    from xdplb.inspect.flowtable import FLOW_DTYPE, KEY_DTYPE
 
     rng = np.random.default_rng(7)
     i = np.arange(n, dtype=np.uint64)
@@ -87,7 +87,7 @@ def synthetic_flows(n: int, backend_ids: list[int], now_ns: int) -> tuple[bytes,
 
 def fill(fd: int, keys: bytes, values: bytes, ksize: int, vsize: int, chunk: int = 65536
          ) -> None:
-    from xdplb import bpfsys
+    from xdplb.kernel import bpfsys
 
     n = len(keys) // ksize
     for s in range(0, n, chunk):
@@ -121,7 +121,7 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
 
 def raw_dump(fd: int, ksize: int, vsize: int, batch: int) -> tuple[float, int]:
     """The baseline: BPF_MAP_LOOKUP_BATCH over the whole map, entries kept as bytes."""
-    from xdplb import bpfsys
+    from xdplb.kernel import bpfsys
 
     t0 = time.perf_counter()
     n = sum(len(k) for k, _ in bpfsys.map_lookup_batch(fd, ksize, vsize, batch))
@@ -137,7 +137,7 @@ def main() -> int:
         return 1
     root = Path(tempfile.mkdtemp(prefix="xlt-ibench-", dir="/sys/fs/bpf"))
     run_dir = Path(tempfile.mkdtemp(prefix="xlt-ibench-run-"))
-    # Before importing xdplb: pins.py and runstate.py read these at import.
+    # Before importing xdplb: pins.py and runfiles.py read these at import.
     os.environ["XDPLB_BPFFS"], os.environ["XDPLB_RUN_DIR"] = str(root), str(run_dir)
     sys.path.insert(0, str(REPO))
     try:
@@ -148,13 +148,14 @@ def main() -> int:
 
 
 def run(n: int, run_dir: Path) -> int:
-    from xdplb import bulk, pins, runstate
+    from xdplb.abi.layout import Flow, FlowKey, coarse_ns
+    from xdplb.agent.mapsync import MapSync
     from xdplb.config import parse_config
-    from xdplb.layout import Flow, FlowKey, coarse_ns
-    from xdplb.maps import KernelMaps
-    from xdplb.program import compile_program
-    from xdplb.state import desired_state
-    from xdplb.sync import MapSync
+    from xdplb.instance import pins, runfiles
+    from xdplb.kernel import bulk
+    from xdplb.kernel.loader import compile_program
+    from xdplb.kernel.maps import KernelMaps
+    from xdplb.model.desired import desired_state
 
     pool = run_dir / "pool.yaml"
     pool.write_text(POOL.format(max_entries=n + n // 10))  # room: the LRU never evicts
@@ -168,7 +169,7 @@ def run(n: int, run_dir: Path) -> int:
         state = desired_state(cfg, sync.read_current())
         sync.apply(state, sync.read_current())
         # A live agent as far as readers can tell: VIP names resolve from its config.
-        runstate.write_json(group, runstate.AGENT_FILE, {"pid": os.getpid(),
+        runfiles.write_json(group, runfiles.AGENT_FILE, {"pid": os.getpid(),
                                                          "config": str(pool)})
         ks, vs = ctypes.sizeof(FlowKey), ctypes.sizeof(Flow)
         web = next(v for v in state.vips if v.name == "web")

@@ -39,11 +39,11 @@ from pyroute2 import netns as pr_netns
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from xdplb import bpfsys, xdp_link
+from xdplb.abi.layout import FAMILY_IPV4, Flow, FlowKey, Meta, addr4
 from xdplb.config import parse_config
-from xdplb.layout import FAMILY_IPV4, Flow, FlowKey, Meta, addr4
-from xdplb.maps import read_counters
-from xdplb.testrun import BpfEngine
+from xdplb.kernel import bpfsys, xdp_link
+from xdplb.kernel.maps import read_counters
+from xdplb.offline.engines import BpfEngine
 
 FRAME_LEN = 64
 TX, PASS = bpfsys.XDP_TX, bpfsys.XDP_PASS

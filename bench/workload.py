@@ -40,7 +40,7 @@ from pyroute2 import netns as pr_netns
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from xdplb import bpfsys, xdp_link
+from xdplb.kernel import bpfsys, xdp_link
 
 VIP = "10.200.0.10"
 UDP_PORT, IPERF_PORT, HTTP_PORT = 9, 5201, 8081

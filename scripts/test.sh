@@ -8,4 +8,5 @@ cd "$here"
 bash scripts/setup.sh
 export XDPLB_STRICT="${XDPLB_STRICT:-1}"
 .venv/bin/ruff check xdplb tests scripts bench
+.venv/bin/lint-imports   # the layer contracts in pyproject.toml ([tool.importlinter])
 exec .venv/bin/python -m pytest -ra -p no:cacheprovider "$@"

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns as pr_netns
 
-from xdplb import bpfsys as bs
-from xdplb import xdp_link as xl
+from xdplb.kernel import bpfsys as bs
+from xdplb.kernel import xdp_link as xl
 
 pytestmark = pytest.mark.root
 

@@ -48,9 +48,9 @@ def pool(backends: list[str], weights: dict[str, int] | None = None) -> str:
 BE = {"be1": "10.20.0.11", "be2": "10.20.0.12", "be3": "10.20.0.13"}
 # An "older build": the same code under another layout version, so its pins live in another
 # directory and replacing it exercises the migration of VIPs, backends and flows.
-OLD_BUILD = ("import sys, xdplb.pins as p, xdplb.layout as l; "
+OLD_BUILD = ("import sys, xdplb.instance.pins as p, xdplb.abi.layout as l; "
              "p.layout_version = l.layout_version = lambda: '01d0b01d0000'; "
-             "from xdplb.cli import main; sys.exit(main())")
+             "from xdplb.cli.main import main; sys.exit(main())")
 
 
 class World:

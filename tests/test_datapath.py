@@ -19,11 +19,11 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.utils import checksum
+from testkit.pktcheck import checksum_errors, rewrite_errors
 
 from xdplb.config import parse_config
-from xdplb.hashing import flow_hash
-from xdplb.pktcheck import checksum_errors, rewrite_errors
-from xdplb.testrun import Engine, open_engine
+from xdplb.model.hashing import flow_hash
+from xdplb.offline.engines import Engine, open_engine
 
 pytestmark = pytest.mark.root
 
@@ -104,7 +104,7 @@ def lab(request):
                        check=True)
         pr_netns.pushns(NS)
         try:
-            from xdplb import xdp_link
+            from xdplb.kernel import xdp_link
 
             idx = {d: xdp_link.ifindex(d) for d in ("d0", "d1")}
             engine = open_engine(request.param, parse_config(CONFIG, "test.yaml"),
@@ -404,7 +404,7 @@ def test_removed_backend_late_replies_still_rewritten(eng):
 def test_rings_read_back_as_written(eng):
     """What a restarted agent reads back (one batched slice per VIP) is the ring it wrote,
     so its first sync rewrites nothing."""
-    from xdplb.sync import MapSync
+    from xdplb.agent.mapsync import MapSync
 
     engine, _, _ = eng
     fresh = MapSync(engine.maps)  # a new agent: no ring cache
@@ -490,7 +490,7 @@ def test_reply_next_hop_cached(eng):
 def test_flow_needs_a_backend_of_its_own_vip(eng):
     """A flow hit is checked by the backend's VIP key (no VIP lookup): a backend id that
     now belongs to another VIP does not take the flow along."""
-    from xdplb.sync import vip_key
+    from xdplb.abi.codec import vip_key
 
     engine, d0, _ = eng
     sport = _sport_to(engine, "10.20.0.12", 55000)

@@ -28,16 +28,16 @@ from test_e2e import (  # noqa: F401 (collected here, run against the scapy agen
     test_replies_come_from_the_vip,
     test_udp_through_vip,
 )
+from testkit.pktcheck import checksum_errors
 
-from xdplb import pins, runstate
-from xdplb.pktcheck import checksum_errors
-from xdplb.scapy_forwarder import STATS_FILE
+from xdplb.instance import pins, runfiles
+from xdplb.userspace.forwarder import STATS_FILE
 
 pytestmark = pytest.mark.root
 
 # The agent as `xdplb`, but in an interpreter where `import bcc` fails.
 NO_BCC = [sys.executable, "-c",
-          "import sys; sys.modules['bcc'] = None; from xdplb.cli import main; main()"]
+          "import sys; sys.modules['bcc'] = None; from xdplb.cli.main import main; main()"]
 
 UDP_BURST = """
 import socket, sys, time
@@ -67,7 +67,7 @@ def nft_ruleset(lab: Lab) -> str:
 
 def stats(lab: Lab) -> dict:
     """What the scapy forwarder publishes (counters, frames forwarded), read fresh."""
-    path = runstate.run_dir(pins.group_for(lab.lb_ifaces, ns=lab.lb_ns)) / STATS_FILE
+    path = runfiles.run_dir(pins.group_for(lab.lb_ifaces, ns=lab.lb_ns)) / STATS_FILE
     deadline = time.time() + 5
     while not path.exists() and time.time() < deadline:  # first published a second in
         time.sleep(0.1)
@@ -96,7 +96,7 @@ def running(request, tmp_path_factory):
             assert rc == 0, agent.log_text()
             # Gone without a trace: no guard, no published state, nothing attached.
             assert "xdplb" not in nft_ruleset(lab)
-            assert not (runstate.run_dir(pins.group_for(lab.lb_ifaces, ns=lab.lb_ns))
+            assert not (runfiles.run_dir(pins.group_for(lab.lb_ifaces, ns=lab.lb_ns))
                         / STATS_FILE).exists()
             assert all(v is None for v in prog_ids(lab).values())
 
@@ -181,7 +181,7 @@ def test_runs_without_bcc(running):
     lab, agent, _ = running
     assert agent.proc.args[:2] == NO_BCC[:2]
     probe = lab.run(None, *NO_BCC[:2], "import sys; sys.modules['bcc'] = None\n"
-                    "from xdplb.program import CompileError, compile_program\n"
+                    "from xdplb.kernel.loader import CompileError, compile_program\n"
                     "try:\n    compile_program(251, 1024)\nexcept CompileError as e:\n"
                     "    print(e)", check=True)
     assert "BCC is not importable" in probe.stdout

@@ -1,6 +1,6 @@
-"""xdplb/fib.py (the scapy data path's bpf_fib_lookup) against the kernel's own helper, run
-by a probe XDP program (bpf/fib_probe.c) under BPF_PROG_TEST_RUN, on the bench namespace
-(every result code), with and without policy routing rules."""
+"""xdplb/userspace/fib.py (the scapy data path's bpf_fib_lookup) against the kernel's own
+helper, run by a probe XDP program (tests/testkit/bpf/fib_probe.c) under BPF_PROG_TEST_RUN, on
+the bench namespace (every result code), with and without policy routing rules."""
 
 from __future__ import annotations
 
@@ -8,17 +8,20 @@ import ipaddress
 import os
 import random
 import struct
+from pathlib import Path
 
 import pytest
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl.ndmsg import states
+from testkit.benchns import BACKENDS, CLIENTS, VIPS, bench_namespace
 
-from xdplb import bpfsys, fib
-from xdplb.benchns import BACKENDS, CLIENTS, VIPS, bench_namespace
-from xdplb.program import compile_program
+from xdplb.kernel import bpfsys
+from xdplb.kernel.loader import compile_program
+from xdplb.userspace import fib
 
 pytestmark = pytest.mark.root
 
+PROBE_C = Path(__file__).parent / "testkit" / "bpf" / "fib_probe.c"
 PROBE = struct.Struct("<14s4s4sBBHiI6s6s")
 TOS = (0, 0x10, 0x04, 0x1C, 0xB8)
 TOT_LEN = (60, 300, 301, 576, 577, 1500)
@@ -28,7 +31,7 @@ PROTOS = (6, 17)
 @pytest.fixture(scope="module", params=[True, False], ids=["rules", "no-rules"])
 def bench(request):
     with bench_namespace(f"xlt-s-fib-{os.getpid()}", rules=request.param) as b:
-        prog = compile_program(257, 1024, source="fib_probe.c")
+        prog = compile_program(257, 1024, source=PROBE_C)
         f = fib.Fib()
         try:
             yield b, prog.prog_fd, f

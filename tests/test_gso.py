@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Dot1Q, Ether
+from testkit.pktcheck import checksum_errors
 
-from xdplb import gso
-from xdplb.pktcheck import checksum_errors
+from xdplb.userspace import gso
 
 ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 PAYLOAD = bytes(range(256)) * 20  # 5120 bytes

@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from xdplb.agent.health import HealthChecker, Result, Target
 from xdplb.config import HealthCheck
-from xdplb.health import HealthChecker, Result, Target
 
 
 class _Ok(BaseHTTPRequestHandler):

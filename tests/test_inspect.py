@@ -15,8 +15,8 @@ from agent_process import XDPLB, AgentProcess, xdplb
 from lab import Lab
 from prometheus_client.parser import text_string_to_metric_families
 
-from xdplb import pins
-from xdplb.layout import OUTCOMES
+from xdplb.abi.layout import OUTCOMES
+from xdplb.instance import pins
 
 pytestmark = pytest.mark.root
 

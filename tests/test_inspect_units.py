@@ -13,11 +13,13 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from xdplb import bulk, flowview, metrics, stats
-from xdplb.catalog import BackendRef, Catalog, VipRef, split_endpoint
-from xdplb.flowtable import FLOW_DTYPE, KEY_DTYPE, RAW_KEY, FlowFilter, FlowTable, order
-from xdplb.layout import _STRUCTS, TcpState
-from xdplb.render import fmt_seconds, fmt_si
+from xdplb.abi.layout import _STRUCTS, TcpState
+from xdplb.agent import metrics
+from xdplb.inspect import flowview, stats
+from xdplb.inspect.catalog import BackendRef, Catalog, VipRef, split_endpoint
+from xdplb.inspect.flowtable import FLOW_DTYPE, KEY_DTYPE, RAW_KEY, FlowFilter, FlowTable, order
+from xdplb.inspect.render import fmt_seconds, fmt_si
+from xdplb.kernel import bulk
 
 S = 10**9
 NOW = 1000 * S

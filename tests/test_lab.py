@@ -334,7 +334,7 @@ int lab_bounce(struct xdp_md *ctx) {
 def test_xdp_tx_on_lb_interface_reaches_client(topology: str) -> None:
     bcc = pytest.importorskip("bcc")
     sys.path.insert(0, str(ROOT))
-    from xdplb import xdp_link
+    from xdplb.kernel import xdp_link
 
     bpf = bcc.BPF(text=BOUNCE.encode())
     try:

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from xdplb import bpfsys
-from xdplb.hashing import flow_hash, flow_hash_bytes, murmur3_32
-from xdplb.layout import MAPS, layout_version, render_maps, render_structs
+from xdplb.abi.layout import MAPS, layout_version, render_maps, render_structs
+from xdplb.kernel import bpfsys
+from xdplb.model.hashing import flow_hash, flow_hash_bytes, murmur3_32
 
 
 def test_murmur3_matches_independent_implementation():
@@ -37,7 +37,7 @@ def test_layout_version_tracks_structs():
 @pytest.mark.root
 def test_bcc_sees_the_same_layouts():
     """Compile the program and compare every map's key/value size with the ctypes types."""
-    from xdplb.program import compile_program
+    from xdplb.kernel.loader import compile_program
 
     prog = compile_program(251, 4096)
     try:

@@ -13,8 +13,8 @@ from functools import cache
 import numpy as np
 import pytest
 
-from xdplb.hashing import murmur3_32, murmur3_32_many
-from xdplb.maglev import build_table, owner_shares
+from xdplb.model.hashing import murmur3_32, murmur3_32_many
+from xdplb.model.maglev import build_table, owner_shares
 
 M = 65537
 SEED = 0x5EED
@@ -273,7 +273,7 @@ def test_seeds_give_different_tables():
 
 def test_same_in_another_process():
     code = (
-        "import hashlib; from xdplb.maglev import build_table; "
+        "import hashlib; from xdplb.model.maglev import build_table; "
         "b = [(f'10.20.0.{i}:8080'.encode(), 1 + i % 7) for i in range(1, 60)]; "
         f"print(hashlib.sha256(build_table(b, {M}, {SEED}).tobytes()).hexdigest())"
     )

@@ -20,10 +20,8 @@ from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Dot1Q, Ether
-
-from xdplb.benchns import CLIENTS, bench_namespace
-from xdplb.config import Config
-from xdplb.fuzz import (
+from testkit.benchns import CLIENTS, bench_namespace
+from testkit.fuzz import (
     MUTATIONS,
     SERVICES,
     FrameGen,
@@ -33,10 +31,13 @@ from xdplb.fuzz import (
     reconfigure,
     run_fuzz,
 )
-from xdplb.hashing import addr_slot
-from xdplb.layout import ADDR_FILTER_BITS, OUTCOMES, coarse_ns
-from xdplb.pktcheck import checksum_errors, rewrite_errors, scapy_recomputed_errors
-from xdplb.testrun import (
+from testkit.pktcheck import checksum_errors, rewrite_errors, scapy_recomputed_errors
+
+from xdplb.abi.layout import ADDR_FILTER_BITS, OUTCOMES, coarse_ns
+from xdplb.config import Config
+from xdplb.inspect.trace import flow_key
+from xdplb.model.hashing import addr_slot
+from xdplb.offline.engines import (
     EFFECTS,
     MAX_FRAME,
     MIN_FRAME,
@@ -45,7 +46,6 @@ from xdplb.testrun import (
     RunResult,
     engine_pair,
 )
-from xdplb.trace import flow_key
 
 pytestmark = pytest.mark.root
 
@@ -527,7 +527,7 @@ def test_fuzz_100k_frames_no_difference(bench, fuzz_pair):
 
 def test_fuzz_finds_a_planted_difference(bench, fuzz_pair, monkeypatch):
     """The fuzz can fail: a data path that forgets the UDP zero-checksum rule is caught."""
-    from xdplb import csum
+    from xdplb.userspace import csum
 
     a, b = fuzz_pair
     for e in (a, b):

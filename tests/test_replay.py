@@ -13,10 +13,9 @@ from agent_process import XDPLB
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import ARP, Ether
 from scapy.utils import RawPcapReader, RawPcapWriter, wrpcap
-
-from xdplb.benchns import Bench, bench_namespace
-from xdplb.fuzz import build
-from xdplb.pktcheck import checksum_errors, scapy_recomputed_errors
+from testkit.benchns import Bench, bench_namespace
+from testkit.fuzz import build
+from testkit.pktcheck import checksum_errors, scapy_recomputed_errors
 
 pytestmark = pytest.mark.root
 

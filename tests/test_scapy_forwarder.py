@@ -14,15 +14,15 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl.ndmsg import states
 from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.l2 import ARP, Dot1Q, Ether
+from testkit.benchns import bench_namespace
+from testkit.fuzz import build
+from testkit.pktcheck import checksum_errors
 
-from xdplb.benchns import bench_namespace
+from xdplb.agent.mapsync import MapSync
 from xdplb.config import parse_config
-from xdplb.fuzz import build
-from xdplb.pktcheck import checksum_errors
-from xdplb.scapy_forwarder import PACKET_AUXDATA, SOL_PACKET, ScapyForwarder, with_tag
-from xdplb.state import desired_state
-from xdplb.sync import MapSync
-from xdplb.testrun import ScapyEngine
+from xdplb.model.desired import desired_state
+from xdplb.offline.engines import ScapyEngine
+from xdplb.userspace.forwarder import PACKET_AUXDATA, SOL_PACKET, ScapyForwarder, with_tag
 
 pytestmark = pytest.mark.root
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from xdplb.abi.layout import NO_BACKEND
 from xdplb.config import parse_config
-from xdplb.layout import NO_BACKEND
-from xdplb.state import Current, desired_state
+from xdplb.model.desired import Current, desired_state
 
 BASE = """
 vips:
@@ -69,7 +69,7 @@ def test_ring_holds_backend_ids_and_respects_down_and_drain():
 
 
 def test_capacity():
-    from xdplb import state
+    from xdplb.model import desired as state
 
     with pytest.raises(state.CapacityError):
         state._allocate(list(range(5)), {}, 4, "backends")

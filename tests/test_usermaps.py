@@ -6,12 +6,12 @@ import errno
 
 import pytest
 
+from xdplb.abi.layout import MAX_VIPS, Counter, Flow, FlowKey, Stat, addr4, addr16
+from xdplb.agent.mapsync import MapSync
 from xdplb.config import parse_config
-from xdplb.layout import MAX_VIPS, Counter, Flow, FlowKey, Stat, addr4, addr16
-from xdplb.maps import read_counters
-from xdplb.state import desired_state
-from xdplb.sync import MapSync
-from xdplb.usermaps import UserMaps, key_bytes, map_sizes
+from xdplb.kernel.maps import read_counters
+from xdplb.model.desired import desired_state
+from xdplb.userspace.usermaps import UserMaps, key_bytes, map_sizes
 
 CONFIG = """
 vips:
@@ -116,7 +116,7 @@ def test_mapsync_drives_it_unchanged():
 @pytest.mark.root
 def test_same_content_as_kernel_maps():
     """MapSync fills the BPF program's maps and UserMaps alike, entry for entry."""
-    from xdplb.testrun import BpfEngine, ScapyEngine
+    from xdplb.offline.engines import BpfEngine, ScapyEngine
 
     cfg = parse_config(CONFIG, "t.yaml")
     with BpfEngine(cfg, [1, 2]) as k, ScapyEngine(cfg, [1, 2]) as u:

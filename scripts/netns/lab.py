@@ -268,7 +268,7 @@ def _xdplb() -> None:
 def xdp_attach_pass(targets: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
     """Attach an XDP_PASS program natively to each (namespace, interface); return program ids."""
     _xdplb()
-    from xdplb import bpfsys, xdp_link
+    from xdplb.kernel import bpfsys, xdp_link
 
     ids = {}
     with bpfsys.load_xdp_pass("xdplb_lab_pass") as fd:  # the attachments keep it loaded
@@ -284,7 +284,7 @@ def xdp_attach_pass(targets: Sequence[tuple[str, str]]) -> dict[tuple[str, str],
 def xdp_state(ns: str, ifname: str) -> Any:
     """The xdplb.xdp_link.XdpState (mode, prog_id) of ns/ifname, or None."""
     _xdplb()
-    from xdplb import xdp_link
+    from xdplb.kernel import xdp_link
 
     return xdp_link.xdp_state(ifname, netns=ns)
 
@@ -292,7 +292,7 @@ def xdp_state(ns: str, ifname: str) -> Any:
 def bpf_prog_exists(prog_id: int) -> bool:
     """Whether a BPF program with this id is still loaded anywhere."""
     _xdplb()
-    from xdplb import bpfsys
+    from xdplb.kernel import bpfsys
 
     try:
         fd = bpfsys.prog_get_fd_by_id(prog_id)

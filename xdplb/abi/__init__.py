@@ -1,0 +1,1 @@
+"""The ABI shared with the BPF program: map layouts, constants, and their encodings."""

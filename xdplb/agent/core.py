@@ -1,0 +1,449 @@
+"""The agent: compile, fill the maps from the config, attach, then keep the maps equal to
+config + health + drains until told to stop.
+
+Nothing on an interface changes until the config has validated, the interfaces exist,
+no foreign XDP program is in the way, and the program has compiled and its maps are
+filled: a bad config or a failed compile leaves the running state as it was. Everything
+that happens later (health changes, reloads, drains) arrives as an event on one queue and
+is applied by the main thread, one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xdplb.abi.layout import MAX_VIPS
+from xdplb.agent import migrate
+from xdplb.agent.health import HealthChecker, Target
+from xdplb.agent.mapsync import MapSync
+from xdplb.config import Config, ConfigError, load_config
+from xdplb.instance import pins, runfiles
+from xdplb.kernel import bpfsys, xdp_link
+from xdplb.kernel.loader import Program, compile_program
+from xdplb.kernel.maps import KernelMaps
+from xdplb.model.desired import backend_label, desired_state
+from xdplb.userspace import nftguard
+
+log = logging.getLogger("xdplb")
+
+MODES = ("native", "generic", "auto")
+DATAPATHS = ("bpf", "scapy")
+
+
+class AttachError(RuntimeError):
+    """Attaching failed; the message says why and what to do."""
+
+
+class UsageError(ValueError):
+    """The request cannot be met as asked (missing interface, foreign program...)."""
+
+
+def _check_pinned_sizes(group: pins.PinGroup, cfg: Config) -> None:
+    """Pinned maps are reused as they are: their sizes must match this config."""
+    want = {
+        "maglev": MAX_VIPS * cfg.maglev.table_size,
+        "flows": cfg.flows.max_entries,
+        "rev_flows": cfg.flows.max_entries,
+    }
+    for name, n in want.items():
+        path = group.map_path(name)
+        if not path.exists():
+            continue
+        fd = bpfsys.obj_get(path)
+        try:
+            have = bpfsys.map_info(fd).max_entries
+        finally:
+            bpfsys.close(fd)
+        if have != n:
+            raise UsageError(
+                f"pinned map {path} holds {have} entries but the config needs {n} "
+                f"(maglev.table_size or flows.max_entries changed); run "
+                f"`xdplb detach {group.ifaces[0]}` first (this drops tracked flows)"
+            )
+
+
+@dataclass
+class Agent:
+    cfg: Config
+    ifaces: list[str]
+    mode: str = "auto"
+    keep: bool = False
+    config_path: str | None = None
+    datapath: str = "bpf"  # "scapy": no XDP program; scapy_forwarder.py moves the frames
+    group: pins.PinGroup = field(init=False)
+    program: Program | None = field(init=False, default=None)
+    maps: KernelMaps | None = field(init=False, default=None)
+    attached: dict[str, str] = field(init=False, default_factory=dict)  # iface -> mode
+    generation: int = field(init=False, default=0)
+    _events: queue.Queue = field(init=False, default_factory=queue.Queue)
+    _health: HealthChecker | None = field(init=False, default=None)
+    _down: set[str] = field(init=False, default_factory=set)
+    _last_event: dict = field(init=False, default_factory=dict)
+    forwarder: Any = field(init=False, default=None)  # userspace ScapyForwarder, if scapy
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UsageError(f"--mode must be one of {', '.join(MODES)}")
+        if len(set(self.ifaces)) != len(self.ifaces):
+            raise UsageError("an interface is named twice")
+        if self.datapath not in DATAPATHS:
+            raise UsageError(f"--datapath must be one of {', '.join(DATAPATHS)}")
+        if self.datapath == "scapy" and self.keep:
+            raise UsageError("--keep needs the bpf data path: the scapy one ends with the agent")
+        self.group = pins.group_for(self.ifaces)
+        if self.config_path:
+            self.config_path = str(Path(self.config_path).resolve())
+
+    # --- start -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        indexes = {}
+        for name in self.ifaces:
+            try:
+                indexes[name] = xdp_link.ifindex(name)
+            except (OSError, LookupError) as e:
+                raise UsageError(f"interface {name} not found in this network namespace") from e
+        pins.ensure_bpffs()
+        replace, older = self._programs_to_replace(indexes)
+        if self.datapath == "scapy" and replace:
+            raise UsageError(f"{', '.join(replace)} carries xdplb's XDP program; the scapy data "
+                             f"path runs without one: `xdplb detach` it first")
+        _check_pinned_sizes(self.group, self.cfg)
+
+        fresh = not self.group.exists()
+        try:
+            self._load_fill_attach(indexes, replace, older)
+        except BaseException:
+            self._detach_all()
+            if self.program is not None:
+                self.program.close()
+                self.program = None
+            if fresh:  # leave no half-made pins behind
+                runfiles.clear(self.group)
+                self.group.remove()
+            raise
+        self._health = HealthChecker(self._on_health)
+        self._update_health_targets()
+        self._publish()
+        log.info("attached to %s (%s)", ", ".join(self.ifaces),
+                 ", ".join(f"{k}: {v}" for k, v in self.attached.items()))
+
+    def _load_fill_attach(self, indexes: dict[str, int], replace: dict[str, int],
+                          older: list[pins.PinGroup]) -> None:
+        if self.datapath == "scapy":
+            self._start_scapy(indexes)
+            return
+        self.program = compile_program(
+            self.cfg.maglev.table_size, self.cfg.flows.max_entries, self.group.path
+        )
+        self.maps = KernelMaps(self.program.map_fds, own=False)
+        self.sync = MapSync(self.maps)
+        for old in older:  # an older build is attached: bring its flows along
+            n = migrate.migrate(old, self.program.map_fds)
+            log.info("migrated %d entries from older build %s", n, old.path)
+        self.apply("start")
+        self.sync.set_tx_ports(list(indexes.values()))
+        for name, idx in indexes.items():
+            self.attached[name] = self._attach_one(name, idx, replace.get(name))
+        self._pin_program()
+        migrate.record_layout(self.group)
+        for old in older:  # flows the old program created while we copied, then its pins
+            n = migrate.migrate(old, self.program.map_fds, only_missing=True)
+            log.info("replaced older build %s (%d late entries copied)", old.path, n)
+            runfiles.clear(old)
+            old.remove()
+
+    def _start_scapy(self, indexes: dict[str, int]) -> None:
+        # Imported here: scapy costs the bpf data path's agent ~40 MB it never uses.
+        from xdplb.userspace.forwarder import STATS_FILE, ScapyForwarder
+
+        self.forwarder = ScapyForwarder(
+            self.cfg, indexes, lambda d: runfiles.write_json(self.group, STATS_FILE, d))
+        self.maps = self.forwarder.maps
+        self.sync = MapSync(self.maps)
+        self.apply("start")
+        self.sync.set_tx_ports(list(indexes.values()))
+        self.attached = self.forwarder.start()
+
+    def _programs_to_replace(
+        self, indexes: dict[str, int]
+    ) -> tuple[dict[str, int], list[pins.PinGroup]]:
+        """Programs on our interfaces we may replace (ours, or an older xdplb build's), by
+        interface; and the pin groups of older builds. Anything else is refused."""
+        ours = pins.prog_id(self.group)
+        replace: dict[str, int] = {}
+        older: dict[str, pins.PinGroup] = {}
+        for name, idx in indexes.items():
+            st = xdp_link.xdp_state(idx)
+            if st is None or not st.prog_id:
+                continue
+            if ours is not None and st.prog_id == ours:
+                replace[name] = st.prog_id
+                continue
+            old = [g for g in pins.groups_with(name) if g.path != self.group.path
+                   and pins.prog_id(g) == st.prog_id]
+            if not old:
+                raise UsageError(
+                    f"{name} already carries an XDP program (id {st.prog_id}) that is not this "
+                    f"xdplb instance's; remove it first (`xdplb detach {name}` if it is xdplb's)"
+                )
+            replace[name] = st.prog_id
+            older[str(old[0].path)] = old[0]
+        return replace, list(older.values())
+
+    def _attach_one(self, name: str, idx: int, old_id: int | None) -> str:
+        assert self.program is not None
+        old_fd = bpfsys.prog_get_fd_by_id(old_id) if old_id else None
+        try:
+            modes = ["native", "generic"] if self.mode == "auto" else [self.mode]
+            if old_id:  # replacing a program atomically: keep the mode it runs in
+                st = xdp_link.xdp_state(idx)
+                modes = [st.mode] if st and st.mode in ("native", "generic") else modes
+            last: Exception | None = None
+            for mode in modes:
+                try:
+                    xdp_link.xdp_attach(idx, self.program.prog_fd, mode, replace_fd=old_fd)
+                    if mode == "generic" and self.mode == "auto" and not old_id:
+                        log.warning("%s: native XDP not available (%s); using generic mode, "
+                                    "which is much slower", name, last)
+                    return mode
+                except OSError as e:
+                    last = e
+            raise AttachError(f"cannot attach XDP to {name} in {self.mode} mode: {last}")
+        finally:
+            if old_fd is not None:
+                bpfsys.close(old_fd)
+
+    def _pin_program(self) -> None:
+        assert self.program is not None
+        if self.group.prog.exists():
+            self.group.prog.unlink()
+        bpfsys.obj_pin(self.program.prog_fd, self.group.prog)
+
+    # --- desired state -----------------------------------------------------------------------
+
+    def apply(self, why: str) -> None:
+        """Make the maps equal to config + health + drains."""
+        drained = runfiles.read_drains(self.group)
+        current = self.sync.read_current()
+        desired = desired_state(self.cfg, current, frozenset(self._down), frozenset(drained))
+        rep = self.sync.apply(desired, current)
+        self.generation += 1
+        log.info("%s: maps updated (generation %d): %d backends and %d Maglev slots written, "
+                 "%d VIPs added, %d removed, %d backends removed", why, self.generation,
+                 rep.backends_written, rep.slots_written, rep.vips_added, rep.vips_removed,
+                 rep.backends_removed)
+        for v in desired.vips:
+            if all(b.down for b in v.backends):
+                log.error("VIP %s (%s:%d): every backend is down; its packets are dropped "
+                          "(counter drop_no_backend)", v.name, v.address, v.port)
+
+    def _targets(self) -> list[Target]:
+        out = []
+        for v in self.cfg.vips:
+            if v.health_check.type == "none":
+                continue
+            for b in v.backends:
+                port = b.target_port(v)
+                out.append(Target(backend_label(v.name, str(b.address), port),
+                                  str(b.address), port, v.health_check))
+        return out
+
+    def _update_health_targets(self) -> None:
+        assert self._health is not None
+        targets = self._targets()
+        self._health.set_targets(targets)
+        keys = {t.key for t in targets}
+        self._down &= keys
+
+    def _on_health(self, key: str, up: bool, reason: str) -> None:
+        """From the health thread: queue the change for the main loop."""
+        self._events.put(("health", key, up, reason))
+
+    # --- run / stop --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve events until SIGINT/SIGTERM (or stop()), then shut down.
+
+        SIGHUP reloads the config file; SIGUSR1 re-reads the drain list."""
+        handlers = {
+            signal.SIGINT: ("stop",), signal.SIGTERM: ("stop",),
+            signal.SIGHUP: ("reload",), signal.SIGUSR1: ("drains",),
+        }
+        for sig, ev in handlers.items():
+            signal.signal(sig, lambda *_, ev=ev: self._events.put(ev))
+        try:
+            while True:
+                try:
+                    ev = self._events.get(timeout=1.0)
+                except queue.Empty:
+                    self._publish_health()
+                    continue
+                if ev[0] == "stop":
+                    break
+                self._handle(ev)
+        finally:
+            self.shutdown()
+
+    def _handle(self, ev: tuple) -> None:
+        kind = ev[0]
+        if kind == "health":
+            _, key, up, reason = ev
+            (self._down.discard if up else self._down.add)(key)
+            log.warning("backend %s is %s: %s", key, "UP" if up else "DOWN", reason)
+            self._done("health", True, f"{key} {'up' if up else 'down'}: {reason}")
+            self.apply(f"health {key}")
+        elif kind == "reload":
+            self.reload()
+        elif kind == "drains":
+            self.apply("drain list changed")
+            drained = sorted(runfiles.read_drains(self.group))
+            self._done("drains", True, ", ".join(drained) or "none")
+        self._publish()
+
+    def reload(self) -> bool:
+        """Apply the edited config file as a diff; an invalid file changes nothing."""
+        if not self.config_path:
+            return self._done("reload", False, "no config file to reload")
+        try:
+            cfg = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("reload rejected, nothing changed:\n%s", e)
+            return self._done("reload", False, str(e))
+        fixed = [(k, getattr(self.cfg.maglev if k == "table_size" else self.cfg.flows, k),
+                  getattr(cfg.maglev if k == "table_size" else cfg.flows, k))
+                 for k in ("table_size", "max_entries")]
+        changed = [f"{k} {a} -> {b}" for k, a, b in fixed if a != b]
+        if changed:
+            msg = (f"reload rejected, nothing changed: {', '.join(changed)} resizes the maps; "
+                   "restart with `xdplb detach` + `xdplb attach` (drops tracked flows)")
+            log.error(msg)
+            return self._done("reload", False, msg)
+        old = self.cfg
+        self.cfg = cfg
+        try:
+            self.apply("reload")
+        except Exception as e:  # e.g. too many backends for the arrays
+            self.cfg = old
+            self.apply("reload rolled back")
+            log.error("reload failed, previous config restored: %s", e)
+            return self._done("reload", False, f"failed, previous config restored: {e}")
+        self._update_health_targets()
+        return self._done("reload", True, f"applied {self.config_path}")
+
+    def _done(self, kind: str, ok: bool, message: str) -> bool:
+        self._last_event = {"kind": kind, "ok": ok, "message": message, "time": time.time(),
+                            "generation": self.generation}
+        self._publish()
+        return ok
+
+    def _publish(self) -> None:
+        runfiles.write_json(self.group, runfiles.AGENT_FILE, {
+            "pid": os.getpid(),
+            "config": self.config_path,
+            "ifaces": self.ifaces,
+            "modes": self.attached,
+            "datapath": self.datapath,
+            "generation": self.generation,
+            "last_event": self._last_event,
+        })
+        self._publish_health()
+
+    def _publish_health(self) -> None:
+        if self._health is not None:
+            runfiles.write_json(self.group, runfiles.HEALTH_FILE,
+                                {"backends": self._health.snapshot()})
+
+    def stop(self) -> None:
+        self._events.put(("stop",))
+
+    def shutdown(self) -> None:
+        if self._health is not None:
+            self._health.stop()
+            self._health = None
+        if self.keep:
+            log.info("--keep: leaving the program attached and maps pinned in %s",
+                     self.group.path)
+            for name in (runfiles.AGENT_FILE, runfiles.HEALTH_FILE):
+                (runfiles.run_dir(self.group) / name).unlink(missing_ok=True)
+        else:
+            self._detach_all()
+            runfiles.clear(self.group)
+            self.group.remove()
+            log.info("detached from %s", ", ".join(self.ifaces))
+        if self.program is not None:
+            self.program.close()
+            self.program = None
+
+    def _detach_all(self) -> None:
+        if self.forwarder is not None:  # the scapy data path: no XDP program to detach
+            self.forwarder.stop()
+            self.forwarder = None
+            self.attached.clear()
+        for name in list(self.attached):
+            try:
+                detach_if_ours(name, self.program.prog_fd if self.program else None)
+            except OSError as e:
+                log.warning("%s: detach failed: %s", name, e)
+            del self.attached[name]
+
+
+def detach_if_ours(name: str, prog_fd: int | None) -> bool:
+    """Detach the XDP program of ``name`` if it is the one ``prog_fd`` refers to."""
+    idx = xdp_link.ifindex(name)
+    st = xdp_link.xdp_state(idx)
+    if st is None or not st.prog_id:
+        return False
+    if prog_fd is not None and bpfsys.prog_info(prog_fd).id != st.prog_id:
+        return False
+    xdp_link.xdp_detach(idx)
+    return True
+
+
+def detach(name: str, force: bool = False) -> list[str]:
+    """Remove xdplb from ``name`` (program and pins), e.g. after an agent died with them in
+    place. Returns what was done; raises LookupError when there was nothing to remove."""
+    done: list[str] = []
+    idx = xdp_link.ifindex(name)
+    for table in nftguard.tables_on(idx):  # left by a scapy data path that died
+        nftguard.remove_table(table)
+        done.append(f"removed nftables table netdev {table}")
+    st = xdp_link.xdp_state(idx)
+    groups = pins.groups_with(name)
+    ours = {pins.prog_id(g) for g in groups} - {None}
+    if st is not None and st.prog_id:
+        if st.prog_id in ours or force:
+            xdp_link.xdp_detach(idx)
+            done.append(f"detached program {st.prog_id} from {name}")
+        else:
+            raise UsageError(
+                f"{name} carries XDP program {st.prog_id}, which is not xdplb's; "
+                f"use --force to remove it anyway"
+            )
+    for g in groups:
+        still = []
+        for other in g.ifaces:
+            if other == name:
+                continue
+            try:
+                o = xdp_link.xdp_state(xdp_link.ifindex(other))
+            except (OSError, LookupError):
+                continue
+            if o is not None and o.prog_id and o.prog_id == pins.prog_id(g):
+                still.append(other)
+        if still:
+            done.append(f"kept pins {g.path}: still attached to {', '.join(still)}")
+            continue
+        runfiles.clear(g)
+        g.remove()
+        done.append(f"removed pins {g.path}")
+    if not done:
+        raise LookupError(f"no xdplb program or pins on {name}")
+    return done

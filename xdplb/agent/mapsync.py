@@ -1,0 +1,158 @@
+"""Desired state -> maps, touching only what changed, in an order the data path never
+sees half-done: backends before the ring slots that point at them, a VIP's ring before
+the VIP itself; on removal the VIP goes first, then its backends are invalidated (their
+tracked flows then re-balance instead of being blackholed)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+import numpy as np
+
+from xdplb.abi.codec import be16, from_be16, ipv4_of, vip_key
+from xdplb.abi.layout import (
+    ADDR_FILTER_BITS,
+    ADDR_MAYBE_BACKEND,
+    ADDR_MAYBE_VIP,
+    FAMILY_IPV4,
+    NO_BACKEND,
+    AddrKey,
+    Backend,
+    BackendFlag,
+    Meta,
+    VipInfo,
+    addr16,
+    layout_version,
+)
+from xdplb.model.desired import Current, DesiredState, DesiredVip
+from xdplb.model.hashing import addr_slot
+
+
+@dataclass
+class SyncReport:
+    slots_written: int = 0
+    backends_written: int = 0
+    vips_added: int = 0
+    vips_removed: int = 0
+    backends_removed: int = 0
+
+
+class MapSync:
+    """Keeps a maps object (kernel or userspace) equal to the desired state."""
+
+    def __init__(self, maps) -> None:
+        self.maps = maps
+        self.ring_size = 0
+        self.rings: dict[int, np.ndarray] = {}  # vip id -> ring as last written
+
+    def read_current(self) -> Current:
+        """Ids the maps hold now (for stable allocation, e.g. after a restart)."""
+        cur = Current()
+        for k, info in self.maps.items("vips"):
+            cur.vip_ids[(ipv4_of(k.addr), from_be16(k.port), k.proto)] = info.vip_id
+        for bid, be in self.maps.items("backends"):
+            if be.flags & BackendFlag.VALID:
+                cur.backend_ids[(be.vip_id, ipv4_of(be.addr), from_be16(be.port))] = bid
+        return cur
+
+    def _ring_now(self, vip_id: int, size: int) -> np.ndarray:
+        if vip_id in self.rings and len(self.rings[vip_id]) == size:
+            return self.rings[vip_id]
+        ring = self.maps.u32_slice("maglev", vip_id * size, size)
+        self.rings[vip_id] = ring
+        return ring
+
+    def apply(self, desired: DesiredState, current: Current) -> SyncReport:
+        rep = SyncReport()
+        m = self.maps
+        M = desired.ring_size
+        m.update("meta", 0, Meta(desired.seed, M, int(layout_version(), 16),
+                                 desired.next_hop_ttl_ns, desired.udp_idle_ns))
+
+        # 1. removed VIPs go first: their id may be reused by a VIP added below
+        wanted = {v.key: v for v in desired.vips}
+        for key in current.vip_ids:
+            if key not in wanted:
+                m.delete("vips", vip_key(*key))
+                rep.vips_removed += 1
+
+        # 2. backends (new ones become valid before any slot points at them)
+        for v in desired.vips:
+            vip = vip_key(*v.key)  # a backend names its VIP: the data path checks flows by it
+            for b in v.backends:
+                flags = BackendFlag.VALID | (BackendFlag.DOWN if b.down else 0)
+                new = Backend(addr16(ipaddress.IPv4Address(b.address).packed),
+                              be16(b.port), FAMILY_IPV4, int(flags), v.vip_id, b.weight,
+                              vip.addr, vip.port, vip.proto)
+                old = m.lookup("backends", b.backend_id)
+                if old is None or bytes(old) != bytes(new):
+                    m.update("backends", b.backend_id, new)
+                    rep.backends_written += 1
+
+        # 3. prefilter bits for every backend and VIP address, before the VIPs appear
+        self._mark_addresses(desired)
+
+        # 4. rings, slot by slot where they differ
+        for v in desired.vips:
+            rep.slots_written += self._write_ring(v, M, fresh=v.key not in current.vip_ids)
+
+        # 5. VIPs (now that their rings are complete) and their addresses
+        for key, v in wanted.items():
+            if current.vip_ids.get(key) != v.vip_id or m.lookup("vips", vip_key(*key)) is None:
+                m.update("vips", vip_key(*key), VipInfo(v.vip_id, 0))
+                rep.vips_added += 1
+        addrs = {k[0] for k in wanted}
+        for k, _ in list(m.items("vip_addrs")):
+            if ipv4_of(k.addr) not in addrs:
+                m.delete("vip_addrs", k)
+        for a in addrs:
+            m.update("vip_addrs", AddrKey(addr16(ipaddress.IPv4Address(a).packed)), 1)
+
+        # 6. backends no longer configured: invalid, so their flows move on
+        keep = desired.backend_ids()
+        for bid in set(current.backend_ids.values()) - keep:
+            m.update("backends", bid, Backend())
+            rep.backends_removed += 1
+        live = {v.vip_id for v in desired.vips}
+        for vid in [i for i in self.rings if i not in live]:
+            self._clear_ring(vid, M)
+        return rep
+
+    def _mark_addresses(self, desired: DesiredState) -> None:
+        """Set the prefilter bits of every VIP and backend address. Bits are never cleared:
+        a removed backend's reverse entries outlive it, and its late replies must still be
+        rewritten; a stale bit only costs the hash lookups the filter would have saved."""
+        want: dict[int, int] = {}
+        for v in desired.vips:
+            addrs = [(v.address, ADDR_MAYBE_VIP)] + [(b.address, ADDR_MAYBE_BACKEND)
+                                                      for b in v.backends]
+            for a, bit in addrs:
+                slot = addr_slot(ipaddress.IPv4Address(a).packed, ADDR_FILTER_BITS)
+                want[slot] = want.get(slot, 0) | bit
+        for slot, bits in want.items():
+            have = self.maps.lookup("addr_filter", slot) or 0
+            if have | bits != have:
+                self.maps.update("addr_filter", slot, have | bits)
+
+    def _write_ring(self, v: DesiredVip, size: int, fresh: bool) -> int:
+        new = v.ring.astype(np.uint32)
+        if fresh and v.vip_id not in self.rings:  # nothing of this VIP in the map yet
+            changed = np.arange(size)
+        else:
+            changed = np.nonzero(self._ring_now(v.vip_id, size) != new)[0]
+        base = v.vip_id * size
+        self.maps.update_many("maglev", ((base + int(i), int(new[i])) for i in changed))
+        self.rings[v.vip_id] = new
+        return len(changed)
+
+    def _clear_ring(self, vip_id: int, size: int) -> None:
+        base = vip_id * size
+        self.maps.update_many("maglev", ((base + i, NO_BACKEND) for i in range(size)))
+        del self.rings[vip_id]
+
+    def set_tx_ports(self, ifindexes: list[int]) -> None:
+        """Interfaces packets may be redirected to: ifindex -> devmap slot -> ifindex."""
+        for slot, idx in enumerate(ifindexes):
+            self.maps.update("tx_devs", slot, idx)
+            self.maps.update("tx_ports", idx, slot)

@@ -1,0 +1,151 @@
+"""Prometheus metrics of a balancer instance, read from its pinned maps at each scrape.
+
+No background polling: a scrape runs the same reading as ``xdplb stats`` and ``xdplb
+backends`` (so the numbers agree with them) and turns it into metric families. The agent
+serves them when started with ``--metrics-addr HOST:PORT``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from xdplb.abi.layout import OUTCOMES
+from xdplb.inspect import backends, stats
+from xdplb.inspect.reader import Reader
+from xdplb.instance import pins
+
+OUTCOME_NAMES = frozenset(c.name.lower() for c in OUTCOMES)
+HEALTH_STATES = ("up", "down", "unknown")
+
+
+def parse_addr(spec: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all addresses) -> (host, port)."""
+    host, sep, port = spec.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--metrics-addr wants HOST:PORT (e.g. 127.0.0.1:9477), not {spec!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"--metrics-addr: {host!r} is not an IP address") from None
+    return host or "0.0.0.0", int(port)
+
+
+def _vip_label(row: dict[str, Any]) -> str:
+    return row["vip"] or f"{row['vip_address']}:{row['vip_port']}"
+
+
+def families(st: dict[str, Any], backends: list[dict[str, Any]]) -> list[Metric]:
+    """Metric families from one ``stats.collect`` and one ``backends.collect``."""
+    vl = ["vip", "address", "port", "protocol"]
+    vip_fams = {
+        "packets": CounterMetricFamily("xdplb_vip_packets", "Packets balanced to the VIP",
+                                       labels=vl),
+        "bytes": CounterMetricFamily("xdplb_vip_bytes", "Bytes balanced to the VIP", labels=vl),
+        "new_flows": CounterMetricFamily("xdplb_vip_new_flows", "Flows created", labels=vl),
+        "flows": GaugeMetricFamily("xdplb_vip_flows", "Tracked flows", labels=vl),
+        "active_flows": GaugeMetricFamily("xdplb_vip_active_flows",
+                                          "Tracked flows not closed and recently seen",
+                                          labels=vl),
+    }
+    for row in st["vips"]:
+        labels = [_vip_label(row), row["vip_address"], str(row["vip_port"]), row["protocol"]]
+        for k, fam in vip_fams.items():
+            fam.add_metric(labels, row[k])
+
+    bl = ["vip", "backend"]
+    be_fams = {
+        "packets": CounterMetricFamily("xdplb_backend_packets", "Packets sent to the backend",
+                                       labels=bl),
+        "bytes": CounterMetricFamily("xdplb_backend_bytes", "Bytes sent to the backend",
+                                     labels=bl),
+        "new_flows": CounterMetricFamily("xdplb_backend_new_flows", "Flows created",
+                                         labels=bl),
+        "flows": GaugeMetricFamily("xdplb_backend_flows", "Tracked flows", labels=bl),
+        "active_flows": GaugeMetricFamily("xdplb_backend_active_flows",
+                                          "Tracked flows not closed and recently seen",
+                                          labels=bl),
+    }
+    for row in st["backends"]:
+        labels = [_vip_label(row), f"{row['address']}:{row['port']}"]
+        for k, fam in be_fams.items():
+            fam.add_metric(labels, row[k])
+
+    up = GaugeMetricFamily("xdplb_backend_up", "1 when the data path gives the backend flows "
+                           "(not marked down)", labels=bl)
+    health = GaugeMetricFamily("xdplb_backend_health", "Health check state (1 for the "
+                               "current one)", labels=[*bl, "state"])
+    weight = GaugeMetricFamily("xdplb_backend_weight", "Configured weight", labels=bl)
+    share = GaugeMetricFamily("xdplb_backend_maglev_share_ratio",
+                              "Share of the VIP's Maglev table", labels=bl)
+    for row in backends:
+        labels = [_vip_label(row), f"{row['address']}:{row['port']}"]
+        up.add_metric(labels, 0 if row["down"] else 1)
+        for s in HEALTH_STATES:
+            health.add_metric([*labels, s], 1 if row["health"]["state"] == s else 0)
+        weight.add_metric(labels, row["weight"])
+        share.add_metric(labels, row["maglev_share"] / 100)
+
+    packets = CounterMetricFamily("xdplb_packets", "Packets by outcome (pass, drop reason, "
+                                  "tx, redirect)", labels=["outcome"])
+    events = CounterMetricFamily("xdplb_events", "Data path events", labels=["event"])
+    for name, v in st["counters"].items():
+        (packets if name in OUTCOME_NAMES else events).add_metric([name], v)
+
+    ft = st["flow_table"]
+    table = [
+        GaugeMetricFamily("xdplb_flow_table_entries", "Entries in the flow table",
+                          value=ft["entries"]),
+        GaugeMetricFamily("xdplb_flow_table_capacity", "Size of the flow table",
+                          value=ft["capacity"]),
+        GaugeMetricFamily("xdplb_flow_table_fill_ratio", "Entries / size", value=ft["fill"]),
+    ]
+    return [*vip_fams.values(), *be_fams.values(), up, health, weight, share, packets,
+            events, *table]
+
+
+class PinnedCollector(Collector):
+    """Reads an instance's pins on every scrape."""
+
+    def __init__(self, group: pins.PinGroup) -> None:
+        self.group = group
+
+    def describe(self) -> list[Metric]:
+        return []  # no reading at registration time
+
+    def collect(self) -> Iterator[Metric]:
+        with Reader(self.group) as r:
+            st, bes = stats.collect(r), backends.collect(r)
+        yield from families(st, bes)
+
+
+class MetricsServer:
+    """The HTTP endpoint (a daemon thread); ``close()`` stops it."""
+
+    def __init__(self, addr: str, group: pins.PinGroup) -> None:
+        host, port = parse_addr(addr)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(PinnedCollector(group))
+        try:
+            self.server, self.thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot serve metrics on {addr}: {e.strerror or e}") from e
+        self.address = self.server.server_address[:2]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def serve(addr: str, group: pins.PinGroup) -> MetricsServer:
+    """Serve ``/metrics`` for ``group`` on ``addr`` (OSError when it cannot bind)."""
+    return MetricsServer(addr, group)
+

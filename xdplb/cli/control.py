@@ -1,0 +1,89 @@
+"""Talking to a running agent: ``reload``, ``drain`` and ``undrain``.
+
+The agent's pid and state are in its run state (runfiles.py); requests are a signal
+(SIGHUP: reload the config file; SIGUSR1: re-read the drain list) and the answer is the
+agent's ``last_event`` once its generation moves on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from xdplb.config import Config, load_config
+from xdplb.instance import pins, runfiles
+from xdplb.model.desired import backend_label
+
+
+class NoAgent(LookupError):
+    """No running agent to talk to."""
+
+
+@dataclass
+class Running:
+    group: pins.PinGroup
+    info: dict[str, Any]
+
+
+def find_agent(iface: str | None = None) -> Running:
+    """The running agent of ``iface``, or the only one in this network namespace."""
+    groups = pins.groups_with(iface) if iface else pins.groups()
+    live = [Running(g, i) for g in groups if (i := runfiles.agent_info(g))]
+    if not live:
+        where = f"on {iface}" if iface else "in this network namespace"
+        raise NoAgent(f"no running xdplb agent {where}; start one with "
+                      "`xdplb attach IFACE --config pool.yaml`")
+    if len(live) > 1:
+        names = ", ".join("+".join(r.group.ifaces) for r in live)
+        raise NoAgent(f"several agents run here ({names}); name the interface")
+    return live[0]
+
+
+def signal_and_wait(run: Running, sig: int, kind: str, timeout: float = 30) -> dict[str, Any]:
+    """Send ``sig`` and wait for the agent's answer (its next ``last_event`` of ``kind``)."""
+    before = (run.info.get("last_event") or {}).get("time", 0)
+    os.kill(int(run.info["pid"]), sig)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = runfiles.agent_info(run.group)
+        if info is None:
+            raise NoAgent("the agent exited")
+        ev = info.get("last_event") or {}
+        if ev.get("kind") == kind and ev.get("time", 0) > before:
+            return ev
+        time.sleep(0.05)
+    raise TimeoutError(f"the agent did not answer within {timeout:g}s")
+
+
+def reload(run: Running) -> dict[str, Any]:
+    return signal_and_wait(run, signal.SIGHUP, "reload")
+
+
+def resolve_backend(cfg: Config, vip: str, backend: str) -> str:
+    """``VIP`` (name or addr:port) and ``BACKEND`` (addr or addr:port) -> backend label."""
+    matches = [v for v in cfg.vips if vip in (v.name, f"{v.address}:{v.port}")]
+    if not matches:
+        raise ValueError(f"no VIP {vip!r} in the agent's config (use a name or ADDR:PORT)")
+    if len(matches) > 1:
+        raise ValueError(f"{vip!r} names several VIPs (tcp and udp?): use the VIP's name")
+    v = matches[0]
+    found = [b for b in v.backends
+             if backend in (str(b.address), f"{b.address}:{b.target_port(v)}")]
+    if len(found) != 1:
+        what = "no" if not found else "more than one"
+        raise ValueError(f"{what} backend {backend!r} in VIP {v.name} (use ADDR:PORT)")
+    b = found[0]
+    return backend_label(v.name, str(b.address), b.target_port(v))
+
+
+def set_drain(run: Running, vip: str, backend: str, drained: bool) -> tuple[str, dict]:
+    """Drain (weight 0: no new flows, existing ones stay) or undrain a backend."""
+    cfg = load_config(run.info["config"])
+    label = resolve_backend(cfg, vip, backend)
+    current = runfiles.read_drains(run.group)
+    (current.add if drained else current.discard)(label)
+    runfiles.write_drains(run.group, current)
+    return label, signal_and_wait(run, signal.SIGUSR1, "drains")

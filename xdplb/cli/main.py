@@ -1,0 +1,204 @@
+"""The ``xdplb`` command line.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or config error, 3 nothing attached.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import NoReturn
+
+import click
+
+from xdplb import __version__
+from xdplb.abi.layout import layout_version
+from xdplb.config import ConfigError, load_config
+
+EXIT_RUNTIME, EXIT_USAGE, EXIT_NOTHING = 1, 2, 3
+
+
+def fail(msg: str, code: int) -> NoReturn:
+    click.echo(f"xdplb: {msg}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="xdplb",
+                      message="%(prog)s %(version)s (map layout " + layout_version() + ")")
+@click.option("--netns", metavar="NAME", help="Run in network namespace NAME (/run/netns/NAME).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(netns: str | None, verbose: bool) -> None:
+    """xdplb: an XDP/eBPF L4 load balancer with Maglev consistent hashing."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if netns:
+        from pyroute2 import netns as pr_netns
+
+        try:
+            # Network namespace only: bpffs (and our pins) stay those of the host mount ns.
+            pr_netns.setns(netns)
+        except OSError as e:
+            fail(f"cannot enter network namespace {netns}: {e}", EXIT_USAGE)
+
+
+def _load(path: str):
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        fail(f"invalid config, nothing changed:\n{e}", EXIT_USAGE)
+
+
+@main.command()
+@click.argument("ifaces", nargs=-1, required=True, metavar="IFACE [IFACE...]")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="pool.yaml")
+@click.option("--mode", type=click.Choice(["native", "generic", "auto"]), default="auto",
+              show_default=True, help="XDP mode; auto: native, else generic with a warning.")
+@click.option("--keep", is_flag=True, help="Leave program and pinned maps in place on exit.")
+@click.option("--datapath", type=click.Choice(["bpf", "scapy"]), default="bpf", show_default=True,
+              help="bpf: the XDP program; scapy: the Python data path (no BCC, slower).")
+@click.option("--metrics-addr", metavar="HOST:PORT",
+              help="Serve Prometheus metrics on http://HOST:PORT/metrics (off by default).")
+def attach(ifaces: tuple[str, ...], config_path: str, mode: str, keep: bool, datapath: str,
+           metrics_addr: str | None) -> None:
+    """Attach to IFACE(s) and balance until Ctrl-C/SIGTERM (first IFACE faces clients)."""
+    from xdplb.agent import metrics
+    from xdplb.agent.core import Agent, AttachError, UsageError
+    from xdplb.kernel.loader import CompileError
+
+    if metrics_addr:
+        try:
+            metrics.parse_addr(metrics_addr)
+        except ValueError as e:
+            fail(str(e), EXIT_USAGE)
+    cfg = _load(config_path)
+    server = None
+    try:
+        agent = Agent(cfg, list(ifaces), mode=mode, keep=keep, config_path=config_path,
+                      datapath=datapath)
+        if metrics_addr:  # bound before attaching: a taken port changes nothing
+            server = metrics.serve(metrics_addr, agent.group)
+        agent.start()
+    except UsageError as e:
+        fail(str(e), EXIT_USAGE)
+    except (AttachError, CompileError, OSError) as e:
+        fail(str(e), EXIT_RUNTIME)
+    finally:
+        if server is not None and not agent.attached:
+            server.close()
+    click.echo(f"xdplb: attached to {', '.join(ifaces)}; Ctrl-C to detach", err=True)
+    try:
+        agent.run()
+    finally:
+        if server is not None:
+            server.close()
+
+
+@main.command()
+@click.argument("iface")
+@click.option("--force", is_flag=True, help="Also remove an XDP program that is not xdplb's.")
+def detach(iface: str, force: bool) -> None:
+    """Remove the program and pins left on IFACE (e.g. by an agent that died or --keep)."""
+    from xdplb.agent.core import UsageError
+    from xdplb.agent.core import detach as do_detach
+
+    try:
+        for line in do_detach(iface, force=force):
+            click.echo(line)
+    except UsageError as e:
+        fail(str(e), EXIT_USAGE)
+    except LookupError as e:
+        fail(f"{e}; nothing to do", EXIT_NOTHING)
+    except OSError as e:
+        fail(str(e), EXIT_RUNTIME)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(as_json: bool) -> None:
+    """Attached interfaces, XDP mode, VIPs and backends."""
+    from xdplb.inspect.status import collect, render
+
+    groups = collect()
+    if not groups:
+        if as_json:
+            click.echo(json.dumps({"groups": []}))
+        fail("no xdplb program in this network namespace; run `xdplb attach IFACE "
+             "--config pool.yaml`", EXIT_NOTHING)
+    click.echo(json.dumps({"groups": groups}, indent=2) if as_json else render(groups))
+
+
+@main.command()
+@click.argument("iface", required=False)
+def reload(iface: str | None) -> None:
+    """Apply the edited config file of the running agent (same as SIGHUP to it)."""
+    from xdplb.cli import control
+
+    try:
+        run = control.find_agent(iface)
+        _load(run.info["config"])  # says what is wrong, exit 2, agent untouched
+        ev = control.reload(run)
+    except control.NoAgent as e:
+        fail(str(e), EXIT_NOTHING)
+    except (OSError, TimeoutError) as e:
+        fail(str(e), EXIT_RUNTIME)
+    if not ev["ok"]:
+        fail(ev["message"], EXIT_USAGE)
+    click.echo(f"reloaded: {ev['message']} (generation {ev['generation']})")
+
+
+def _drain(vip: str, backend: str, iface: str | None, drained: bool) -> None:
+    from xdplb.cli import control
+
+    try:
+        run = control.find_agent(iface)
+        label, ev = control.set_drain(run, vip, backend, drained)
+    except control.NoAgent as e:
+        fail(str(e), EXIT_NOTHING)
+    except ConfigError as e:
+        fail(f"the agent's config no longer validates:\n{e}", EXIT_USAGE)
+    except ValueError as e:
+        fail(str(e), EXIT_USAGE)
+    except (OSError, TimeoutError) as e:
+        fail(str(e), EXIT_RUNTIME)
+    state = "drained: no new flows, established ones continue" if drained else "undrained"
+    click.echo(f"{label} {state} (generation {ev['generation']})")
+
+
+@main.command()
+@click.argument("vip")
+@click.argument("backend")
+@click.option("--iface", help="Interface of the agent, when several run here.")
+def drain(vip: str, backend: str, iface: str | None) -> None:
+    """Stop new flows to BACKEND of VIP (name or ADDR:PORT); established flows stay."""
+    _drain(vip, backend, iface, True)
+
+
+@main.command()
+@click.argument("vip")
+@click.argument("backend")
+@click.option("--iface", help="Interface of the agent, when several run here.")
+def undrain(vip: str, backend: str, iface: str | None) -> None:
+    """Let BACKEND of VIP take new flows again."""
+    _drain(vip, backend, iface, False)
+
+
+@main.command("check-config")
+@click.argument("config_path", type=click.Path(dir_okay=False))
+def check_config(config_path: str) -> None:
+    """Validate a pool.yaml without touching anything."""
+    cfg = _load(config_path)
+    n = sum(len(v.backends) for v in cfg.vips)
+    click.echo(f"{config_path}: OK ({len(cfg.vips)} VIPs, {n} backends)")
+
+
+from xdplb.cli import inspect as cli_inspect  # noqa: E402 (registers on `main`, defined above)
+from xdplb.cli import offline as cli_offline  # noqa: E402
+
+for _command in (*cli_inspect.COMMANDS, *cli_offline.COMMANDS):
+    main.add_command(_command)

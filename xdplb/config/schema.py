@@ -1,0 +1,417 @@
+"""The pool.yaml schema: pydantic models for VIPs, backends, health checks, Maglev and flow
+settings, and the checks across VIPs. Loading and error locations are in ``loader.py``."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import math
+import re
+from collections.abc import Sequence
+from contextvars import ContextVar
+from ipaddress import IPv4Address
+from typing import Annotated, Any, Literal, NamedTuple
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+
+from xdplb.config.errors import Loc, Problem, describe, fail
+
+Protocol = Literal["tcp", "udp"]
+HealthCheckType = Literal["tcp", "http", "none"]
+
+TABLE_SIZE_MIN, TABLE_SIZE_MAX = 3, 1_000_003
+MAX_ENTRIES_MIN, MAX_ENTRIES_MAX = 1024, 100_000_000
+DURATION_MIN, DURATION_MAX = 0.001, 3600.0
+_LIMITED_BROADCAST = IPv4Address("255.255.255.255")
+
+
+# --- field types ---------------------------------------------------------------------------------
+
+
+
+def _in_range(lo: int, hi: int) -> AfterValidator:
+    def check(value: int) -> int:
+        if not lo <= value <= hi:
+            fail(f"{value} is out of range ({lo}-{hi})")
+        return value
+
+    return AfterValidator(check)
+
+
+Port = Annotated[StrictInt, _in_range(1, 65535)]
+Weight = Annotated[StrictInt, _in_range(0, 65535)]
+Seed = Annotated[StrictInt, _in_range(0, 2**32 - 1)]
+MaxEntries = Annotated[StrictInt, _in_range(MAX_ENTRIES_MIN, MAX_ENTRIES_MAX)]
+StatusCode = Annotated[StrictInt, _in_range(100, 599)]
+CacheMs = Annotated[StrictInt, _in_range(0, 10_000)]
+Count = Annotated[StrictInt, Field(ge=1)]
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    # Trial division is instant for n <= TABLE_SIZE_MAX (~1000 divisions).
+    return all(n % d for d in range(2, math.isqrt(n) + 1))
+
+
+def _check_table_size(value: int) -> int:
+    if not TABLE_SIZE_MIN <= value <= TABLE_SIZE_MAX:
+        fail(f"{value} is out of range ({TABLE_SIZE_MIN}-{TABLE_SIZE_MAX})")
+    if not _is_prime(value):
+        below = next(n for n in range(value - 1, 1, -1) if _is_prime(n))
+        above = next(n for n in range(value + 1, 2 * value + 2) if _is_prime(n))
+        fail(f"{value} is not prime (nearest primes: {below}, {above})")
+    return value
+
+
+TableSize = Annotated[StrictInt, AfterValidator(_check_table_size)]
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.fullmatch(value):
+        fail(
+            f"{value!r} is not a valid name (letters, digits, '-', '_', '.'; "
+            "must start with a letter or digit; at most 64 characters)"
+        )
+    return value
+
+
+Name = Annotated[StrictStr, AfterValidator(_check_name)]
+
+# Address family of the VIP being validated, so that a backend's address validator can tell an
+# IPv4/IPv6 mix from a plain IPv6 address. Set by Vip's wrap validator, scoped to that VIP.
+_VIP_FAMILY: ContextVar[int | None] = ContextVar("xdplb_vip_family", default=None)
+
+
+def _parse_address(value: Any, role: Literal["VIP", "backend"]) -> IPv4Address:
+    if isinstance(value, IPv4Address):
+        return value
+    if not isinstance(value, str):
+        fail(f"expected an IP address string, got {describe(value)}")
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        fail(f"{value!r} is not an IP address")
+    vip_family = _VIP_FAMILY.get() if role == "backend" else None
+    if vip_family is not None and vip_family != addr.version:
+        fail(f"address family mix (IPv{addr.version} backend for IPv{vip_family} VIP)")
+    if not isinstance(addr, IPv4Address):
+        fail("IPv6 is not supported by the data path yet")
+    if addr.is_unspecified or addr.is_multicast or addr == _LIMITED_BROADCAST:
+        fail(f"{addr} is not a unicast address")
+    return addr
+
+
+VipAddress = Annotated[IPv4Address, BeforeValidator(lambda v: _parse_address(v, "VIP"))]
+BackendAddress = Annotated[IPv4Address, BeforeValidator(lambda v: _parse_address(v, "backend"))]
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0}
+
+
+def _format_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+def _parse_duration(value: Any, zero_ok: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        fail(f"expected a duration such as '2s' or '500ms', got {describe(value)}")
+    if zero_ok and value in (0, "0"):
+        return 0.0
+    if isinstance(value, str):
+        match = _DURATION_RE.fullmatch(value.strip())
+        if not match:
+            fail(
+                f"{value!r} is not a valid duration "
+                "(use e.g. '2s', '500ms', '1m' or a number of seconds)"
+            )
+        seconds = float(match[1]) * _UNIT_SECONDS[match[2]]
+    else:
+        seconds = float(value)
+    if not (math.isfinite(seconds) and DURATION_MIN <= seconds <= DURATION_MAX):
+        fail(f"{value} is out of range ({'0 or ' if zero_ok else ''}1ms-1h)")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(_parse_duration)]
+
+# A duration, or 0 for "never".
+OptionalDuration = Annotated[float, BeforeValidator(lambda v: _parse_duration(v, zero_ok=True))]
+
+
+def _int_as_list(value: Any) -> Any:
+    # expect_status accepts a single code as shorthand for a one-element list.
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _non_empty(what: str) -> BeforeValidator:
+    # Checked on the input, not with min_length: pydantic counts only the items that validated,
+    # so a list whose every item is invalid would also be reported as empty.
+    def check(value: Any) -> Any:
+        if isinstance(value, list | tuple) and not value:
+            fail(f"must not be empty (at least one {what} is required)")
+        return value
+
+    return BeforeValidator(check)
+
+
+def none_as_empty(value: Any) -> Any:
+    # An optional section left empty (every key commented out) means "all defaults".
+    return {} if value is None else value
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class HealthCheck(_Model):
+    """How the control plane probes a VIP's backends. Durations are in seconds."""
+
+    # Field order matters: validators below read earlier fields (type, interval) from info.data.
+    type: HealthCheckType = "none"
+    path: StrictStr = "/"
+    expect_status: Annotated[tuple[StatusCode, ...], _non_empty("status code")] | None = None
+    interval: Duration = 2.0
+    timeout: Duration = 1.0
+    rise: Count = 2
+    fall: Count = 3
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str, info: ValidationInfo) -> str:
+        cls._http_only("path", info)
+        # The path goes verbatim into the request line, so it must not break it.
+        if not value.startswith("/") or any(c.isspace() or not c.isprintable() for c in value):
+            fail(f"{value!r} is not a valid HTTP path (must start with '/', no spaces)")
+        return value
+
+    @field_validator("expect_status", mode="before")
+    @classmethod
+    def _check_expect_status(cls, value: Any, info: ValidationInfo) -> Any:
+        cls._http_only("expect_status", info)
+        return _int_as_list(value)
+
+    @staticmethod
+    def _http_only(key: str, info: ValidationInfo) -> None:
+        # HTTP settings without any probe almost always mean a forgotten "type: http". With
+        # type: tcp they are accepted and ignored (the reference pool.yaml does exactly that),
+        # so switching a check between tcp and http is a one-line change.
+        if info.data.get("type") == "none":
+            fail(f"{key} is only used by type: http, but type is none (add 'type: http')")
+
+    @model_validator(mode="after")
+    def _check_timeout(self) -> HealthCheck:
+        if self.timeout >= self.interval:
+            # Blame the key the author wrote; a default they never saw would be confusing.
+            key = "timeout" if "timeout" in self.model_fields_set else "interval"
+            fail(
+                (
+                    (key,),
+                    f"timeout ({_format_duration(self.timeout)}) must be shorter than "
+                    f"interval ({_format_duration(self.interval)})",
+                    None,
+                )
+            )
+        return self
+
+
+class Backend(_Model):
+    """A real server behind a VIP."""
+
+    address: BackendAddress
+    port: Port | None = None  # None: keep the VIP's port
+    weight: Weight = 1  # 0 drains: existing flows stay, no new ones
+
+    def target_port(self, vip: Vip) -> int:
+        """The destination port packets for ``vip`` are rewritten to on this backend."""
+        return vip.port if self.port is None else self.port
+
+
+class Vip(_Model):
+    """A virtual service: address, port and protocol, load-balanced over ``backends``."""
+
+    name: Name
+    address: VipAddress
+    port: Port
+    protocol: Protocol
+    backends: Annotated[tuple[Backend, ...], _non_empty("backend")]
+    health_check: Annotated[HealthCheck, BeforeValidator(none_as_empty)] = Field(
+        default_factory=HealthCheck
+    )
+
+    @property
+    def key(self) -> tuple[IPv4Address, int, Protocol]:
+        """What identifies the VIP in the data path: (address, port, protocol)."""
+        return (self.address, self.port, self.protocol)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _scope_family(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Vip:
+        family = None
+        if isinstance(data, dict) and isinstance(data.get("address"), str):
+            with contextlib.suppress(ValueError):  # a bad address is reported by its validator
+                family = ipaddress.ip_address(data["address"]).version
+        token = _VIP_FAMILY.set(family)
+        try:
+            return handler(data)
+        finally:
+            _VIP_FAMILY.reset(token)
+
+    @field_validator("backends")
+    @classmethod
+    def _check_duplicates(cls, backends: tuple[Backend, ...], info: ValidationInfo) -> Any:
+        vip_port = info.data.get("port")  # absent if invalid; default ports then compare as None
+        seen: dict[tuple[IPv4Address, int | None], int] = {}
+        problems: list[Problem] = []
+        for i, backend in enumerate(backends):
+            port = vip_port if backend.port is None else backend.port
+            first = seen.setdefault((backend.address, port), i)
+            if first != i:
+                shown = f"{backend.address}:{port}" if port is not None else str(backend.address)
+                problems.append(((i,), f"duplicate backend {shown} (same as {{where}})", (first,)))
+        if problems:
+            fail(*problems)
+        return backends
+
+
+class Maglev(_Model):
+    """Maglev lookup-table parameters (one table of ``table_size`` slots per VIP)."""
+
+    table_size: TableSize = 65537
+    seed: Seed = 0
+
+
+class Flows(_Model):
+    """Connection-tracking (flow) table parameters."""
+
+    max_entries: MaxEntries = 1_000_000
+    # How long a flow reuses its bpf_fib_lookup result (next-hop MACs and egress) before it
+    # looks again; 0 looks up every packet. Neighbour and route changes reach a flow within it.
+    next_hop_cache_ms: CacheMs = 100
+    # UDP has no end of connection: a flow idle this long is over, and the client's next
+    # datagram is a new flow (balanced anew: a drained backend gets no more). 0: never.
+    udp_idle_timeout: OptionalDuration = 60.0
+
+
+class Config(_Model):
+    """The whole pool.yaml."""
+
+    vips: Annotated[tuple[Vip, ...], _non_empty("VIP")]
+    maglev: Annotated[Maglev, BeforeValidator(none_as_empty)] = Field(default_factory=Maglev)
+    flows: Annotated[Flows, BeforeValidator(none_as_empty)] = Field(default_factory=Flows)
+
+    @field_validator("vips")
+    @classmethod
+    def _check_unique(cls, vips: tuple[Vip, ...]) -> tuple[Vip, ...]:
+        if problems := uniqueness_problems([VipFacts.of(i, v) for i, v in enumerate(vips)]):
+            fail(*problems)
+        return vips
+
+    @model_validator(mode="after")
+    def _check_table_fits(self) -> Config:
+        facts = [VipFacts.of(i, v) for i, v in enumerate(self.vips)]
+        if problems := table_fit_problems(self.maglev, facts):
+            fail(*problems)
+        return self
+
+
+class VipFacts(NamedTuple):
+    """What the cross-VIP checks need; None where that part of the VIP is invalid.
+
+    pydantic skips a field's validators once any item in it fails, so the loader also runs the
+    checks on facts taken from the raw VIPs: otherwise a duplicate name would only show up after
+    every unrelated error in other VIPs had been fixed.
+    """
+
+    index: int
+    name: str | None
+    key: tuple[IPv4Address, int, str] | None
+    n_backends: int | None
+
+    @classmethod
+    def of(cls, index: int, vip: Vip) -> VipFacts:
+        return cls(index, vip.name, vip.key, len(vip.backends))
+
+    @classmethod
+    def from_raw(cls, index: int, raw: Any) -> VipFacts:
+        if not isinstance(raw, dict):
+            return cls(index, None, None, None)
+        name = valid_or_none(_NAME, raw.get("name"))
+        parts = (
+            valid_or_none(_ADDRESS, raw.get("address")),
+            valid_or_none(_PORT, raw.get("port")),
+            valid_or_none(_PROTOCOL, raw.get("protocol")),
+        )
+        key = None if None in parts else parts
+        backends = raw.get("backends")
+        return cls(index, name, key, len(backends) if isinstance(backends, list) else None)
+
+
+_NAME: TypeAdapter[str] = TypeAdapter(Name)
+_ADDRESS: TypeAdapter[IPv4Address] = TypeAdapter(VipAddress)
+_PORT: TypeAdapter[int] = TypeAdapter(Port)
+_PROTOCOL: TypeAdapter[str] = TypeAdapter(Protocol)
+MAGLEV: TypeAdapter[Maglev] = TypeAdapter(Maglev)
+
+
+def valid_or_none(adapter: TypeAdapter[Any], value: Any) -> Any:
+    try:
+        return adapter.validate_python(value)
+    except ValidationError:
+        return None
+
+
+def uniqueness_problems(vips: Sequence[VipFacts]) -> list[Problem]:
+    """Duplicate VIP names and duplicate (address, port, protocol); locs relative to ``vips``."""
+    names: dict[str, int] = {}
+    keys: dict[tuple[IPv4Address, int, str], int] = {}
+    problems: list[Problem] = []
+    for vip in vips:
+        i = vip.index
+        if vip.name is not None and (first := names.setdefault(vip.name, i)) != i:
+            msg = f"duplicate VIP name {vip.name!r} (first used by {{where}})"
+            problems.append(((i, "name"), msg, (first,)))
+        if vip.key is not None and (first := keys.setdefault(vip.key, i)) != i:
+            address, port, protocol = vip.key
+            msg = f"duplicate VIP {address}:{port}/{protocol} (same as {{where}})"
+            problems.append(((i,), msg, (first,)))
+    return problems
+
+
+def table_fit_problems(maglev: Maglev, vips: Sequence[VipFacts]) -> list[Problem]:
+    """VIPs with at least table_size backends; locs relative to the whole config."""
+    # Maglev gives every backend a slot only if the table is larger than the backend count.
+    # Blame table_size if the author set it, else the VIP with too many backends.
+    size = maglev.table_size
+    explicit = "table_size" in maglev.model_fields_set
+    problems: list[Problem] = []
+    for vip in vips:
+        if vip.n_backends is not None and vip.n_backends >= size:
+            loc: Loc = ("maglev", "table_size") if explicit else ("vips", vip.index, "backends")
+            label = repr(vip.name) if vip.name is not None else f"vips[{vip.index}]"
+            msg = f"Maglev table_size {size} must be greater than the number of backends"
+            problems.append((loc, f"{msg} (VIP {label} has {vip.n_backends})", None))
+    return problems
+
+

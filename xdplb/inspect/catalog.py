@@ -1,0 +1,173 @@
+"""The VIPs and backends a running balancer holds, by id, as its pinned maps say.
+
+VIP names are not in the maps: they come from the config file the live agent publishes
+(``runfiles.agent_info``). With no live agent (only pins left) VIPs go by address:port.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from xdplb.abi.codec import PROTO_NAMES, PROTOCOLS, from_be16, ipv4_of
+from xdplb.abi.layout import BackendFlag
+from xdplb.instance import pins, runfiles
+from xdplb.kernel import bulk
+from xdplb.kernel.maps import KernelMaps
+from xdplb.model.desired import Service
+
+log = logging.getLogger("xdplb")
+
+
+
+
+@dataclass(frozen=True)
+class VipRef:
+    id: int
+    address: str
+    port: int
+    proto: int
+    name: str | None = None
+
+    @property
+    def protocol(self) -> str:
+        return PROTO_NAMES.get(self.proto, str(self.proto))
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.address}:{self.port}"
+
+    @property
+    def label(self) -> str:
+        """The name when known, else ``tcp 10.200.0.10:80``."""
+        return self.name or f"{self.protocol} {self.endpoint}"
+
+
+@dataclass(frozen=True)
+class BackendRef:
+    id: int
+    vip_id: int
+    address: str
+    port: int
+    weight: int
+    down: bool  # the data path's flag: failed health checks
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Catalog:
+    vips: dict[int, VipRef]
+    backends: dict[int, BackendRef]  # valid slots of the backends array only
+    seed: int
+    ring_size: int
+    udp_idle_ns: int = 0  # meta.udp_idle_ns: a UDP flow idle this long is over (0: never)
+
+    @classmethod
+    def read(cls, maps: KernelMaps, group: pins.PinGroup | None = None) -> Catalog:
+        """Decode the config maps; names from the live agent's config when ``group`` has one."""
+        names = vip_names(group) if group is not None else {}
+        vips = {}
+        for k, info in maps.items("vips"):
+            key = (ipv4_of(k.addr), from_be16(k.port), k.proto)
+            vips[info.vip_id] = VipRef(info.vip_id, *key, names.get(key))
+        backends = {}
+        for bid, be in maps.items("backends"):
+            if be.flags & BackendFlag.VALID:
+                backends[bid] = BackendRef(bid, be.vip_id, ipv4_of(be.addr), from_be16(be.port),
+                                           be.weight, bool(be.flags & BackendFlag.DOWN))
+        meta = maps.lookup("meta", 0)
+        return cls(vips, backends, meta.seed, meta.ring_size, meta.udp_idle_ns)
+
+    @property
+    def named(self) -> bool:
+        return any(v.name for v in self.vips.values())
+
+    def vip_backends(self, vip_id: int) -> list[BackendRef]:
+        return sorted((b for b in self.backends.values() if b.vip_id == vip_id),
+                      key=lambda b: b.id)
+
+    def health_key(self, b: BackendRef) -> str | None:
+        """The key health results are published under (``web/10.20.0.11:80``), if named."""
+        vip = self.vips.get(b.vip_id)
+        return f"{vip.name}/{b.endpoint}" if vip and vip.name else None
+
+    def find_vips(self, spec: str) -> list[VipRef]:
+        """VIPs matching ``NAME``, ``ADDR`` or ``ADDR:PORT``; ValueError for a malformed or
+        unknown one (the message lists what there is)."""
+        host, port = split_endpoint(spec, port_required=False)
+        if host is None:
+            found = [v for v in self.vips.values() if v.name == spec]
+            if not found and not self.named:
+                raise ValueError(f"VIP names need a running agent (its config names them); "
+                                 f"give ADDR:PORT instead of {spec!r}")
+        else:
+            found = [v for v in self.vips.values()
+                     if v.address == host and port in (None, v.port)]
+        if not found:
+            have = ", ".join(sorted(v.label for v in self.vips.values())) or "none"
+            raise ValueError(f"no VIP {spec!r} here (VIPs: {have})")
+        return found
+
+    def vip_json(self, vip_id: int) -> dict[str, Any]:
+        """A VIP's identity fields as readers print them."""
+        v = self.vips.get(vip_id)
+        if v is None:
+            return {"vip_id": vip_id, "vip": None, "vip_address": None, "vip_port": None,
+                    "protocol": None}
+        return {"vip_id": v.id, "vip": v.name, "vip_address": v.address, "vip_port": v.port,
+                "protocol": v.protocol}
+
+
+def vip_names(group: pins.PinGroup) -> dict[Service, str]:
+    """(address, port, proto) -> name from the live agent's config; empty when unknown."""
+    info = runfiles.agent_info(group)
+    if not info or not info.get("config"):
+        return {}
+    from xdplb.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(info["config"])
+    except (ConfigError, OSError) as e:
+        log.debug("VIP names unavailable: %s", e)
+        return {}
+    return {(str(v.address), v.port, PROTOCOLS[v.protocol]): v.name for v in cfg.vips}
+
+
+def split_endpoint(spec: str, port_required: bool = True) -> tuple[str | None, int | None]:
+    """``ADDR:PORT`` (or ``ADDR`` when the port is optional) -> (address, port); (None,
+    None) when ``spec`` is no address at all (a name). ValueError when malformed."""
+    host, sep, port_s = spec.rpartition(":")
+    if not sep:
+        host, port_s = spec, ""
+    try:
+        addr = str(ipaddress.IPv4Address(host))
+    except ValueError:
+        if sep or port_required:
+            raise ValueError(f"{spec!r}: {host!r} is not an IPv4 address") from None
+        return None, None
+    if not port_s:
+        if port_required:
+            raise ValueError(f"{spec!r}: want ADDR:PORT")
+        return addr, None
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ValueError(f"{spec!r}: {port_s!r} is not a port (1-65535)")
+    return addr, int(port_s)
+
+
+def read_rings(maps: KernelMaps, cat: Catalog) -> dict[int, np.ndarray]:
+    """Each VIP's Maglev ring (backend id per slot), by VIP id."""
+    m = cat.ring_size
+    if not cat.vips or not m:
+        return {}
+    u32 = np.dtype("<u4")
+    # The rings lie in VIP id order: read up to the last one in use, not all MAX_VIPS.
+    _, owners = bulk.read_map(maps.fds["maglev"], u32, u32, batch=m,
+                              stop_after=(max(cat.vips) + 1) * m)
+    return {vid: owners[vid * m : (vid + 1) * m] for vid in cat.vips}

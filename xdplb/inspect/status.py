@@ -1,0 +1,85 @@
+"""``xdplb status``: what is attached where, read from the pins (works without the agent)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tabulate import tabulate
+
+from xdplb.abi.layout import layout_version
+from xdplb.inspect.catalog import Catalog
+from xdplb.instance import pins
+from xdplb.kernel import xdp_link
+from xdplb.kernel.maps import KernelMaps, read_counters
+
+
+def _iface_state(name: str, prog_id: int | None) -> dict[str, Any]:
+    try:
+        st = xdp_link.xdp_state(xdp_link.ifindex(name))
+    except (OSError, LookupError):
+        return {"name": name, "present": False, "attached": False, "mode": None}
+    attached = bool(st and st.prog_id and st.prog_id == prog_id)
+    return {
+        "name": name,
+        "present": True,
+        "attached": attached,
+        "mode": st.mode if st and attached else None,
+        "prog_id": st.prog_id if st else None,
+    }
+
+
+def collect() -> list[dict[str, Any]]:
+    """One entry per pin group in this network namespace."""
+    out = []
+    for g in pins.groups(any_version=True):
+        prog_id = pins.prog_id(g)
+        entry: dict[str, Any] = {
+            "pin_dir": str(g.path),
+            "layout": g.path.parent.parent.name,
+            "current_layout": g.path.parent.parent.name == layout_version(),
+            "prog_id": prog_id,
+            "interfaces": [_iface_state(i, prog_id) for i in g.ifaces],
+            "vips": [],
+            "counters": {},
+        }
+        if entry["current_layout"]:
+            with pins.open_maps(g) as maps:
+                entry["vips"] = _vips(maps)
+                entry["counters"] = read_counters(maps)
+        out.append(entry)
+    return out
+
+
+def _vips(maps: KernelMaps) -> list[dict[str, Any]]:
+    cat = Catalog.read(maps)
+    return [{
+        "id": v.id,
+        "address": v.address,
+        "port": v.port,
+        "protocol": v.protocol,
+        "backends": [{"id": b.id, "address": b.address, "port": b.port, "weight": b.weight,
+                      "down": b.down} for b in cat.vip_backends(v.id)],
+    } for v in sorted(cat.vips.values(), key=lambda v: v.id)]
+
+
+def render(groups: list[dict[str, Any]]) -> str:
+    parts = []
+    for g in groups:
+        ifs = ", ".join(
+            f"{i['name']} ({i['mode']})" if i["attached"] else f"{i['name']} (NOT attached)"
+            for i in g["interfaces"]
+        )
+        parts.append(f"{ifs}  prog {g['prog_id']}  pins {g['pin_dir']}")
+        if not g["current_layout"]:
+            parts.append("  pins of another xdplb build (layout differs): not read")
+            continue
+        rows = [
+            [f"{v['protocol']} {v['address']}:{v['port']}",
+             f"{b['address']}:{b['port']}", b["weight"], "down" if b["down"] else "up"]
+            for v in g["vips"] for b in v["backends"]
+        ]
+        parts.append(tabulate(rows, headers=["VIP", "BACKEND", "WEIGHT", "STATE"],
+                              tablefmt="plain"))
+        c = {k: v for k, v in g["counters"].items() if v}
+        parts.append("counters: " + (", ".join(f"{k}={v}" for k, v in c.items()) or "none"))
+    return "\n".join(parts)

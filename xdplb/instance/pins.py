@@ -1,0 +1,149 @@
+"""Where xdplb keeps its pinned program and maps in bpffs.
+
+    /sys/fs/bpf/xdplb/<layout version>/<netns>/<group>/{prog,<map>...}
+
+``group`` is the attached interfaces joined by ``+`` (``eth0`` or ``eth0+eth1``): a
+two-armed balancer shares one flow table between its interfaces. ``netns`` is the
+network namespace's name (``host`` for the initial one) because interface names repeat
+across namespaces while bpffs is shared. The layout version changes whenever a shared
+struct or map changes, so a program never reopens maps of another layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from xdplb.abi.layout import layout_version
+from xdplb.kernel import bpfsys
+from xdplb.kernel.maps import KernelMaps
+
+BPFFS = Path(os.environ.get("XDPLB_BPFFS", "/sys/fs/bpf"))
+ROOT_NAME = "xdplb"
+PROG_PIN = "prog"
+
+
+def ensure_bpffs() -> None:
+    """Mount bpffs on /sys/fs/bpf when it is not (it is not mounted at boot everywhere)."""
+    if _is_bpffs(BPFFS):
+        return
+    BPFFS.mkdir(parents=True, exist_ok=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", str(BPFFS).encode(), b"bpf", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot mount bpffs on {BPFFS}: {os.strerror(err)}")
+
+
+def _is_bpffs(path: Path) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(
+            len(parts) > 2 and parts[1] == str(path) and parts[2] == "bpf"
+            for parts in (line.split() for line in f)
+        )
+
+
+def netns_name() -> str:
+    """Name of the calling process's network namespace: ``host``, a name from /run/netns,
+    or ``ns<inode>``."""
+    me = os.stat("/proc/self/ns/net").st_ino
+    try:
+        if os.stat("/proc/1/ns/net").st_ino == me:
+            return "host"
+    except OSError:
+        pass
+    run = Path("/run/netns")
+    if run.is_dir():
+        for entry in sorted(run.iterdir()):
+            try:
+                if entry.stat().st_ino == me:
+                    return entry.name
+            except OSError:
+                continue
+    return f"ns{me}"
+
+
+@dataclass(frozen=True)
+class PinGroup:
+    """The pin directory of one balancer instance (one or more interfaces)."""
+
+    path: Path
+
+    @property
+    def ifaces(self) -> list[str]:
+        return self.path.name.split("+")
+
+    @property
+    def prog(self) -> Path:
+        return self.path / PROG_PIN
+
+    def map_path(self, name: str) -> Path:
+        return self.path / name
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def remove(self) -> None:
+        """Unpin everything (objects still in use stay alive until released)."""
+        if self.path.is_dir():
+            shutil.rmtree(self.path)
+        _prune_empty(self.path.parent)
+
+
+def ns_dir(ns: str | None = None, version: str | None = None) -> Path:
+    return BPFFS / ROOT_NAME / (version or layout_version()) / (ns or netns_name())
+
+
+def group_for(ifaces: list[str], ns: str | None = None) -> PinGroup:
+    return PinGroup(ns_dir(ns) / "+".join(ifaces))
+
+
+def groups(ns: str | None = None, any_version: bool = False) -> list[PinGroup]:
+    """Pin groups of this namespace (of every layout version when ``any_version``)."""
+    root = BPFFS / ROOT_NAME
+    versions = (
+        [p.name for p in root.iterdir() if p.is_dir()] if any_version and root.is_dir()
+        else [layout_version()]
+    )
+    out = []
+    for v in sorted(versions):
+        d = ns_dir(ns, v)
+        if d.is_dir():
+            out += [PinGroup(p) for p in sorted(d.iterdir()) if p.is_dir()]
+    return out
+
+
+def groups_with(iface: str, ns: str | None = None, any_version: bool = True) -> list[PinGroup]:
+    return [g for g in groups(ns, any_version) if iface in g.ifaces]
+
+
+def _prune_empty(path: Path) -> None:
+    """Remove empty parents up to (not including) the xdplb root."""
+    root = BPFFS / ROOT_NAME
+    while path != root and root in path.parents:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        path = path.parent
+    with contextlib.suppress(OSError):
+        root.rmdir()
+
+
+def prog_id(group: PinGroup) -> int | None:
+    """Id of the program pinned in a group, or None."""
+    if not group.prog.exists():
+        return None
+    fd = bpfsys.obj_get(group.prog)
+    try:
+        return bpfsys.prog_info(fd).id
+    finally:
+        bpfsys.close(fd)
+
+
+def open_maps(group: PinGroup) -> KernelMaps:
+    """Maps of a pin group, for readers in another process."""
+    return KernelMaps.open_pinned(Path(group.path))

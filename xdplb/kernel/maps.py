@@ -1,0 +1,139 @@
+"""Typed access to the data path's maps, by name, with the ctypes types of ``layout.py``.
+
+``KernelMaps`` works on BPF map fds (from a freshly loaded program or from pins), through
+``bpfsys`` and not BCC, so the CLI can read a running balancer from another process.
+Keys and values are ctypes objects, or ints for scalar types.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xdplb.abi.codec import decode, encode
+from xdplb.abi.layout import MAP_BY_NAME, MAPS, Counter, MapSpec, Stat
+from xdplb.kernel import bpfsys, bulk
+
+
+class KernelMaps:
+    """The data path's maps in the kernel, opened by fd. Owns the fds it is given."""
+
+    def __init__(self, fds: dict[str, int], own: bool = True) -> None:
+        missing = [m.name for m in MAPS if m.name not in fds]
+        if missing:
+            raise KeyError(f"maps missing: {', '.join(missing)}")
+        # bpfsys checks every key and value against the map's sizes; on an Fd it asks the
+        # kernel once per map instead of once per operation.
+        self.fds = {n: fd if isinstance(fd, bpfsys.Fd) else bpfsys.Fd(fd) for n, fd in fds.items()}
+        self.own = own
+        self._info = {name: bpfsys.map_info(fd) for name, fd in self.fds.items()}
+
+    @classmethod
+    def open_pinned(cls, pin_dir: Path) -> KernelMaps:
+        """Open every map pinned in ``pin_dir``."""
+        fds: dict[str, int] = {}
+        try:
+            for m in MAPS:
+                fds[m.name] = bpfsys.obj_get(pin_dir / m.name)
+        except OSError:
+            for fd in fds.values():
+                bpfsys.close(fd)
+            raise
+        return cls(fds)
+
+    def close(self) -> None:
+        if self.own:
+            for fd in self.fds.values():
+                bpfsys.close(fd)
+        self.fds = {}
+
+    def __enter__(self) -> KernelMaps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def max_entries(self, name: str) -> int:
+        return self._info[name].max_entries
+
+    # --- single entries --------------------------------------------------------------------
+
+    def lookup(self, name: str, key: Any) -> Any:
+        m = MAP_BY_NAME[name]
+        raw = bpfsys.map_lookup(self.fds[name], encode(m.key, key), ctypes.sizeof(m.value))
+        if raw is None:
+            return None
+        if m.percpu:
+            return [decode(m.value, v) for v in
+                    bpfsys.percpu_values(raw, ctypes.sizeof(m.value))]
+        return decode(m.value, raw)
+
+    def update(self, name: str, key: Any, value: Any) -> None:
+        m = MAP_BY_NAME[name]
+        bpfsys.map_update(self.fds[name], encode(m.key, key), encode(m.value, value))
+
+    def delete(self, name: str, key: Any) -> bool:
+        m = MAP_BY_NAME[name]
+        return bpfsys.map_delete(self.fds[name], encode(m.key, key))
+
+    # --- many entries ----------------------------------------------------------------------
+
+    def update_many(self, name: str, items: Iterable[tuple[Any, Any]]) -> None:
+        m = MAP_BY_NAME[name]
+        pairs = list(items)
+        if not pairs:
+            return
+        bpfsys.map_update_batch(
+            self.fds[name],
+            [encode(m.key, k) for k, _ in pairs],
+            [encode(m.value, v) for _, v in pairs],
+        )
+
+    def u32_slice(self, name: str, start: int, count: int) -> np.ndarray:
+        """Values ``start .. start+count-1`` of a u32 array map, by batch reads (an array
+        dumps in index order, so only the prefix up to the slice is read)."""
+        u32 = np.dtype("<u4")
+        _, values = bulk.read_map(self.fds[name], u32, u32, batch=max(count, 1),
+                                  stop_after=start + count)
+        return values[start : start + count].astype(np.uint32)
+
+    def raw_items(self, name: str, batch: int = 8192) -> Iterator[tuple[bytes, bytes]]:
+        """Entries as raw bytes (per-CPU values as whole per-CPU buffers)."""
+        m = MAP_BY_NAME[name]
+        for keys, values in bpfsys.map_lookup_batch(
+            self.fds[name], ctypes.sizeof(m.key), ctypes.sizeof(m.value), batch
+        ):
+            yield from zip(keys, values, strict=True)
+
+    def items(self, name: str) -> Iterator[tuple[Any, Any]]:
+        m = MAP_BY_NAME[name]
+        for k, v in self.raw_items(name):
+            yield decode(m.key, k), decode(m.value, v)
+
+    def percpu_sums(self, name: str) -> dict[int, Any]:
+        """A per-CPU array summed over CPUs: index -> int or Stat."""
+        m = MAP_BY_NAME[name]
+        return {decode(m.key, k): sum_percpu(m, v) for k, v in self.raw_items(name)}
+
+
+def sum_percpu(m: MapSpec, blob: bytes) -> Any:
+    """One per-CPU value (a blob of every CPU's copy) summed."""
+    size = ctypes.sizeof(m.value)
+    vals = [decode(m.value, v) for v in bpfsys.percpu_values(blob, size)]
+    if m.value is Stat:
+        total = Stat()
+        for v in vals:
+            for f, _ in Stat._fields_:
+                setattr(total, f, getattr(total, f) + getattr(v, f))
+        return total
+    return sum(vals)
+
+
+def read_counters(maps: KernelMaps) -> dict[str, int]:
+    """Global counters by name, summed over CPUs."""
+    sums = maps.percpu_sums("counters")
+    return {c.name.lower(): int(sums.get(int(c), 0)) for c in Counter if c != Counter.MAX}

@@ -1,0 +1,1 @@
+"""Pure Python, no kernel: config -> desired state, Maglev tables, the flow hash."""

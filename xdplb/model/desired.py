@@ -1,0 +1,135 @@
+"""Config -> desired state: VIP and backend ids, and each VIP's Maglev ring.
+
+Ids index the BPF arrays, and a tracked flow stores its backend's id, so ids must stay
+stable across reloads and restarts: they are allocated against what the maps already hold
+(``Current``), keeping every id whose VIP or backend is still configured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from xdplb.abi.codec import PROTOCOLS
+from xdplb.abi.layout import MAX_BACKENDS, MAX_VIPS, NO_BACKEND
+from xdplb.config import Config
+from xdplb.model import maglev
+
+Service = tuple[str, int, int]  # (address, port, ip proto): what a VIP serves
+BackendKey = tuple[int, str, int]  # (vip id, address, target port)
+
+
+@dataclass(frozen=True)
+class DesiredBackend:
+    backend_id: int
+    address: str
+    port: int  # target port (the VIP's when the config gives none)
+    weight: int
+    down: bool = False
+
+    @property
+    def maglev_key(self) -> bytes:
+        """Identity hashed into the Maglev permutation: the same on every node."""
+        return f"{self.address}:{self.port}".encode()
+
+
+@dataclass(frozen=True)
+class DesiredVip:
+    vip_id: int
+    name: str
+    address: str
+    port: int
+    proto: int
+    backends: tuple[DesiredBackend, ...]
+    ring: np.ndarray = field(compare=False, repr=False)  # backend id per slot
+
+    @property
+    def key(self) -> Service:
+        return (self.address, self.port, self.proto)
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    vips: tuple[DesiredVip, ...]
+    ring_size: int
+    seed: int
+    next_hop_ttl_ns: int = 0
+    udp_idle_ns: int = 0
+
+    def backend_ids(self) -> set[int]:
+        return {b.backend_id for v in self.vips for b in v.backends}
+
+
+@dataclass
+class Current:
+    """Ids already in the maps (empty for a fresh start)."""
+
+    vip_ids: dict[Service, int] = field(default_factory=dict)
+    backend_ids: dict[BackendKey, int] = field(default_factory=dict)
+
+
+class CapacityError(ValueError):
+    """More VIPs or backends than the data path's arrays hold."""
+
+
+def _allocate(wanted: list, taken: dict, limit: int, what: str) -> dict:
+    """Keep existing ids for keys still wanted; give new keys the lowest free ids, ids that
+    were not in use before first: an id freed by this change is reused only when nothing
+    else is left, so a removed backend's flows are not silently inherited by a new one."""
+    out = {k: taken[k] for k in wanted if k in taken}
+    kept, before = set(out.values()), set(taken.values())
+    free = (i for ids in ((i for i in range(limit) if i not in before),
+                          (i for i in range(limit) if i in before and i not in kept))
+            for i in ids)
+    for k in wanted:
+        if k not in out:
+            try:
+                out[k] = next(free)
+            except StopIteration:
+                raise CapacityError(f"too many {what} (the data path holds {limit})") from None
+    return out
+
+
+def backend_label(vip_name: str, address: str, port: int) -> str:
+    """How health checks, drains and logs name a backend: ``web/10.20.0.11:80``."""
+    return f"{vip_name}/{address}:{port}"
+
+
+def desired_state(
+    cfg: Config,
+    current: Current | None = None,
+    down: frozenset[str] = frozenset(),
+    drained: frozenset[str] = frozenset(),
+) -> DesiredState:
+    """Compute the state the maps must hold for ``cfg``. ``down`` names (by
+    :func:`backend_label`) failed backends: they keep their ids but leave the Maglev ring and
+    their flows re-balance. ``drained`` ones get weight 0: no new flows, flows stay."""
+    current = current or Current()
+    vip_keys = [(str(v.address), v.port, PROTOCOLS[v.protocol]) for v in cfg.vips]
+    vip_ids = _allocate(vip_keys, current.vip_ids, MAX_VIPS, "VIPs")
+
+    backend_keys: list[BackendKey] = []
+    for v, vk in zip(cfg.vips, vip_keys, strict=True):
+        backend_keys += [(vip_ids[vk], str(b.address), b.target_port(v)) for b in v.backends]
+    backend_ids = _allocate(backend_keys, current.backend_ids, MAX_BACKENDS, "backends")
+
+    M, seed = cfg.maglev.table_size, cfg.maglev.seed
+    vips = []
+    for v, vk in zip(cfg.vips, vip_keys, strict=True):
+        vid = vip_ids[vk]
+        bes = []
+        for b in v.backends:
+            bk = (vid, str(b.address), b.target_port(v))
+            label = backend_label(v.name, bk[1], bk[2])
+            weight = 0 if label in drained else b.weight
+            bes.append(DesiredBackend(backend_ids[bk], bk[1], bk[2], weight, label in down))
+        table = maglev.build_table(
+            [(b.maglev_key, 0 if b.down else b.weight) for b in bes], M, seed
+        )
+        ids = np.array([b.backend_id for b in bes] + [NO_BACKEND], dtype=np.uint32)
+        ring = ids[np.where(table < 0, len(bes), table)]
+        vips.append(DesiredVip(vid, v.name, vk[0], vk[1], vk[2], tuple(bes), ring))
+    return DesiredState(tuple(vips), M, seed, cfg.flows.next_hop_cache_ms * 1_000_000,
+                        round(cfg.flows.udp_idle_timeout * 1e9))
+

@@ -1,0 +1,1 @@
+"""The data paths run on given frames, nothing attached: engines and ``xdplb replay``."""

@@ -1,0 +1,376 @@
+"""The data path in Python: bpf/xdplb.c and bpf/nat.h rule for rule, on ``UserMaps``.
+
+Same rules in the same order, the same counters, the same checksum arithmetic (``csum.py``),
+the same TCP state tracking, flow hash and Maglev slot, and next hops from ``fib.py``. It
+runs on a frame's bytes and returns the XDP action and the frame as the program would leave
+it; what to do with it (send it, replay it, compare it) is the caller's business. Tests hold
+it to byte-for-byte parity with the BPF program (tests/test_parity.py), so a change to one
+must be made to the other.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from xdplb.abi.layout import (
+    ADDR_FILTER_BITS,
+    ADDR_MAYBE_BACKEND,
+    ADDR_MAYBE_VIP,
+    FAMILY_IPV4,
+    NO_BACKEND,
+    NO_TX_SLOT,
+    Backend,
+    BackendFlag,
+    Counter,
+    Flow,
+    NextHop,
+    RevNat,
+    Stat,
+    TcpState,
+    coarse_ns,
+)
+from xdplb.model.hashing import addr_slot, flow_hash
+from xdplb.userspace import csum
+from xdplb.userspace.fib import LOOPBACK_IFINDEX, SUCCESS, Fib
+from xdplb.userspace.parse import (
+    ADDR_PAD,
+    IPPROTO_UDP,
+    MALFORMED,
+    NOT_IPV4,
+    OK,
+    Pkt,
+    flow_key,
+    parse_l3,
+    parse_l4,
+)
+from xdplb.userspace.usermaps import UserMaps, key_bytes
+
+# enum xdp_action
+XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = 0, 1, 2, 3, 4
+ACTIONS = {XDP_ABORTED: "aborted", XDP_DROP: "drop", XDP_PASS: "pass", XDP_TX: "tx",
+           XDP_REDIRECT: "redirect"}
+
+TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
+_VALID, _DOWN = int(BackendFlag.VALID), int(BackendFlag.DOWN)
+_ZERO = key_bytes(0)
+_COUNTER_KEYS = [key_bytes(c) for c in range(int(Counter.MAX))]
+_FAMILY = bytes((FAMILY_IPV4,))
+
+
+class Outcome(NamedTuple):
+    action: int  # XDP_*
+    data: bytes  # the frame as the program leaves it
+    egress: int  # ifindex it leaves by (TX: the ingress one; REDIRECT: the target), else 0
+
+
+def _le16(buf: bytearray, off: int) -> int:
+    return buf[off] | (buf[off + 1] << 8)
+
+
+def _put_le16(buf: bytearray, off: int, v: int) -> None:
+    buf[off] = v & 0xFF
+    buf[off + 1] = v >> 8
+
+
+def _serves(be: Backend | None, daddr: bytes, dport: bytes, proto: int) -> bool:
+    """xl_backend_serves: in use, not failed, and (daddr, dport, proto) is its VIP."""
+    return be is not None and bool(be.flags & _VALID) and not be.flags & _DOWN \
+        and bytes(be.vip_addr)[:4] == daddr and be.vip_port == int.from_bytes(dport, "little") \
+        and be.vip_proto == proto
+
+
+def _stat_add(s: Stat | None, length: int, flows: int) -> None:
+    if s is not None:
+        s.packets += 1
+        s.bytes += length
+        s.flows += flows
+
+
+def _tcp_track(f: Flow, buf: bytearray, tcp: int, reply: bool) -> None:
+    """xl_tcp_track: coarse TCP state, enough to tell half-open, established and closing."""
+    if tcp < 0:
+        return
+    flags = buf[tcp + 13]
+    st = f.tcp_state
+    if flags & TCP_RST:
+        st = TcpState.RST
+    elif flags & TCP_FIN:
+        st = TcpState.FIN
+    elif flags & TCP_SYN and not flags & TCP_ACK and not reply and st != TcpState.ESTABLISHED:
+        st = TcpState.SYN_SEEN
+    elif flags & TCP_ACK and not flags & TCP_SYN and st == TcpState.SYN_SEEN and not reply:
+        st = TcpState.ESTABLISHED
+    if st != f.tcp_state:
+        f.tcp_state = st
+
+
+def _flow_seen(f: Flow | None, buf: bytearray, p: Pkt, now: int, reply: bool
+               ) -> NextHop | None:
+    """xl_flow_seen: one packet of a tracked flow (None: none), one direction: last seen,
+    counters, TCP state. Returns that direction's next-hop cache."""
+    if f is None:
+        return None
+    f.last_ns = now
+    if reply:
+        f.rev_packets += 1
+        f.rev_bytes += len(buf)
+    else:
+        f.fwd_packets += 1
+        f.fwd_bytes += len(buf)
+    _tcp_track(f, buf, p.tcp, reply)
+    return f.rev_nh if reply else f.fwd_nh
+
+
+def _rewrite(buf: bytearray, p: Pkt, addr: int, new_addr: bytes, port: int, new_port: int
+             ) -> None:
+    """xl_rewrite: the address at ``addr`` (and the port at ``port`` unless new_port is 0),
+    with the IPv4 and L4 checksums; the L4 one covers the address via the pseudo-header."""
+    old = int.from_bytes(buf[addr : addr + 4], "little")
+    new = int.from_bytes(new_addr, "little")
+    l4_old = _le16(buf, p.l4_check)
+    l4 = csum.replace4(l4_old, old, new)
+    _put_le16(buf, p.ip + 10, csum.replace4(_le16(buf, p.ip + 10), old, new))
+    buf[addr : addr + 4] = new_addr
+    old_port = _le16(buf, port)
+    if new_port and new_port != old_port:
+        l4 = csum.replace2(l4, old_port, new_port)
+        _put_le16(buf, port, new_port)
+    if p.proto == IPPROTO_UDP:
+        l4 = csum.udp_fixup(l4_old, l4)
+    _put_le16(buf, p.l4_check, l4)
+
+
+def decrement_ttl(buf: bytearray, ip: int) -> None:
+    # TTL shares a 16-bit checksum word with the protocol byte.
+    old = _le16(buf, ip + 8)
+    buf[ip + 8] -= 1
+    _put_le16(buf, ip + 10, csum.replace2(_le16(buf, ip + 10), old, _le16(buf, ip + 8)))
+
+
+class PyDatapath:
+    """xdplb_main() over UserMaps. ``ring_size`` is what the BPF program is compiled with
+    (XL_RING_SIZE), not what the meta map says."""
+
+    def __init__(self, maps: UserMaps, fib: Fib, ring_size: int, clock=coarse_ns) -> None:
+        t = maps.tables
+        self.vips, self.vip_addrs, self.backends = t["vips"], t["vip_addrs"], t["backends"]
+        self.maglev, self.flows, self.rev_flows = t["maglev"], t["flows"], t["rev_flows"]
+        self.tx_ports, self.tx_devs, self.meta = t["tx_ports"], t["tx_devs"], t["meta"]
+        self.counters, self.vip_stats = t["counters"], t["vip_stats"]
+        self.backend_stats, self.addr_filter = t["backend_stats"], t["addr_filter"]
+        self.fib = fib
+        self.ring_size = ring_size
+        self.clock = clock
+
+    def run(self, frame: bytes, ingress_ifindex: int = 0) -> Outcome:
+        """One frame, as the program sees it arriving on ``ingress_ifindex`` (0: loopback,
+        as BPF_PROG_TEST_RUN without a context)."""
+        buf = bytearray(frame)
+        action, egress = self._main(buf, ingress_ifindex or LOOPBACK_IFINDEX)
+        return Outcome(action, bytes(buf), egress)
+
+    def _count(self, c: Counter) -> None:
+        self.counters.ref(_COUNTER_KEYS[c]).value += 1
+
+    def _ttl_expired(self, buf: bytearray, p: Pkt) -> bool:
+        """xl_ttl_expired: TTL 1 or less is dropped here (counted)."""
+        if buf[p.ip + 8] > 1:
+            return False
+        self._count(Counter.DROP_TTL)
+        return True
+
+    def _maybe(self, addr: bytes) -> int:
+        """The prefilter bits of an address (a superset: they never decide alone)."""
+        return self.addr_filter.get(key_bytes(addr_slot(addr, ADDR_FILTER_BITS))).value
+
+    def _vip_addr(self, daddr: bytes) -> bool:
+        """Is ``daddr`` a VIP address (any port, any protocol)?"""
+        return self.vip_addrs.ref(daddr + ADDR_PAD) is not None
+
+    def _main(self, buf: bytearray, ingress: int) -> tuple[int, int]:
+        rc, p = parse_l3(buf)
+        if rc == NOT_IPV4:
+            self._count(Counter.PASS_NOT_IPV4)
+            return XDP_PASS, 0
+        if rc == MALFORMED:
+            self._count(Counter.PASS_MALFORMED)
+            return XDP_PASS, 0
+        ip = p.ip
+        saddr, daddr = bytes(buf[ip + 12 : ip + 16]), bytes(buf[ip + 16 : ip + 20])
+        # Most traffic is neither to a VIP address nor from a backend: passed without a look
+        # at its L4 header.
+        maybe_vip = bool(self._maybe(daddr) & ADDR_MAYBE_VIP)
+        # The source's bit waits for VIP candidates: an established flow never needs it.
+        maybe_backend = not maybe_vip and bool(self._maybe(saddr) & ADDR_MAYBE_BACKEND)
+        if not maybe_vip and not maybe_backend:
+            self._count(Counter.PASS_NOT_VIP)
+            return XDP_PASS, 0
+        if parse_l4(buf, p) != OK:
+            # Malformed only if it was ours to judge: a prefilter collision must not decide.
+            ours = maybe_vip and self._vip_addr(daddr)
+            self._count(Counter.PASS_MALFORMED if ours else Counter.PASS_NOT_VIP)
+            return XDP_PASS, 0
+        if maybe_vip:
+            if p.sport >= 0 and not p.frag and not p.options:
+                sport, dport = bytes(buf[p.sport : p.sport + 2]), bytes(buf[p.dport : p.dport + 2])
+                fk = flow_key(saddr, daddr, sport, dport, p.proto)
+                # Flow first: its backend naming this packet's VIP proves the VIP.
+                f = self.flows.ref(fk)
+                if f is not None:
+                    be = self.backends.ref(key_bytes(f.backend_id))
+                    now = self.clock()
+                    if _serves(be, daddr, dport, p.proto) and not self._reopens(f, buf, p, now):
+                        return self._established(buf, p, f, be, ingress, now)
+                vip = self.vips.ref(daddr + ADDR_PAD + dport + bytes((p.proto,)) + _FAMILY)
+                if vip is not None:
+                    return self._new_flow(buf, p, fk, vip.vip_id, ingress)
+            if self._vip_addr(daddr):
+                # Rules for VIP addresses: fragments and IP options are never balanced.
+                if p.frag:
+                    self._count(Counter.DROP_FRAGMENT)
+                    return XDP_DROP, 0
+                if p.options:
+                    self._count(Counter.DROP_IP_OPTIONS)
+                    return XDP_DROP, 0
+                self._count(Counter.PASS_NOT_VIP)
+                return XDP_PASS, 0
+        maybe_backend = maybe_backend or bool(self._maybe(saddr) & ADDR_MAYBE_BACKEND)
+        if maybe_backend and p.sport >= 0 and not p.options:
+            rk = flow_key(saddr, daddr, bytes(buf[p.sport : p.sport + 2]),
+                          bytes(buf[p.dport : p.dport + 2]), p.proto)
+            rn = self.rev_flows.ref(rk)
+            if rn is not None:
+                return self._reply(buf, p, rk, rn, ingress)
+        self._count(Counter.PASS_NOT_VIP)
+        return XDP_PASS, 0
+
+    def _reopens(self, f: Flow, buf: bytearray, p: Pkt, now: int) -> bool:
+        """xl_reopens: is the entry's connection over, the packet a new flow? TCP: a pure SYN
+        (a reused 5-tuple), except on a half-open flow (a retransmission). UDP: the flow has
+        been idle for meta.udp_idle_ns (0: never)."""
+        if p.tcp >= 0:
+            return buf[p.tcp + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN \
+                and f.tcp_state != TcpState.SYN_SEEN
+        idle = self.meta.ref(_ZERO).udp_idle_ns
+        return bool(idle) and now - f.last_ns >= idle
+
+    def _established(self, buf: bytearray, p: Pkt, f: Flow, be: Backend, ingress: int,
+                     now: int) -> tuple[int, int]:
+        """Client -> VIP of a tracked flow whose backend still serves it."""
+        if self._ttl_expired(buf, p):
+            return XDP_DROP, 0
+        self._count(Counter.FLOW_HIT)
+        return self._to_backend(buf, p, f, be, f.backend_id, f.vip_id, now, 0, ingress)
+
+    def _new_flow(self, buf: bytearray, p: Pkt, fk: bytes, vip_id: int, ingress: int
+                  ) -> tuple[int, int]:
+        """Client -> VIP without a flow that can take it: the Maglev ring picks."""
+        if self._ttl_expired(buf, p):
+            return XDP_DROP, 0
+        saddr, daddr, sport, dport = fk[:4], fk[4:8], fk[8:10], fk[10:12]
+        h = flow_hash(saddr, daddr, int.from_bytes(sport, "big"), int.from_bytes(dport, "big"),
+                      p.proto, self.meta.ref(_ZERO).seed)
+        owner = self.maglev.ref(key_bytes(vip_id * self.ring_size + h % self.ring_size))
+        if owner is None or owner.value == NO_BACKEND:
+            self._count(Counter.DROP_NO_BACKEND)
+            return XDP_DROP, 0
+        bid = owner.value
+        be = self.backends.ref(key_bytes(bid))
+        if not _serves(be, daddr, dport, p.proto):
+            self._count(Counter.DROP_NO_BACKEND)
+            return XDP_DROP, 0
+        now = self.clock()
+        nf = Flow()
+        nf.backend_id, nf.vip_id, nf.first_ns = bid, vip_id, now
+        self.flows.put(fk, nf)
+        f = self.flows.ref(fk)
+        be_port = be.port.to_bytes(2, "little")
+        rk = flow_key(bytes(be.addr)[:4], saddr, be_port if be.port else dport, sport, p.proto)
+        rn = RevNat()
+        rn.vip_addr[:4] = daddr
+        rn.vip_port = int.from_bytes(dport, "little")
+        rn.vip_id = vip_id
+        self.rev_flows.put(rk, rn)
+        self._count(Counter.NEW_FLOW)
+        return self._to_backend(buf, p, f, be, bid, vip_id, now, 1, ingress)
+
+    def _to_backend(self, buf: bytearray, p: Pkt, f: Flow | None, be: Backend, bid: int,
+                    vip_id: int, now: int, created: int, ingress: int) -> tuple[int, int]:
+        """xl_to_backend: flow accounting, DNAT, next hop. ``f`` is None when a full LRU
+        evicted a new entry at once: forward all the same."""
+        nh = _flow_seen(f, buf, p, now, False)
+        _stat_add(self.vip_stats.ref(key_bytes(vip_id)), len(buf), created)
+        _stat_add(self.backend_stats.ref(key_bytes(bid)), len(buf), created)
+        _rewrite(buf, p, p.ip + 16, bytes(be.addr)[:4], p.dport, be.port)
+        return self._fib_forward(buf, p, ingress, nh, now)
+
+    def _reply(self, buf: bytearray, p: Pkt, rk: bytes, rn: RevNat, ingress: int
+               ) -> tuple[int, int]:
+        """Backend -> client reply of a tracked flow: the source back to the VIP."""
+        ip = p.ip
+        if self._ttl_expired(buf, p):
+            return XDP_DROP, 0
+        vip_addr = bytes(rn.vip_addr)[:4]
+        # the forward key: client (the reply's destination) -> VIP
+        fk = flow_key(rk[4:8], vip_addr, rk[10:12], rn.vip_port.to_bytes(2, "little"),
+                      p.proto)
+        now = self.clock()
+        nh = _flow_seen(self.flows.ref(fk), buf, p, now, True)
+        self._count(Counter.REPLY)
+        _rewrite(buf, p, ip + 12, vip_addr, p.sport, rn.vip_port)
+        return self._fib_forward(buf, p, ingress, nh, now)
+
+    def _resolve(self, buf: bytearray, p: Pkt, ingress: int, nh: NextHop | None, now: int
+                 ) -> NextHop | None:
+        """xl_resolve: bpf_fib_lookup, remembered in ``nh`` when the flow has one; None when
+        the kernel must take the packet (counted)."""
+        ip = p.ip
+        tot_len = (buf[ip + 2] << 8) | buf[ip + 3]
+        res = self.fib.lookup(bytes(buf[ip + 16 : ip + 20]), bytes(buf[ip + 12 : ip + 16]),
+                              buf[ip + 1], p.proto, tot_len, ingress)
+        self._count(Counter.FIB_LOOKUP)
+        if res.rc != SUCCESS:
+            if nh is not None:
+                nh.ns = 0
+            self._count(Counter.FIB_MISS)
+            self._count(Counter.PASS_FIB)
+            return None
+        tx_slot = NO_TX_SLOT
+        if res.ifindex != ingress:
+            slot = self.tx_ports.ref(key_bytes(res.ifindex))
+            if slot is None:
+                if nh is not None:
+                    nh.ns = 0
+                self._count(Counter.PASS_FOREIGN_EGRESS)
+                return None
+            tx_slot = slot.value
+        h = nh if nh is not None else NextHop()
+        h.ns, h.in_ifindex, h.out_ifindex, h.tx_slot = now, ingress, res.ifindex, tx_slot
+        h.max_len = tot_len
+        h.dmac[:] = res.dmac
+        h.smac[:] = res.smac
+        return h
+
+    def _fib_forward(self, buf: bytearray, p: Pkt, ingress: int, nh: NextHop | None, now: int
+                     ) -> tuple[int, int]:
+        """xl_fib_forward: by the flow's fresh cached next hop, else bpf_fib_lookup; TX,
+        REDIRECT, or PASS for the kernel to resolve or forward. The TTL is decremented only
+        when we send the packet ourselves."""
+        ip = p.ip
+        h = nh
+        if (nh is None or not nh.ns or now - nh.ns >= self.meta.ref(_ZERO).next_hop_ttl_ns
+                or nh.in_ifindex != ingress or ((buf[ip + 2] << 8) | buf[ip + 3]) > nh.max_len):
+            h = self._resolve(buf, p, ingress, nh, now)
+            if h is None:
+                return XDP_PASS, 0
+        decrement_ttl(buf, ip)
+        buf[0:6] = bytes(h.dmac)
+        buf[6:12] = bytes(h.smac)
+        if h.tx_slot == NO_TX_SLOT:
+            self._count(Counter.TX)
+            return XDP_TX, ingress
+        self._count(Counter.REDIRECT)
+        dev = self.tx_devs.ref(key_bytes(h.tx_slot))
+        if dev is None:  # bpf_redirect_map(map, slot, 0) on an empty slot
+            return XDP_ABORTED, 0
+        return XDP_REDIRECT, dev.value
