@@ -28,6 +28,7 @@ import common  # noqa: F401 (first: puts the lab modules on sys.path)
 from agent_process import AgentProcess
 from common import save
 from lab import Lab
+from pools import Vip, pool_yaml
 
 from xdplb.agent.mapsync import MapSync
 from xdplb.config import parse_config
@@ -48,8 +49,7 @@ def backend_addrs(n: int) -> list[str]:
 def pool(n: int, drop: int | None = None) -> str:
     """One TCP VIP with ``n`` backends (without the ``drop``-th)."""
     addrs = [a for i, a in enumerate(backend_addrs(n)) if i != drop]
-    return ("vips:\n  - name: web\n    address: 10.200.0.10\n    port: 80\n    protocol: tcp\n"
-            "    backends:\n" + "".join(f"      - address: {a}\n" for a in addrs))
+    return pool_yaml(Vip("web", 80, tuple(addrs)))
 
 
 def timed_ms(fn) -> float:

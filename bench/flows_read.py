@@ -28,34 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import common  # noqa: F401 (first: puts the lab modules on sys.path)
 import numpy as np
+from pools import DNS, WEB, pool_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 XDPLB = REPO / ".venv" / "bin" / "xdplb"
 IFACE = "xlt-ibench0"  # the pin group's name only: no such interface is needed
-POOL = """\
-vips:
-  - name: web
-    address: 10.200.0.10
-    port: 80
-    protocol: tcp
-    backends:
-      - address: 10.20.0.11
-        weight: 3
-      - address: 10.20.0.12
-        port: 8080
-  - name: dns
-    address: 10.200.0.10
-    port: 53
-    protocol: udp
-    backends:
-      - address: 10.20.0.11
-      - address: 10.20.0.12
-maglev:
-  table_size: 65537
-flows:
-  max_entries: {max_entries}
-"""
 TIMEOUT = 600  # seconds any one timed command may take
 
 
@@ -158,7 +137,8 @@ def run(n: int, run_dir: Path) -> int:
     from xdplb.model.desired import desired_state
 
     pool = run_dir / "pool.yaml"
-    pool.write_text(POOL.format(max_entries=n + n // 10))  # room: the LRU never evicts
+    # Room for every flow: the LRU never evicts.
+    pool.write_text(pool_yaml(WEB, DNS, table_size=65537, flows={"max_entries": n + n // 10}))
     cfg = parse_config(pool.read_text(), str(pool))
     group = pins.group_for([IFACE])
     t0 = time.perf_counter()

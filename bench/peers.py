@@ -13,6 +13,7 @@ import common  # noqa: F401 (first: puts the lab modules on sys.path)
 # isort: split
 from agent_process import XDPLB, AgentProcess
 from lab import Lab
+from pools import Vip, pool_yaml
 from workload import SERVICES, VIP, Service, wait_listening
 
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
@@ -68,12 +69,8 @@ class Xdplb(Peer):
 
 
 def xdplb_config(lab: Lab) -> str:
-    lines = ["vips:"]
-    for s in SERVICES:
-        lines += [f"  - name: {s.name}", f"    address: {VIP}", f"    port: {s.port}",
-                  f"    protocol: {s.protocol}", "    backends:"]
-        lines += [f"      - address: {a}" for a in _backends(lab, s)]
-    return "\n".join(lines) + "\n"
+    return pool_yaml(*(Vip(s.name, s.port, tuple(_backends(lab, s)), protocol=s.protocol,
+                           address=VIP) for s in SERVICES))
 
 
 @dataclass

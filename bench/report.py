@@ -139,6 +139,44 @@ def controlplane(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def footprint(r: dict[str, Any] | None) -> str:
+    """The footprint table, or why there is none (bench/footprint.py runs apart from the rest)."""
+    if r is None:
+        return "Not measured in this run: `sudo .venv/bin/python bench/footprint.py` adds it."
+    b, s, a, t = r["baseline"], r["status"], r["agent"], r["targets"]
+    status_ok = (_verdict(s["rss_mib"], t["status_rss_mib"], False) == "met"
+                 and _verdict(s["wall_s"], t["status_wall_s"], False) == "met")
+    out = ["| process | wall time | x baseline | peak RSS | x baseline | target |",
+           "|---|---:|---:|---:|---:|---|",
+           f"| baseline: `python -c pass`, the same interpreter | {b['wall_s'] * 1e3:.0f} ms "
+           f"| 1.0 | {b['rss_mib']:.1f} MiB | 1.0 | |",
+           f"| `xdplb status` on an attached lab | {s['wall_s'] * 1e3:.0f} ms "
+           f"| {s['wall_x_baseline']:.1f} | {s['rss_mib']:.1f} MiB | {s['rss_x_baseline']:.1f} "
+           f"| <= {t['status_rss_mib']:.0f} MiB and <= {t['status_wall_s']} s: "
+           f"{'met' if status_ok else '**missed**'} |",
+           f"| agent, attached (VmRSS; peak {a['peak_rss_mib']:.0f} MiB) | | "
+           f"| {a['rss_mib']:.1f} MiB | {a['rss_x_baseline']:.1f} "
+           f"| <= {t['agent_rss_mib']:.0f} MiB: "
+           f"{_verdict(a['rss_mib'], t['agent_rss_mib'], False)} |",
+           "", f"Wall time is the median and RSS the maximum of {r['runs']} runs of each "
+           f"command, the two interleaved. `status` loaded {s['modules']} modules "
+           f"({s['xdplb_modules']} of xdplb's; the bare interpreter {b['modules']}), of the "
+           f"heavy ones ({', '.join(s['heavy_checked'])}): "
+           f"{', '.join(s['heavy_modules']) or 'none'}."]
+    return "\n".join(out)
+
+
+def footprint_targets(r: dict[str, Any] | None) -> list[str]:
+    if r is None:
+        return ["- footprint (`xdplb status`, agent memory): not measured"]
+    s, a, t = r["status"], r["agent"], r["targets"]
+    return [f"- `xdplb status`: {s['rss_mib']:.1f} MiB, target <= {t['status_rss_mib']:.0f} MiB: "
+            f"{_verdict(s['rss_mib'], t['status_rss_mib'], False)}; {s['wall_s']:.2f} s, "
+            f"target <= {t['status_wall_s']} s: {_verdict(s['wall_s'], t['status_wall_s'], False)}",
+            f"- agent after attach: {a['rss_mib']:.0f} MiB, target <= {t['agent_rss_mib']:.0f} "
+            f"MiB: {_verdict(a['rss_mib'], t['agent_rss_mib'], False)}"]
+
+
 def plot(r: dict[str, Any]) -> None:
     import matplotlib
 
@@ -172,9 +210,11 @@ def main() -> int:
         print(f"report: no results for {', '.join(missing)}: run bench/<name>.py first",
               file=sys.stderr)
         return 1
+    fp = load("footprint")  # optional: the page says when it was not measured
     plot(ee)
     parts = {"machine": machine(ee["machine"]), "perpacket": perpacket(pp), "e2e": e2e(ee),
-             "controlplane": controlplane(cp), "targets": targets(pp, ee, cp),
+             "controlplane": controlplane(cp), "footprint": footprint(fp),
+             "targets": "\n".join([targets(pp, ee, cp), *footprint_targets(fp)]),
              "date": ee["finished"], "plot": PLOT.name}
     template = string.Template((BENCH / "performance.md.in").read_text())
     (DOCS / "performance.md").write_text(template.substitute(parts))

@@ -14,38 +14,33 @@ import json
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from agent_process import AgentProcess, status, xdplb
 from lab import HERE, Lab
+from pools import BE1, BE2, BE3, VIP, Backend, HealthCheck, Vip, pool_yaml
 
 pytestmark = pytest.mark.root
 
 INTERVAL, FALL, RISE = 0.5, 2, 2
-VIP = "10.200.0.10"
 UDP_IDLE = 4.0  # flows.udp_idle_timeout, seconds
-HC_HTTP = (f"{{type: http, path: /healthz, interval: {int(INTERVAL * 1000)}ms, "
-           f"timeout: 400ms, rise: {RISE}, fall: {FALL}}}")
-HC_TCP = (f"{{type: tcp, interval: {int(INTERVAL * 1000)}ms, timeout: 400ms, "
-          f"rise: {RISE}, fall: {FALL}}}")
+HC_HTTP = HealthCheck("http", path="/healthz", interval=f"{int(INTERVAL * 1000)}ms",
+                      timeout="400ms", rise=RISE, fall=FALL)
+HC_TCP = replace(HC_HTTP, type="tcp", path=None)
 
 
 def pool(backends: list[str], weights: dict[str, int] | None = None) -> str:
     weights = weights or {}
-    bes = "".join(f"      - address: {a}\n        weight: {weights.get(a, 1)}\n"
-                  for a in backends)
-    return (f"vips:\n"
-            f"  - name: web\n    address: {VIP}\n    port: 80\n    protocol: tcp\n"
-            f"    health_check: {HC_HTTP}\n    backends:\n{bes}"
-            f"  - name: stream\n    address: {VIP}\n    port: 7000\n    protocol: tcp\n"
-            f"    health_check: {HC_TCP}\n    backends:\n{bes}"
-            f"  - name: echo\n    address: {VIP}\n    port: 5000\n    protocol: udp\n"
-            f"    backends:\n{bes}"
-            f"flows:\n  udp_idle_timeout: {UDP_IDLE:g}s\n")
+    bes = tuple(Backend(a, weight=weights.get(a, 1)) for a in backends)
+    return pool_yaml(Vip("web", 80, bes, health_check=HC_HTTP),
+                     Vip("stream", 7000, bes, health_check=HC_TCP),
+                     Vip("echo", 5000, bes, protocol="udp"),
+                     flows={"udp_idle_timeout": f"{UDP_IDLE:g}s"})
 
 
-BE = {"be1": "10.20.0.11", "be2": "10.20.0.12", "be3": "10.20.0.13"}
+BE = {"be1": BE1, "be2": BE2, "be3": BE3}
 # An "older build": the same code under another layout version, so its pins live in another
 # directory and replacing it exercises the migration of VIPs, backends and flows.
 OLD_BUILD = ("import sys, xdplb.instance.pins as p, xdplb.abi.layout as l; "

@@ -22,6 +22,7 @@ from test_e2e import (  # noqa: F401 (collected here, run against the scapy agen
     POOL,
     VIP,
     curl,
+    e2e_pool,
     prog_ids,
     test_bad_config_changes_nothing,
     test_long_transfers_intact,
@@ -190,8 +191,7 @@ def test_runs_without_bcc(running):
 def test_detach_removes_the_guard_after_a_crash(tmp_path):
     with Lab(topology="one-armed", backends=1, prefix="xlt-sc") as lab:
         pool = tmp_path / "pool.yaml"
-        pool.write_text(POOL.replace("      - address: 10.20.0.12\n        port: 8080\n", "")
-                        .replace("      - address: 10.20.0.12\n        port: 5001\n", ""))
+        pool.write_text(e2e_pool(backends=1))
         agent = AgentProcess(lab, pool, "--datapath", "scapy", exe=NO_BCC)
         assert len(curl(lab, "/", 3)) == 3
         agent.kill9()

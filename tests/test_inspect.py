@@ -9,10 +9,12 @@ import shutil
 import subprocess
 import time
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 from agent_process import XDPLB, AgentProcess, xdplb
 from lab import Lab
+from pools import ECHO, VIP, WEB, HealthCheck, pool_yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from xdplb.abi.layout import OUTCOMES
@@ -21,39 +23,11 @@ from xdplb.instance import pins
 pytestmark = pytest.mark.root
 
 PREFIX = "xlt-i1"
-VIP = "10.200.0.10"
 METRICS = "127.0.0.1:9477"
-POOL = """\
-vips:
-  - name: web
-    address: 10.200.0.10
-    port: 80
-    protocol: tcp
-    health_check:
-      type: http
-      path: /healthz
-      interval: 500ms
-      timeout: 400ms
-    backends:
-      - address: 10.20.0.11
-        weight: 3
-      - address: 10.20.0.12
-        port: 8080
-  - name: echo
-    address: 10.200.0.10
-    port: 5000
-    protocol: udp
-    backends:
-      - address: 10.20.0.11
-      - address: 10.20.0.12
-        port: 5001
-maglev:
-  table_size: 65537
-flows:
-  max_entries: 100000
-  udp_idle_timeout: 4s
-"""
 UDP_IDLE = 4.0  # long enough for a trace to read the tables after a datagram
+HTTP_CHECK = HealthCheck("http", path="/healthz", interval="500ms", timeout="400ms")
+POOL = pool_yaml(replace(WEB, health_check=HTTP_CHECK), ECHO, table_size=65537,
+                 flows={"max_entries": 100_000, "udp_idle_timeout": f"{UDP_IDLE:g}s"})
 ETH_IP_UDP = 14 + 20 + 8  # what a UDP frame adds to its payload (the data path counts frames)
 
 

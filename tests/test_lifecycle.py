@@ -7,24 +7,16 @@ import re
 import pytest
 from agent_process import AgentProcess, status, xdplb
 from lab import Lab
+from pools import BE1, BE2, VIP, Vip, pool_yaml
 
 pytestmark = pytest.mark.root
 
-POOL = """\
-vips:
-  - name: web
-    address: 10.200.0.10
-    port: 80
-    protocol: tcp
-    backends:
-      - address: 10.20.0.11
-      - address: 10.20.0.12
-"""
+POOL = pool_yaml(Vip("web", 80, (BE1, BE2)))
 
 
 def served(lab: Lab, n: int) -> list[str]:
     out = lab.run(lab.client_ns, "sh", "-c",
-                  f"for i in $(seq {n}); do curl -s --noproxy '*' -m 2 http://10.200.0.10/;"
+                  f"for i in $(seq {n}); do curl -s --noproxy '*' -m 2 http://{VIP}/;"
                   " done", timeout=60, check=False).stdout
     return re.findall(r"backend=(\S+)", out)
 

@@ -10,6 +10,7 @@ import socket
 import time
 
 import pytest
+from pools import BE2, VIP, Backend, Vip, pool_yaml
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl.ndmsg import states
 from scapy.layers.inet import ICMP, IP, TCP
@@ -26,16 +27,9 @@ from xdplb.userspace.forwarder import PACKET_AUXDATA, SOL_PACKET, ScapyForwarder
 
 pytestmark = pytest.mark.root
 
-CLIENT, VIP = "10.10.0.2", "10.200.0.10"
-POOL = """
-vips:
-  - {name: web, address: 10.200.0.10, port: 80, protocol: tcp,
-     backends: [{address: 10.20.0.12, port: 8080}]}
-  - {name: later, address: 10.200.0.10, port: 81, protocol: tcp,
-     backends: [{address: 10.20.0.99}]}
-maglev: {table_size: 251}
-flows: {max_entries: 4096}
-"""
+CLIENT = "10.10.0.2"
+POOL = pool_yaml(Vip("web", 80, (Backend(BE2, port=8080),)), Vip("later", 81, ("10.20.0.99",)),
+                 table_size=251, flows={"max_entries": 4096})
 
 
 class Peer:

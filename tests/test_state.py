@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pools import Vip, pool_yaml
 
 from xdplb.abi.layout import NO_BACKEND
 from xdplb.config import parse_config
 from xdplb.model.desired import Current, desired_state
 
-BASE = """
-vips:
-  - name: web
-    address: 10.200.0.10
-    port: 80
-    protocol: tcp
-    backends:
-{backends}
-maglev:
-  table_size: 251
-"""
-
 
 def cfg(*addrs: str):
-    return parse_config(BASE.format(backends="".join(
-        f"      - address: {a}\n" for a in addrs)), "t.yaml")
+    return parse_config(pool_yaml(Vip("web", 80, addrs), table_size=251), "t.yaml")
 
 
 def current_of(state) -> Current:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+from dataclasses import replace
 
 import pytest
+from pools import BE1, DNS, WEB, pool_yaml
 
 from xdplb.abi.layout import MAX_VIPS, Counter, Flow, FlowKey, Stat, addr4, addr16
 from xdplb.agent.mapsync import MapSync
@@ -13,15 +15,8 @@ from xdplb.kernel.maps import read_counters
 from xdplb.model.desired import desired_state
 from xdplb.userspace.usermaps import UserMaps, key_bytes, map_sizes
 
-CONFIG = """
-vips:
-  - {name: web, address: 10.200.0.10, port: 80, protocol: tcp,
-     backends: [{address: 10.20.0.11, weight: 3}, {address: 10.20.0.12, port: 8080}]}
-  - {name: dns, address: 10.200.0.10, port: 53, protocol: udp,
-     backends: [{address: 10.20.0.11}]}
-maglev: {table_size: 251, seed: 9}
-flows: {max_entries: 1024}
-"""
+CONFIG = pool_yaml(WEB, replace(DNS, backends=(BE1,)), table_size=251, seed=9,
+                   flows={"max_entries": 1024})
 
 
 def fkey(i: int) -> FlowKey:

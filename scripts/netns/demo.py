@@ -20,19 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from agent_process import AgentProcess, xdplb  # noqa: E402
 from lab import Lab  # noqa: E402
+from pools import BE1, BE2, VIP, Backend, Vip, pool_yaml  # noqa: E402
 
-POOL = """\
-vips:
-  - name: web
-    address: 10.200.0.10
-    port: 80
-    protocol: tcp
-    backends:
-      - address: 10.20.0.11
-        weight: 3
-      - address: 10.20.0.12
-        weight: 1
-"""
+POOL = pool_yaml(Vip("web", 80, (Backend(BE1, weight=3), Backend(BE2, weight=1))))
 
 
 def main() -> int:
@@ -46,12 +36,12 @@ def main() -> int:
             Lab(topology="one-armed", backends=2, prefix="xldemo") as lab:
         pool = Path(tmp) / "pool.yaml"
         pool.write_text(POOL)
-        print(f"lab up: client {lab.client_addr} -> VIP 10.200.0.10:80 -> "
+        print(f"lab up: client {lab.client_addr} -> VIP {VIP}:80 -> "
               f"backends {', '.join(lab.backend_addrs)} (weights 3:1)")
         with AgentProcess(lab, pool, "--mode", args.mode) as agent:
             print(f"xdplb attached to {lab.lb_ns}/eth0 ({args.mode} XDP)")
             script = (f"for i in $(seq {n}); do curl -s --noproxy '*' -m 5 "
-                      f"http://10.200.0.10/; done")
+                      f"http://{VIP}/; done")
             out = lab.run(lab.client_ns, "sh", "-c", script, timeout=30 + n).stdout
             served = Counter(re.findall(r"backend=(\S+) addr=(\S+)", out))
             total = sum(served.values())

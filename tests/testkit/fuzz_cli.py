@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 
-from testkit.benchns import bench_namespace
-from testkit.fuzz import FrameGen, base_config, run_fuzz
-from xdplb.kernel.loader import CompileError
-from xdplb.offline.engines import engine_pair
+# The fuzz's pools come from the lab's builder (scripts/netns/pools.py), as in the tests.
+sys.path.append(str(Path(__file__).resolve().parents[2] / "scripts" / "netns"))
+
+from testkit.benchns import bench_namespace  # noqa: E402
+from testkit.fuzz import FrameGen, base_config, run_fuzz  # noqa: E402
+from xdplb.kernel.loader import CompileError  # noqa: E402
+from xdplb.offline.engines import engine_pair  # noqa: E402
 
 
 @click.command()

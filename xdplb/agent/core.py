@@ -1,6 +1,9 @@
 """The agent: compile, fill the maps from the config, attach, then keep the maps equal to
 config + health + drains until told to stop.
 
+The compile runs in a short-lived child (``pinned.build_pinned``) that pins the program and
+maps; the agent works on the pins, so LLVM (most of BCC's memory) never stays in it.
+
 Nothing on an interface changes until the config has validated, the interfaces exist,
 no foreign XDP program is in the way, and the program has compiled and its maps are
 filled: a bad config or a failed compile leaves the running state as it was. Everything
@@ -26,8 +29,8 @@ from xdplb.agent.mapsync import MapSync
 from xdplb.config import Config, ConfigError, load_config
 from xdplb.instance import pins, runfiles
 from xdplb.kernel import bpfsys, xdp_link
-from xdplb.kernel.loader import Program, compile_program
 from xdplb.kernel.maps import KernelMaps
+from xdplb.kernel.pinned import PinnedProgram, build_pinned
 from xdplb.model.desired import backend_label, desired_state
 from xdplb.userspace import nftguard
 
@@ -78,7 +81,7 @@ class Agent:
     config_path: str | None = None
     datapath: str = "bpf"  # "scapy": no XDP program; scapy_forwarder.py moves the frames
     group: pins.PinGroup = field(init=False)
-    program: Program | None = field(init=False, default=None)
+    program: PinnedProgram | None = field(init=False, default=None)
     maps: KernelMaps | None = field(init=False, default=None)
     attached: dict[str, str] = field(init=False, default_factory=dict)  # iface -> mode
     generation: int = field(init=False, default=0)
@@ -140,7 +143,7 @@ class Agent:
         if self.datapath == "scapy":
             self._start_scapy(indexes)
             return
-        self.program = compile_program(
+        self.program = build_pinned(
             self.cfg.maglev.table_size, self.cfg.flows.max_entries, self.group.path
         )
         self.maps = KernelMaps(self.program.map_fds, own=False)
@@ -223,9 +226,7 @@ class Agent:
 
     def _pin_program(self) -> None:
         assert self.program is not None
-        if self.group.prog.exists():
-            self.group.prog.unlink()
-        bpfsys.obj_pin(self.program.prog_fd, self.group.prog)
+        self.program.promote(self.group.prog)  # the child's staging pin, renamed over the old
 
     # --- desired state -----------------------------------------------------------------------
 
@@ -345,6 +346,8 @@ class Agent:
         return ok
 
     def _publish(self) -> None:
+        # VIP names for readers, so that they need not load and validate the config file.
+        runfiles.write_vip_names(self.group, self.cfg, self.config_path)
         runfiles.write_json(self.group, runfiles.AGENT_FILE, {
             "pid": os.getpid(),
             "config": self.config_path,

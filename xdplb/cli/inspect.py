@@ -37,7 +37,7 @@ def _errors() -> Iterator[None]:
     """Exceptions -> the documented exit codes, with a message that says what to do."""
     from xdplb.cli.main import EXIT_NOTHING, EXIT_RUNTIME, EXIT_USAGE, fail
     from xdplb.inspect.reader import Ambiguous, ForeignLayout, NothingAttached
-    from xdplb.kernel.loader import CompileError
+    from xdplb.kernel.pinned import CompileError
 
     try:
         yield

@@ -28,7 +28,7 @@ def replay(capture: str, config_path: str, datapath: str, out_path: str,
     """Run every frame of CAPTURE through one data path without attaching anything."""
     from xdplb.cli.main import EXIT_RUNTIME, EXIT_USAGE, _load, fail
     from xdplb.kernel import xdp_link
-    from xdplb.kernel.loader import CompileError
+    from xdplb.kernel.pinned import CompileError
     from xdplb.offline.engines import open_engine
     from xdplb.offline.replay import CaptureError
     from xdplb.offline.replay import replay as run_replay

@@ -1,7 +1,8 @@
 """The VIPs and backends a running balancer holds, by id, as its pinned maps say.
 
-VIP names are not in the maps: they come from the config file the live agent publishes
-(``runfiles.agent_info``). With no live agent (only pins left) VIPs go by address:port.
+VIP names are not in the maps: they come from the live agent, which publishes them
+(``runfiles.vip_names``) and the path of its config file (``runfiles.agent_info``). With no
+live agent (only pins left) VIPs go by address:port.
 """
 
 from __future__ import annotations
@@ -9,20 +10,19 @@ from __future__ import annotations
 import ipaddress
 import logging
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from xdplb.abi.codec import PROTO_NAMES, PROTOCOLS, from_be16, ipv4_of
 from xdplb.abi.layout import BackendFlag
 from xdplb.instance import pins, runfiles
-from xdplb.kernel import bulk
 from xdplb.kernel.maps import KernelMaps
-from xdplb.model.desired import Service
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from xdplb.model.desired import Service
 
 log = logging.getLogger("xdplb")
-
-
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,12 @@ class Catalog:
             key = (ipv4_of(k.addr), from_be16(k.port), k.proto)
             vips[info.vip_id] = VipRef(info.vip_id, *key, names.get(key))
         backends = {}
+        # Plain ints: IntFlag's & costs more than the rest of a slot's decoding, times 4096.
+        valid, down = int(BackendFlag.VALID), int(BackendFlag.DOWN)
         for bid, be in maps.items("backends"):
-            if be.flags & BackendFlag.VALID:
+            if be.flags & valid:
                 backends[bid] = BackendRef(bid, be.vip_id, ipv4_of(be.addr), from_be16(be.port),
-                                           be.weight, bool(be.flags & BackendFlag.DOWN))
+                                           be.weight, bool(be.flags & down))
         meta = maps.lookup("meta", 0)
         return cls(vips, backends, meta.seed, meta.ring_size, meta.udp_idle_ns)
 
@@ -130,6 +132,10 @@ def vip_names(group: pins.PinGroup) -> dict[Service, str]:
     info = runfiles.agent_info(group)
     if not info or not info.get("config"):
         return {}
+    published = runfiles.vip_names(group, info)
+    if published is not None:
+        return published
+    # An agent that publishes no names, or a config file edited since: read the file.
     from xdplb.config import ConfigError, load_config
 
     try:
@@ -163,6 +169,10 @@ def split_endpoint(spec: str, port_required: bool = True) -> tuple[str | None, i
 
 def read_rings(maps: KernelMaps, cat: Catalog) -> dict[int, np.ndarray]:
     """Each VIP's Maglev ring (backend id per slot), by VIP id."""
+    import numpy as np  # here, not at the top: `xdplb status` reads the catalog, not rings
+
+    from xdplb.kernel import bulk
+
     m = cat.ring_size
     if not cat.vips or not m:
         return {}

@@ -1,21 +1,23 @@
-"""``xdplb status``: what is attached where, read from the pins (works without the agent)."""
+"""``xdplb status``: what is attached where, read from the pins (works without the agent).
+
+It reads a few small maps and one netlink message per interface, so it imports only what
+that takes: no numpy, pydantic, pyroute2, BCC or scapy (tests/test_footprint.py checks).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from tabulate import tabulate
-
 from xdplb.abi.layout import layout_version
 from xdplb.inspect.catalog import Catalog
 from xdplb.instance import pins
-from xdplb.kernel import xdp_link
+from xdplb.kernel import linkinfo
 from xdplb.kernel.maps import KernelMaps, read_counters
 
 
 def _iface_state(name: str, prog_id: int | None) -> dict[str, Any]:
     try:
-        st = xdp_link.xdp_state(xdp_link.ifindex(name))
+        st = linkinfo.xdp_state(name)
     except (OSError, LookupError):
         return {"name": name, "present": False, "attached": False, "mode": None}
     attached = bool(st and st.prog_id and st.prog_id == prog_id)
@@ -63,6 +65,8 @@ def _vips(maps: KernelMaps) -> list[dict[str, Any]]:
 
 
 def render(groups: list[dict[str, Any]]) -> str:
+    from tabulate import tabulate  # the table only: --json goes without
+
     parts = []
     for g in groups:
         ifs = ", ".join(

@@ -11,14 +11,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from xdplb.abi.codec import PROTOCOLS
 from xdplb.instance import pins
+
+if TYPE_CHECKING:  # types only: readers load neither pydantic nor numpy through here
+    from xdplb.config import Config
+    from xdplb.model.desired import Service
 
 RUN_ROOT = Path(os.environ.get("XDPLB_RUN_DIR", "/run/xdplb"))
 AGENT_FILE = "agent.json"
 HEALTH_FILE = "health.json"
 DRAINS_FILE = "drains.json"
+VIPS_FILE = "vips.json"
 
 
 def run_dir(group: pins.PinGroup) -> Path:
@@ -83,3 +89,36 @@ def read_drains(group: pins.PinGroup) -> set[str]:
 
 def write_drains(group: pins.PinGroup, drained: set[str]) -> None:
     write_json(group, DRAINS_FILE, {"drained": sorted(drained)})
+
+
+def _file_key(path: str | None) -> list[int] | None:
+    """What tells one version of a file from the next, without reading it."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns] if st else None
+
+
+def write_vip_names(group: pins.PinGroup, cfg: Config, config_path: str | None) -> None:
+    """Publish the names of the VIPs the agent applied (``cfg``, read from ``config_path``):
+    readers then name VIPs without parsing and validating the config file again, which
+    costs a reader more time and memory than reading the maps. Stamped with the config
+    file as it is now, so that readers go back to the file once it is edited."""
+    write_json(group, VIPS_FILE, {
+        "pid": os.getpid(),
+        "config": config_path,
+        "config_file": _file_key(config_path),
+        "vips": [[str(v.address), v.port, PROTOCOLS[v.protocol], v.name] for v in cfg.vips],
+    })
+
+
+def vip_names(group: pins.PinGroup, info: dict[str, Any]) -> dict[Service, str] | None:
+    """(address, port, proto) -> name as the live agent (``info``, from ``agent_info``)
+    published them; None when it published none for its config file as the file is now."""
+    data = read_json(group, VIPS_FILE)
+    if (not data or data.get("pid") != info.get("pid")
+            or data.get("config") != info.get("config")
+            or data.get("config_file") != _file_key(info.get("config"))):
+        return None
+    return {(addr, port, proto): name for addr, port, proto, name in data["vips"]}

@@ -1,7 +1,9 @@
 """Compiling and loading the XDP program with BCC.
 
 BCC is imported only here, lazily, so everything else (the CLI's readers, the scapy data
-path, config checks) works on a machine without it.
+path, config checks) works on a machine without it. The agent does not import this module:
+it compiles in a child (``pinned.build_pinned``) so that LLVM never stays in its memory;
+short-lived commands (``trace``, the test engines) compile in-process.
 """
 
 from __future__ import annotations
@@ -15,13 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from xdplb.abi.layout import MAPS, render_maps, render_structs
+from xdplb.kernel.pinned import CompileError  # defined there: the agent raises it without BCC
 
 MAIN_SOURCE = "xdplb.c"
 ENTRY = "xdplb_main"
-
-
-class CompileError(RuntimeError):
-    """The BPF program could not be compiled or loaded (message says why)."""
 
 
 def bpf_dir() -> Path:

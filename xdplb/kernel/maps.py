@@ -10,13 +10,14 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from xdplb.abi.codec import decode, encode
 from xdplb.abi.layout import MAP_BY_NAME, MAPS, Counter, MapSpec, Stat
-from xdplb.kernel import bpfsys, bulk
+from xdplb.kernel import bpfsys
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class KernelMaps:
@@ -96,6 +97,10 @@ class KernelMaps:
     def u32_slice(self, name: str, start: int, count: int) -> np.ndarray:
         """Values ``start .. start+count-1`` of a u32 array map, by batch reads (an array
         dumps in index order, so only the prefix up to the slice is read)."""
+        import numpy as np  # here: readers of single entries (`xdplb status`) skip numpy
+
+        from xdplb.kernel import bulk
+
         u32 = np.dtype("<u4")
         _, values = bulk.read_map(self.fds[name], u32, u32, batch=max(count, 1),
                                   stop_after=start + count)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+# The state and its decoding are shared with readers, which query it without pyroute2.
+from xdplb.kernel.linkinfo import XdpState, decode_xdp
 
 # include/uapi/linux/if_link.h
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
@@ -21,27 +23,12 @@ XDP_FLAGS_DRV_MODE = 1 << 2
 XDP_FLAGS_HW_MODE = 1 << 3
 XDP_FLAGS_REPLACE = 1 << 4
 
-XDP_ATTACHED_NONE = 0
-XDP_ATTACHED_DRV = 1
-XDP_ATTACHED_SKB = 2
-XDP_ATTACHED_HW = 3
-XDP_ATTACHED_MULTI = 4
-
 MODES = {
     "native": XDP_FLAGS_DRV_MODE,
     "generic": XDP_FLAGS_SKB_MODE,
     "offload": XDP_FLAGS_HW_MODE,
 }
 
-# IFLA_XDP_ATTACHED, as pyroute2 decodes it (strings) or raw (ints).
-_ATTACHED = {
-    XDP_ATTACHED_DRV: "native",
-    XDP_ATTACHED_SKB: "generic",
-    XDP_ATTACHED_HW: "offload",
-    "xdp": "native",
-    "xdpgeneric": "generic",
-    "xdpoffload": "offload",
-}
 _MODE_PROG_ID = {
     "native": "IFLA_XDP_DRV_PROG_ID",
     "generic": "IFLA_XDP_SKB_PROG_ID",
@@ -56,21 +43,6 @@ class XdpError(OSError):
 
 class NoSuchInterface(XdpError):
     """The named or numbered interface does not exist in the namespace."""
-
-
-@dataclass(frozen=True)
-class XdpState:
-    """The XDP program attached to an interface.
-
-    `mode` is "native", "generic" or "offload". When several modes are attached at once
-    (offload together with native), `prog_id`/`mode` name the first of native, generic,
-    offload, and `progs` lists them all.
-    """
-
-    ifindex: int
-    prog_id: int
-    mode: str
-    progs: dict[str, int] = field(default_factory=dict)
 
 
 def _ipr(netns: str | None) -> IPRoute:
@@ -121,24 +93,9 @@ def _state(ipr: IPRoute, index: int) -> XdpState | None:
     xdp = msg.get_attr("IFLA_XDP")
     if xdp is None:
         return None
-    attached = xdp.get_attr("IFLA_XDP_ATTACHED")
-    if not attached:  # None (pyroute2's name for 0) or 0
-        return None
-    progs: dict[str, int] = {}
-    for mode, attr in _MODE_PROG_ID.items():
-        pid = xdp.get_attr(attr)
-        if pid:
-            progs[mode] = pid
-    single = _ATTACHED.get(attached)
-    if single is not None:
-        prog_id = xdp.get_attr("IFLA_XDP_PROG_ID") or progs.get(single, 0)
-        progs.setdefault(single, prog_id)
-        return XdpState(ifindex=index, prog_id=prog_id, mode=single, progs=progs)
-    # XDP_ATTACHED_MULTI: no IFLA_XDP_PROG_ID, only the per-mode ids.
-    for mode in MODES:
-        if mode in progs:
-            return XdpState(ifindex=index, prog_id=progs[mode], mode=mode, progs=progs)
-    return None
+    progs = {mode: pid for mode, attr in _MODE_PROG_ID.items() if (pid := xdp.get_attr(attr))}
+    return decode_xdp(index, xdp.get_attr("IFLA_XDP_ATTACHED"), xdp.get_attr("IFLA_XDP_PROG_ID"),
+                      progs)
 
 
 def xdp_state(link: int | str, netns: str | None = None) -> XdpState | None:

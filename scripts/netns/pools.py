@@ -1,0 +1,111 @@
+"""Pools for the namespace lab and the bench namespace: the one place tests, benchmarks and the
+demo get their pool.yaml from. A pool is a few :class:`Vip` (``WEB``, ``ECHO`` and ``DNS`` are
+the common ones) over the lab's addresses, plus Maglev and flow-table settings:
+
+    pool_yaml(WEB, ECHO, table_size=65537, flows={"max_entries": 100_000})
+    pool_yaml(Vip("web", 80, (BE1, Backend(BE2, weight=0))), table_size=251)
+
+``pool_yaml`` gives text, not a Config: tests write it to files and check FILE:LINE messages.
+Its layout is fixed (block style, keys in pool.yaml's usual order, a key only when it is set),
+so a test can find a line in it. ``pool_data`` gives the same pool as plain data, for
+``Config.model_validate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import KW_ONLY, asdict, dataclass
+from typing import Any
+
+from lab import Lab
+
+VIP = "10.200.0.10"  # in Lab.vip_net, which the client routes via the LB
+BE1, BE2, BE3 = Lab(backends=3).backend_addrs  # a Lab object only plans: nothing is built
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One of a VIP's backends (``vips[].backends[]``)."""
+
+    address: str
+    port: int | None = None  # None: the VIP's port
+    weight: int | None = None  # None: the config's default
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """A VIP's ``health_check``; fields left None are not written."""
+
+    type: str  # "http" or "tcp"
+    path: str | None = None
+    interval: str | None = None  # a duration as pool.yaml writes it: "500ms"
+    timeout: str | None = None
+    rise: int | None = None
+    fall: int | None = None
+
+
+@dataclass(frozen=True)
+class Vip:
+    """One entry of ``vips``."""
+
+    name: str
+    port: int
+    backends: tuple[Backend | str, ...]  # an address alone: that backend on the VIP's port
+    _: KW_ONLY
+    protocol: str = "tcp"
+    address: str = VIP
+    health_check: HealthCheck | None = None
+
+
+# What several pools share: the lab's backends serve HTTP on 80 and 8080, UDP echo on 5000 and
+# 5001 (lab.HTTP_PORTS, lab.UDP_PORTS).
+WEB = Vip("web", 80, (Backend(BE1, weight=3), Backend(BE2, port=8080)))
+ECHO = Vip("echo", 5000, (BE1, Backend(BE2, port=5001)), protocol="udp")
+DNS = Vip("dns", 53, (BE1, BE2), protocol="udp")
+
+
+def pool_data(*vips: Vip, table_size: int | None = None, seed: int | None = None,
+              flows: Mapping[str, int | str] | None = None) -> dict[str, Any]:
+    """The pool as plain data; ``maglev`` and ``flows`` keys left out stay at their defaults."""
+    data: dict[str, Any] = {"vips": [_vip(v) for v in vips]}
+    if maglev := _set({"table_size": table_size, "seed": seed}):
+        data["maglev"] = maglev
+    if flows:
+        data["flows"] = dict(flows)
+    return data
+
+
+def pool_yaml(*vips: Vip, table_size: int | None = None, seed: int | None = None,
+              flows: Mapping[str, int | str] | None = None) -> str:
+    """The pool as pool.yaml text (see :func:`pool_data`)."""
+    return "".join(_yaml(pool_data(*vips, table_size=table_size, seed=seed, flows=flows), 0))
+
+
+def _set(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _vip(v: Vip) -> dict[str, Any]:
+    d: dict[str, Any] = {"name": v.name, "address": v.address, "port": v.port,
+                         "protocol": v.protocol}
+    if v.health_check is not None:
+        d["health_check"] = _set(asdict(v.health_check))
+    d["backends"] = [_set(asdict(Backend(b) if isinstance(b, str) else b)) for b in v.backends]
+    return d
+
+
+def _yaml(data: Mapping[str, Any], indent: int) -> Iterator[str]:
+    """Block-style YAML lines of mappings, lists of mappings and plain scalars."""
+    pad = " " * indent
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            yield f"{pad}{key}:\n"
+            yield from _yaml(value, indent + 2)
+        elif isinstance(value, list):
+            yield f"{pad}{key}:{'' if value else ' []'}\n"
+            for item in value:
+                first, *rest = _yaml(item, indent + 4)
+                yield f"{pad}  - {first.lstrip()}"
+                yield from rest
+        else:
+            yield f"{pad}{key}: {value}\n"
