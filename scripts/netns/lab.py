@@ -347,7 +347,8 @@ class Lab:
     udp_ports = UDP_PORTS
     echo_ports = ECHO_PORTS
 
-    def __init__(self, topology: str = "one-armed", backends: int = 2, prefix: str = "xl") -> None:
+    def __init__(self, topology: str = "one-armed", backends: int = 2, prefix: str = "xl",
+                 tx_offload: bool = False) -> None:
         if topology not in TOPOLOGIES:
             raise ValueError(f"topology must be one of {TOPOLOGIES}, not {topology!r}")
         if not 1 <= backends <= MAX_BACKENDS:
@@ -355,6 +356,9 @@ class Lab:
         _check_prefix(prefix)
         self.topology = topology
         self.prefix = prefix
+        # False: every end computes its own checksums (the lab's tuned setting); True: veth's
+        # default TX checksum offload, as in a namespace lab built by hand.
+        self.tx_offload = tx_offload
         self.client_ns = f"{prefix}-client"
         self.lb_ns = f"{prefix}-lb"
         self.sw_ns = f"{prefix}-sw"
@@ -635,8 +639,10 @@ class Lab:
         cmds.append(["sysctl", "-q", "-w", *sysctls])
         for i in ifaces:
             # veth offers TX checksum offload: locally built packets leave with a partial
-            # checksum that is wrong after an XDP rewrite, so every end computes it itself.
-            cmds.append(["ethtool", "-K", i, "tx", "off"])
+            # checksum that is wrong after an XDP rewrite, so every end computes it itself
+            # (unless the lab is to keep veth's defaults: then `xdplb attach` must cope).
+            if not self.tx_offload:
+                cmds.append(["ethtool", "-K", i, "tx", "off"])
             if (ns, i) in lb_peers:
                 cmds.append(["ethtool", "-K", i, "gro", "on"])  # NAPI for XDP_REDIRECT targets
         if ns == self.sw_ns:

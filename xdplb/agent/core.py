@@ -8,7 +8,10 @@ Nothing on an interface changes until the config has validated, the interfaces e
 no foreign XDP program is in the way, and the program has compiled and its maps are
 filled: a bad config or a failed compile leaves the running state as it was. Everything
 that happens later (health changes, reloads, drains) arrives as an event on one queue and
-is applied by the main thread, one at a time.
+is applied by the main thread, one at a time. An event that fails is logged and counted and
+the loop goes on (``loop.py``): the agent's own failure never detaches the data path.
+
+A running agent owns its interfaces (``instance/locks.py``): a second attach is refused.
 """
 
 from __future__ import annotations
@@ -23,29 +26,24 @@ from pathlib import Path
 from typing import Any
 
 from xdplb.abi.layout import MAX_VIPS
-from xdplb.agent import migrate
+from xdplb.agent import faults, migrate
+from xdplb.agent.detach import detach_if_ours
+from xdplb.agent.errors import AttachError, UsageError
 from xdplb.agent.health import HealthChecker, Target
+from xdplb.agent.loop import Errors, ProgramWatch, Retry
 from xdplb.agent.mapsync import MapSync
+from xdplb.agent.notify import notify
 from xdplb.config import Config, ConfigError, load_config
-from xdplb.instance import pins, runfiles
-from xdplb.kernel import bpfsys, xdp_link
+from xdplb.instance import locks, pins, runfiles
+from xdplb.kernel import bpfsys, offload, xdp_link
 from xdplb.kernel.maps import KernelMaps
 from xdplb.kernel.pinned import PinnedProgram, build_pinned
 from xdplb.model.desired import backend_label, desired_state
-from xdplb.userspace import nftguard
 
 log = logging.getLogger("xdplb")
 
 MODES = ("native", "generic", "auto")
 DATAPATHS = ("bpf", "scapy")
-
-
-class AttachError(RuntimeError):
-    """Attaching failed; the message says why and what to do."""
-
-
-class UsageError(ValueError):
-    """The request cannot be met as asked (missing interface, foreign program...)."""
 
 
 def _check_pinned_sizes(group: pins.PinGroup, cfg: Config) -> None:
@@ -72,6 +70,18 @@ def _check_pinned_sizes(group: pins.PinGroup, cfg: Config) -> None:
             )
 
 
+def _ensure_complete_checksums(indexes: dict[str, int]) -> None:
+    """Frames must reach the program with complete TCP/UDP checksums (kernel/offload.py):
+    fixed where the setting is in reach, else refused, naming it."""
+    for idx in indexes.values():
+        try:
+            done = offload.ensure_complete_checksums(idx)
+        except offload.OffloadError as e:
+            raise UsageError(str(e)) from e
+        if done:
+            log.warning("%s", done)
+
+
 @dataclass
 class Agent:
     cfg: Config
@@ -85,11 +95,18 @@ class Agent:
     maps: KernelMaps | None = field(init=False, default=None)
     attached: dict[str, str] = field(init=False, default_factory=dict)  # iface -> mode
     generation: int = field(init=False, default=0)
-    _events: queue.Queue = field(init=False, default_factory=queue.Queue)
+    # SimpleQueue: its put() is reentrant, so a signal handler may call it while the main
+    # thread waits in get() (queue.Queue's lock would deadlock there).
+    _events: queue.SimpleQueue = field(init=False, default_factory=queue.SimpleQueue)
     _health: HealthChecker | None = field(init=False, default=None)
     _down: set[str] = field(init=False, default_factory=set)
     _last_event: dict = field(init=False, default_factory=dict)
     forwarder: Any = field(init=False, default=None)  # userspace ScapyForwarder, if scapy
+    errors: Errors = field(init=False, default_factory=Errors)
+    _retry: Retry = field(init=False, default_factory=Retry)
+    _watch: ProgramWatch | None = field(init=False, default=None)
+    _owner: locks.Ownership | None = field(init=False, default=None)
+    _publish_failing: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -107,6 +124,33 @@ class Agent:
     # --- start -------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._own_interfaces()
+        try:
+            self._start()
+        except BaseException:
+            self._release()
+            raise
+
+    def _own_interfaces(self) -> None:
+        """Take the interfaces, before anything changes on them; refuse if an agent has one."""
+        try:
+            self._owner = locks.take_interfaces(self.ifaces, {
+                "ifaces": self.ifaces, "config": self.config_path,
+                "pin_dir": str(self.group.path)})
+        except locks.Busy as e:
+            h = e.holder or {}
+            who = (f"the running xdplb agent pid {h['pid']} ({'+'.join(h.get('ifaces', []))}, "
+                   f"config {h.get('config')})" if h.get("pid") else "another xdplb attach")
+            raise UsageError(
+                f"{e} is in use by {who}; stop it first (`xdplb detach {e}` stops it and "
+                f"removes its program and pins)") from None
+
+    def _release(self) -> None:
+        if self._owner is not None:
+            self._owner.release()
+            self._owner = None
+
+    def _start(self) -> None:
         indexes = {}
         for name in self.ifaces:
             try:
@@ -119,6 +163,8 @@ class Agent:
             raise UsageError(f"{', '.join(replace)} carries xdplb's XDP program; the scapy data "
                              f"path runs without one: `xdplb detach` it first")
         _check_pinned_sizes(self.group, self.cfg)
+        if self.datapath == "bpf":  # the scapy data path completes partial checksums itself
+            _ensure_complete_checksums(indexes)
 
         fresh = not self.group.exists()
         try:
@@ -128,10 +174,12 @@ class Agent:
             if self.program is not None:
                 self.program.close()
                 self.program = None
-            if fresh:  # leave no half-made pins behind
-                runfiles.clear(self.group)
+            if fresh:  # leave no half-made pins behind (drains are the instance's: kept)
+                runfiles.clear(self.group, keep=(runfiles.DRAINS_FILE,))
                 self.group.remove()
             raise
+        if self.program is not None:
+            self._watch = ProgramWatch(bpfsys.prog_info(self.program.prog_fd).id)
         self._health = HealthChecker(self._on_health)
         self._update_health_targets()
         self._publish()
@@ -147,7 +195,7 @@ class Agent:
             self.cfg.maglev.table_size, self.cfg.flows.max_entries, self.group.path
         )
         self.maps = KernelMaps(self.program.map_fds, own=False)
-        self.sync = MapSync(self.maps)
+        self.sync = MapSync(faults.FaultyMaps(self.maps) if faults.enabled() else self.maps)
         for old in older:  # an older build is attached: bring its flows along
             n = migrate.migrate(old, self.program.map_fds)
             log.info("migrated %d entries from older build %s", n, old.path)
@@ -273,37 +321,78 @@ class Agent:
     def run(self) -> None:
         """Serve events until SIGINT/SIGTERM (or stop()), then shut down.
 
-        SIGHUP reloads the config file; SIGUSR1 re-reads the drain list."""
+        SIGHUP reloads the config file; SIGUSR1 re-reads the drain list. A failed event is
+        logged and counted and the next one is served; should the loop itself end by an
+        error, the data path is left in place as with ``--keep``."""
         handlers = {
             signal.SIGINT: ("stop",), signal.SIGTERM: ("stop",),
             signal.SIGHUP: ("reload",), signal.SIGUSR1: ("drains",),
         }
         for sig, ev in handlers.items():
             signal.signal(sig, lambda *_, ev=ev: self._events.put(ev))
+        notify("READY=1", f"MAINPID={os.getpid()}",
+               f"STATUS=balancing on {', '.join(self.ifaces)}")
+        stopped = False
         try:
             while True:
                 try:
                     ev = self._events.get(timeout=1.0)
                 except queue.Empty:
-                    self._publish_health()
+                    self._tick()
                     continue
                 if ev[0] == "stop":
+                    stopped = True
                     break
-                self._handle(ev)
+                self._serve(ev)
         finally:
-            self.shutdown()
+            if not stopped:
+                log.critical("the event loop ended unexpectedly; leaving the data path as it is")
+            self.shutdown(detach=stopped)
+
+    def _serve(self, ev: tuple) -> None:
+        kind = ev[0]
+        try:
+            self._handle(ev)
+        except Exception as e:  # the agent's own failure: count it, keep serving
+            self.errors.count(kind, e, "the data path keeps forwarding with the last state; "
+                              "the maps are written again shortly")
+            self._retry.failed()
+            self._done(kind, False, f"failed: {e}; the agent retries", error=True)
+
+    def _tick(self) -> None:
+        """Once a second without events: retry a failed map write, watch the program,
+        publish health results."""
+        changed = False
+        if self._retry.due():
+            try:
+                self.apply("retry after an error")
+                self._retry.done()
+                changed = True
+            except Exception as e:
+                self.errors.count("retry", e, "retrying later")
+                self._retry.failed()
+                changed = True
+        if self._watch is not None and self._watch.check(list(self.attached)):
+            changed = True
+        if changed or self._publish_failing:
+            self._publish()
+        else:
+            self._publish_health()
 
     def _handle(self, ev: tuple) -> None:
         kind = ev[0]
         if kind == "health":
             _, key, up, reason = ev
+            # The result is recorded first: if applying it fails, the retry still has it.
             (self._down.discard if up else self._down.add)(key)
             log.warning("backend %s is %s: %s", key, "UP" if up else "DOWN", reason)
-            self._done("health", True, f"{key} {'up' if up else 'down'}: {reason}")
+            faults.fire("health")
             self.apply(f"health {key}")
+            self._done("health", True, f"{key} {'up' if up else 'down'}: {reason}")
         elif kind == "reload":
             self.reload()
         elif kind == "drains":
+            faults.fire("drains")
             self.apply("drain list changed")
             drained = sorted(runfiles.read_drains(self.group))
             self._done("drains", True, ", ".join(drained) or "none")
@@ -313,6 +402,7 @@ class Agent:
         """Apply the edited config file as a diff; an invalid file changes nothing."""
         if not self.config_path:
             return self._done("reload", False, "no config file to reload")
+        faults.fire("reload")
         try:
             cfg = load_config(self.config_path)
         except ConfigError as e:
@@ -333,22 +423,39 @@ class Agent:
             self.apply("reload")
         except Exception as e:  # e.g. too many backends for the arrays
             self.cfg = old
-            self.apply("reload rolled back")
+            self.apply("reload rolled back")  # if this fails too, the loop retries it
             log.error("reload failed, previous config restored: %s", e)
             return self._done("reload", False, f"failed, previous config restored: {e}")
         self._update_health_targets()
         return self._done("reload", True, f"applied {self.config_path}")
 
-    def _done(self, kind: str, ok: bool, message: str) -> bool:
+    def _done(self, kind: str, ok: bool, message: str, error: bool = False) -> bool:
+        """Record the answer to an event (``error``: the agent failed, not the request)."""
         self._last_event = {"kind": kind, "ok": ok, "message": message, "time": time.time(),
-                            "generation": self.generation}
+                            "generation": self.generation, "error": error}
         self._publish()
         return ok
 
     def _publish(self) -> None:
-        # VIP names for readers, so that they need not load and validate the config file.
-        runfiles.write_vip_names(self.group, self.cfg, self.config_path)
-        runfiles.write_json(self.group, runfiles.AGENT_FILE, {
+        """Write agent.json, vips.json, health.json; a failure (a full /run) is logged and
+        counted once, and the next tick writes them again."""
+        try:
+            # VIP names for readers, so that they need not load and validate the config file.
+            runfiles.write_vip_names(self.group, self.cfg, self.config_path)
+            runfiles.write_json(self.group, runfiles.AGENT_FILE, self._agent_info())
+            self._publish_health(raising=True)
+        except OSError as e:
+            if not self._publish_failing:
+                self.errors.count("state_dir", e, f"cannot write {runfiles.run_dir(self.group)}"
+                                  "; the data path is unaffected, retrying every second")
+                self._publish_failing = True
+            return
+        if self._publish_failing:
+            self._publish_failing = False
+            log.warning("state directory %s writable again", runfiles.run_dir(self.group))
+
+    def _agent_info(self) -> dict[str, Any]:
+        return {
             "pid": os.getpid(),
             "config": self.config_path,
             "ifaces": self.ifaces,
@@ -356,34 +463,46 @@ class Agent:
             "datapath": self.datapath,
             "generation": self.generation,
             "last_event": self._last_event,
-        })
-        self._publish_health()
+            "errors": self.errors.as_dict(),
+            "retry_pending": self._retry.pending,
+            "program_lost": dict(self._watch.lost) if self._watch else {},
+        }
 
-    def _publish_health(self) -> None:
-        if self._health is not None:
+    def _publish_health(self, raising: bool = False) -> None:
+        if self._health is None:
+            return
+        try:
             runfiles.write_json(self.group, runfiles.HEALTH_FILE,
                                 {"backends": self._health.snapshot()})
+        except OSError:
+            if raising:
+                raise
+            self._publish_failing = True  # the next tick goes through _publish, which counts
 
     def stop(self) -> None:
         self._events.put(("stop",))
 
-    def shutdown(self) -> None:
+    def shutdown(self, detach: bool = True) -> None:
+        """Stop checks and leave: detach and unpin, unless ``--keep`` (or ``detach`` False:
+        the agent failed, and its failure must not take the data path down)."""
+        notify("STOPPING=1")
         if self._health is not None:
             self._health.stop()
             self._health = None
-        if self.keep:
-            log.info("--keep: leaving the program attached and maps pinned in %s",
-                     self.group.path)
+        if self.keep or not detach:
+            log.info("leaving the program attached and maps pinned in %s (flows, drains "
+                     "kept; `xdplb detach` removes them)", self.group.path)
             for name in (runfiles.AGENT_FILE, runfiles.HEALTH_FILE):
                 (runfiles.run_dir(self.group) / name).unlink(missing_ok=True)
         else:
             self._detach_all()
-            runfiles.clear(self.group)
+            runfiles.clear(self.group, keep=(runfiles.DRAINS_FILE,))
             self.group.remove()
             log.info("detached from %s", ", ".join(self.ifaces))
         if self.program is not None:
             self.program.close()
             self.program = None
+        self._release()
 
     def _detach_all(self) -> None:
         if self.forwarder is not None:  # the scapy data path: no XDP program to detach
@@ -396,57 +515,3 @@ class Agent:
             except OSError as e:
                 log.warning("%s: detach failed: %s", name, e)
             del self.attached[name]
-
-
-def detach_if_ours(name: str, prog_fd: int | None) -> bool:
-    """Detach the XDP program of ``name`` if it is the one ``prog_fd`` refers to."""
-    idx = xdp_link.ifindex(name)
-    st = xdp_link.xdp_state(idx)
-    if st is None or not st.prog_id:
-        return False
-    if prog_fd is not None and bpfsys.prog_info(prog_fd).id != st.prog_id:
-        return False
-    xdp_link.xdp_detach(idx)
-    return True
-
-
-def detach(name: str, force: bool = False) -> list[str]:
-    """Remove xdplb from ``name`` (program and pins), e.g. after an agent died with them in
-    place. Returns what was done; raises LookupError when there was nothing to remove."""
-    done: list[str] = []
-    idx = xdp_link.ifindex(name)
-    for table in nftguard.tables_on(idx):  # left by a scapy data path that died
-        nftguard.remove_table(table)
-        done.append(f"removed nftables table netdev {table}")
-    st = xdp_link.xdp_state(idx)
-    groups = pins.groups_with(name)
-    ours = {pins.prog_id(g) for g in groups} - {None}
-    if st is not None and st.prog_id:
-        if st.prog_id in ours or force:
-            xdp_link.xdp_detach(idx)
-            done.append(f"detached program {st.prog_id} from {name}")
-        else:
-            raise UsageError(
-                f"{name} carries XDP program {st.prog_id}, which is not xdplb's; "
-                f"use --force to remove it anyway"
-            )
-    for g in groups:
-        still = []
-        for other in g.ifaces:
-            if other == name:
-                continue
-            try:
-                o = xdp_link.xdp_state(xdp_link.ifindex(other))
-            except (OSError, LookupError):
-                continue
-            if o is not None and o.prog_id and o.prog_id == pins.prog_id(g):
-                still.append(other)
-        if still:
-            done.append(f"kept pins {g.path}: still attached to {', '.join(still)}")
-            continue
-        runfiles.clear(g)
-        g.remove()
-        done.append(f"removed pins {g.path}")
-    if not done:
-        raise LookupError(f"no xdplb program or pins on {name}")
-    return done

@@ -3,6 +3,10 @@
 The agent's pid and state are in its run state (runfiles.py); requests are a signal
 (SIGHUP: reload the config file; SIGUSR1: re-read the drain list) and the answer is the
 agent's ``last_event`` once its generation moves on.
+
+Commands to one agent take its control lock (``locks.control``) for the whole exchange: two
+``drain`` commands at once neither lose one another's change to drains.json (read, modify,
+write) nor take the other's answer for their own.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xdplb.config import Config, load_config
-from xdplb.instance import pins, runfiles
+from xdplb.instance import locks, pins, runfiles
 from xdplb.model.desired import backend_label
 
 
@@ -28,12 +32,15 @@ class Running:
     info: dict[str, Any]
 
 
-def find_agent(iface: str | None = None) -> Running:
-    """The running agent of ``iface``, or the only one in this network namespace."""
+def find_agent(iface: str | None = None, pid: int | None = None) -> Running:
+    """The running agent of ``iface`` (and with ``pid``), or the only one in this network
+    namespace."""
     groups = pins.groups_with(iface) if iface else pins.groups()
-    live = [Running(g, i) for g in groups if (i := runfiles.agent_info(g))]
+    live = [Running(g, i) for g in groups if (i := runfiles.agent_info(g))
+            and (pid is None or i.get("pid") == pid)]
     if not live:
-        where = f"on {iface}" if iface else "in this network namespace"
+        where = (f"on {iface}" if iface else "in this network namespace") + (
+            f" with pid {pid}" if pid is not None else "")
         raise NoAgent(f"no running xdplb agent {where}; start one with "
                       "`xdplb attach IFACE --config pool.yaml`")
     if len(live) > 1:
@@ -43,8 +50,12 @@ def find_agent(iface: str | None = None) -> Running:
 
 
 def signal_and_wait(run: Running, sig: int, kind: str, timeout: float = 30) -> dict[str, Any]:
-    """Send ``sig`` and wait for the agent's answer (its next ``last_event`` of ``kind``)."""
-    before = (run.info.get("last_event") or {}).get("time", 0)
+    """Send ``sig`` and wait for the agent's answer (its next ``last_event`` of ``kind``).
+    Call with the control lock held."""
+    now = runfiles.agent_info(run.group)  # as it is now that we hold the lock
+    if now is None or now.get("pid") != run.info.get("pid"):
+        raise NoAgent("the agent exited")
+    before = (now.get("last_event") or {}).get("time", 0)
     os.kill(int(run.info["pid"]), sig)
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -59,7 +70,8 @@ def signal_and_wait(run: Running, sig: int, kind: str, timeout: float = 30) -> d
 
 
 def reload(run: Running) -> dict[str, Any]:
-    return signal_and_wait(run, signal.SIGHUP, "reload")
+    with locks.control(run.group):
+        return signal_and_wait(run, signal.SIGHUP, "reload")
 
 
 def resolve_backend(cfg: Config, vip: str, backend: str) -> str:
@@ -83,7 +95,8 @@ def set_drain(run: Running, vip: str, backend: str, drained: bool) -> tuple[str,
     """Drain (weight 0: no new flows, existing ones stay) or undrain a backend."""
     cfg = load_config(run.info["config"])
     label = resolve_backend(cfg, vip, backend)
-    current = runfiles.read_drains(run.group)
-    (current.add if drained else current.discard)(label)
-    runfiles.write_drains(run.group, current)
-    return label, signal_and_wait(run, signal.SIGUSR1, "drains")
+    with locks.control(run.group):
+        current = runfiles.read_drains(run.group)
+        (current.add if drained else current.discard)(label)
+        runfiles.write_drains(run.group, current)
+        return label, signal_and_wait(run, signal.SIGUSR1, "drains")

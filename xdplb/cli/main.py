@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import logging
 import os
 import sys
 from typing import TYPE_CHECKING, NoReturn
@@ -40,11 +39,9 @@ def fail(msg: str, code: int) -> NoReturn:
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(netns: str | None, verbose: bool) -> None:
     """xdplb: an XDP/eBPF L4 load balancer with Maglev consistent hashing."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    from xdplb.cli import journal
+
+    journal.setup(verbose)  # under journald: no timestamp of our own, a priority prefix
     if netns:
         try:
             # Network namespace only: bpffs (and our pins) stay those of the host mount ns.
@@ -81,9 +78,9 @@ def _load(path: str) -> Config:
 
 
 @main.command()
-@click.argument("ifaces", nargs=-1, required=True, metavar="IFACE [IFACE...]")
+@click.argument("ifaces", nargs=-1, metavar="[IFACE...]")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="pool.yaml")
+              help="pool.yaml (its `interfaces:` when no IFACE is given)")
 @click.option("--mode", type=click.Choice(["native", "generic", "auto"]), default="auto",
               show_default=True, help="XDP mode; auto: native, else generic with a warning.")
 @click.option("--keep", is_flag=True, help="Leave program and pinned maps in place on exit.")
@@ -94,8 +91,9 @@ def _load(path: str) -> Config:
 def attach(ifaces: tuple[str, ...], config_path: str, mode: str, keep: bool, datapath: str,
            metrics_addr: str | None) -> None:
     """Attach to IFACE(s) and balance until Ctrl-C/SIGTERM (first IFACE faces clients)."""
-    from xdplb.agent import metrics
-    from xdplb.agent.core import Agent, AttachError, UsageError
+    from xdplb.agent import faults, metrics
+    from xdplb.agent.core import Agent
+    from xdplb.agent.errors import AttachError, UsageError
     from xdplb.kernel.pinned import CompileError
 
     if metrics_addr:
@@ -104,6 +102,10 @@ def attach(ifaces: tuple[str, ...], config_path: str, mode: str, keep: bool, dat
         except ValueError as e:
             fail(str(e), EXIT_USAGE)
     cfg = _load(config_path)
+    ifaces = ifaces or cfg.interfaces or ()  # the command line wins over the config file
+    if not ifaces:
+        fail(f"no interface: name one (`xdplb attach IFACE --config ...`) or list them under "
+             f"`interfaces:` in {config_path}", EXIT_USAGE)
     server = None
     try:
         agent = Agent(cfg, list(ifaces), mode=mode, keep=keep, config_path=config_path,
@@ -118,24 +120,39 @@ def attach(ifaces: tuple[str, ...], config_path: str, mode: str, keep: bool, dat
     finally:
         if server is not None and not agent.attached:
             server.close()
-    click.echo(f"xdplb: attached to {', '.join(ifaces)}; Ctrl-C to detach", err=True)
+    if faults.enabled():
+        click.echo(f"xdplb: fault injection armed by ${faults.ENV}", err=True)
+    stop = ("SIGTERM leaves the data path in place (`xdplb detach` removes it)" if keep
+            else "Ctrl-C to detach")
+    click.echo(f"xdplb: attached to {', '.join(ifaces)}; {stop}", err=True)
     try:
         agent.run()
+    except Exception as e:  # the loop survives its events' errors; this is a bug's last stop
+        fail(f"the agent failed ({type(e).__name__}: {e}); the data path was left in place",
+             EXIT_RUNTIME)
     finally:
         if server is not None:
             server.close()
 
 
 @main.command()
-@click.argument("iface")
+@click.argument("iface", required=False)
 @click.option("--force", is_flag=True, help="Also remove an XDP program that is not xdplb's.")
-def detach(iface: str, force: bool) -> None:
-    """Remove the program and pins left on IFACE (e.g. by an agent that died or --keep)."""
-    from xdplb.agent.core import UsageError
-    from xdplb.agent.core import detach as do_detach
+@click.option("--all", "stale", is_flag=True,
+              help="Remove the pins of instances whose namespace or interface is gone.")
+def detach(iface: str | None, force: bool, stale: bool) -> None:
+    """Remove program, pins and drains of IFACE (stopping its running agent), or --all stale."""
+    from xdplb.agent.detach import detach as do_detach
+    from xdplb.agent.detach import detach_stale
+    from xdplb.agent.errors import UsageError
 
+    if (iface is None) == (not stale):
+        fail("name an interface, or give --all (not both)", EXIT_USAGE)
     try:
-        for line in do_detach(iface, force=force):
+        lines = detach_stale() if stale else do_detach(iface, force=force)
+        if not lines:
+            raise LookupError("no pins of a gone namespace or interface")
+        for line in lines:
             click.echo(line)
     except UsageError as e:
         fail(str(e), EXIT_USAGE)
@@ -162,12 +179,13 @@ def status(as_json: bool) -> None:
 
 @main.command()
 @click.argument("iface", required=False)
-def reload(iface: str | None) -> None:
+@click.option("--pid", type=int, help="The agent with this pid (a unit's $MAINPID).")
+def reload(iface: str | None, pid: int | None) -> None:
     """Apply the edited config file of the running agent (same as SIGHUP to it)."""
     from xdplb.cli import control
 
     try:
-        run = control.find_agent(iface)
+        run = control.find_agent(iface, pid)
         _load(run.info["config"])  # says what is wrong, exit 2, agent untouched
         ev = control.reload(run)
     except control.NoAgent as e:
@@ -175,7 +193,7 @@ def reload(iface: str | None) -> None:
     except (OSError, TimeoutError) as e:
         fail(str(e), EXIT_RUNTIME)
     if not ev["ok"]:
-        fail(ev["message"], EXIT_USAGE)
+        fail(ev["message"], EXIT_RUNTIME if ev.get("error") else EXIT_USAGE)
     click.echo(f"reloaded: {ev['message']} (generation {ev['generation']})")
 
 
@@ -194,6 +212,9 @@ def _drain(vip: str, backend: str, iface: str | None, drained: bool) -> None:
         fail(str(e), EXIT_USAGE)
     except (OSError, TimeoutError) as e:
         fail(str(e), EXIT_RUNTIME)
+    if not ev["ok"]:  # the drain list is written: the agent's retry applies it
+        fail(f"{label}: the agent could not apply it yet: {ev['message']} (`xdplb status` "
+             "shows when it has)", EXIT_RUNTIME)
     state = "drained: no new flows, established ones continue" if drained else "undrained"
     click.echo(f"{label} {state} (generation {ev['generation']})")
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from xdplb.abi.layout import layout_version
 from xdplb.inspect.catalog import Catalog
-from xdplb.instance import pins
+from xdplb.instance import pins, runfiles
 from xdplb.kernel import linkinfo
 from xdplb.kernel.maps import KernelMaps, read_counters
 
@@ -43,6 +43,7 @@ def collect() -> list[dict[str, Any]]:
             "interfaces": [_iface_state(i, prog_id) for i in g.ifaces],
             "vips": [],
             "counters": {},
+            "agent": _agent(g),
         }
         if entry["current_layout"]:
             with pins.open_maps(g) as maps:
@@ -50,6 +51,19 @@ def collect() -> list[dict[str, Any]]:
                 entry["counters"] = read_counters(maps)
         out.append(entry)
     return out
+
+
+def _agent(g: pins.PinGroup) -> dict[str, Any] | None:
+    """The running agent as it publishes itself: pid, errors it survived, lost program."""
+    info = runfiles.agent_info(g)
+    if info is None:
+        return None
+    errors = info.get("errors") or {}
+    return {"pid": info.get("pid"), "config": info.get("config"),
+            "generation": info.get("generation"), "errors": errors.get("total", 0),
+            "errors_by_kind": errors.get("by_kind", {}), "last_error": errors.get("last"),
+            "retry_pending": info.get("retry_pending", False),
+            "program_lost": info.get("program_lost", {})}
 
 
 def _vips(maps: KernelMaps) -> list[dict[str, Any]]:
@@ -74,6 +88,10 @@ def render(groups: list[dict[str, Any]]) -> str:
             for i in g["interfaces"]
         )
         parts.append(f"{ifs}  prog {g['prog_id']}  pins {g['pin_dir']}")
+        if a := g.get("agent"):
+            parts.append(f"  agent pid {a['pid']}, {a['errors']} errors survived"
+                         + "".join(f"; {i}: PROGRAM LOST ({why})"
+                                   for i, why in a["program_lost"].items()))
         if not g["current_layout"]:
             parts.append("  pins of another xdplb build (layout differs): not read")
             continue

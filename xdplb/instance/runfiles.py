@@ -3,7 +3,8 @@
 
 Files live under ``/run/xdplb/`` mirroring the pin group's path, written atomically as JSON.
 They describe the agent, not the data path: when only pins are left they are absent or stale
-(``agent_info`` checks the pid is alive).
+(``agent_info`` checks the pid is alive). The exception is ``drains.json``, which is state of
+the instance: it survives the agent's stop and restart, and only ``xdplb detach`` removes it.
 """
 
 from __future__ import annotations
@@ -36,8 +37,12 @@ def write_json(group: pins.PinGroup, name: str, data: dict[str, Any]) -> None:
     d = run_dir(group)
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".{name}.{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    tmp.replace(d / name)
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(d / name)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full /run keeps the last complete file, not half of one
+        raise
 
 
 def read_json(group: pins.PinGroup, name: str) -> dict[str, Any] | None:
@@ -66,12 +71,13 @@ def health(group: pins.PinGroup) -> dict[str, Any]:
     return data.get("backends", {})
 
 
-def clear(group: pins.PinGroup) -> None:
-    """Remove all run state of a group (the agent is gone and so are its pins)."""
+def clear(group: pins.PinGroup, keep: tuple[str, ...] = ()) -> None:
+    """Remove the run state of a group (the agent is gone and so are its pins), but ``keep``."""
     d = run_dir(group)
     if d.is_dir():
         for f in d.iterdir():
-            f.unlink(missing_ok=True)
+            if f.name not in keep:
+                f.unlink(missing_ok=True)
     for p in (d, *d.parents):
         if p == RUN_ROOT.parent:
             break
