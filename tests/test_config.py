@@ -10,6 +10,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
+from xdplb.abi.layout import MAX_BACKENDS, MAX_VIPS, REV_TARGETS
 from xdplb.config import (
     Backend,
     Config,
@@ -17,8 +18,10 @@ from xdplb.config import (
     ConfigProblem,
     HealthCheck,
     Vip,
+    check_backends_not_local,
     load_config,
     parse_config,
+    yamlread,
 )
 
 # The reference file from docs/config.md, verbatim.
@@ -705,3 +708,180 @@ def test_not_utf8(tmp_path: Path) -> None:
     path.write_bytes(b"vips: \xff\n")
     with pytest.raises(ConfigError, match="not valid UTF-8"):
         load_config(path)
+
+
+# --- refused input: addresses no backend may have, capacity, and bounded YAML -------------------
+
+TWO_VIPS = MINIMAL + """\
+  - name: dns
+    address: 10.200.0.11
+    port: 53
+    protocol: udp
+    backends:
+      - address: 10.20.0.12
+"""
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "fragment"),
+    [
+        ("address: 10.20.0.11", "address: 10.200.0.10", "is this VIP's own address"),
+        ("address: 10.20.0.11", "address: 10.200.0.11", "is the address of vips[1] on line 8"),
+    ],
+)
+def test_backend_at_a_vip_address(tmp_path: Path, old: str, new: str, fragment: str) -> None:
+    # Whatever the port or protocol: the data path takes any packet to a VIP address as VIP
+    # traffic. Also reported when other parts of the file are invalid.
+    text = TWO_VIPS.replace(old, new, 1).replace("port: 53", "port: 99999")
+    msg = errors(tmp_path, text)
+    assert_error(msg, 7, "vips[0].backends[0].address", fragment)
+    assert_error(msg, 10, "vips[1].port", "out of range")
+
+
+@pytest.mark.parametrize(
+    ("address", "fragment"),
+    [
+        ("127.0.0.1", "is a loopback address"),
+        ("127.1.2.3", "is a loopback address"),
+        ("0.1.2.3", "is not a unicast address"),
+        ("224.0.0.5", "is not a unicast address"),
+        ("255.255.255.255", "is not a unicast address"),
+    ],
+)
+def test_addresses_no_backend_or_vip_may_have(tmp_path: Path, address: str, fragment: str) -> None:
+    be = MINIMAL.replace("address: 10.20.0.11", f"address: {address}")
+    assert_error(errors(tmp_path, be), 7, "vips[0].backends[0].address", fragment)
+    vip = MINIMAL.replace("address: 10.200.0.10", f"address: {address}")
+    assert_error(errors(tmp_path, vip), 3, "vips[0].address", fragment)
+
+
+def test_backend_at_a_local_address(tmp_path: Path) -> None:
+    local = {IPv4Address("10.20.0.1"), IPv4Address("127.0.0.1")}
+    text = MINIMAL + "      - address: 10.20.0.1\n"
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc_info:
+        load_config(path, local_addresses=local)
+    assert_error(str(exc_info.value), 8, "vips[0].backends[1].address",
+                 "10.20.0.1 is an address of this balancer")
+    cfg = load_config(path)  # check-config does not know the balancer's addresses
+    check_backends_not_local(cfg, {IPv4Address("10.20.0.2")}, str(path))  # not ours: fine
+    with pytest.raises(ConfigError) as exc_info:  # at attach: lines from the file
+        check_backends_not_local(cfg, local, str(path))
+    assert_error(str(exc_info.value), 8, "vips[0].backends[1].address", "of this balancer")
+    with pytest.raises(ConfigError, match=r"^<config>: vips\[0\]\.backends\[1\]\.address: "):
+        check_backends_not_local(cfg, local)
+
+
+def _pool(n_vips: int, backends_per_vip: int) -> str:
+    lines = ["vips:"]
+    for v in range(n_vips):
+        lines += [f"  - name: v{v}", f"    address: 10.200.{v // 250}.{v % 250 + 1}",
+                  "    port: 80", "    protocol: tcp", "    backends:"]
+        lines += [f"      - address: 10.{20 + v // 250}.{v % 250}.{b % 250 + 1}\n"
+                  f"        port: {1000 + b // 250}" for b in range(backends_per_vip)]
+    return "\n".join(lines) + "\n"
+
+
+def _line_of(text: str, fragment: str) -> int:
+    return text.count("\n", 0, text.index(fragment)) + 1
+
+
+def only_error(tmp_path: Path, text: str) -> str:
+    """The whole message for ``text``, naming the file ``pool.yaml``."""
+    return errors(tmp_path, text).replace(f"{tmp_path}/", "")
+
+
+def test_vip_capacity(tmp_path: Path) -> None:
+    assert len(parse_config(_pool(MAX_VIPS, 1)).vips) == MAX_VIPS
+    text = _pool(MAX_VIPS + 1, 1)
+    msg = only_error(tmp_path, text)
+    line = _line_of(text, f"- name: v{MAX_VIPS}\n")
+    assert msg == (f"pool.yaml:{line}: vips[{MAX_VIPS}]: {MAX_VIPS + 1} VIPs: the data path "
+                   f"holds at most {MAX_VIPS}")
+
+
+def test_backend_capacity_over_all_vips(tmp_path: Path) -> None:
+    per_vip = MAX_BACKENDS // 4
+    assert sum(len(v.backends) for v in parse_config(_pool(4, per_vip)).vips) == MAX_BACKENDS
+    text = _pool(4, per_vip) + "      - address: 10.99.0.1\n"
+    line = text.count("\n")
+    assert only_error(tmp_path, text) == (
+        f"pool.yaml:{line}: vips[3].backends[{per_vip}]: {MAX_BACKENDS + 1} backends over all "
+        f"VIPs: the data path holds at most {MAX_BACKENDS}, and this is number "
+        f"{MAX_BACKENDS + 1}")
+
+
+def test_capacity_also_for_models_built_directly() -> None:
+    vip = Vip(name="v", address="10.200.0.10", port=80, protocol="tcp",
+              backends=[Backend(address="10.20.0.11")])
+    with pytest.raises(pydantic.ValidationError, match="the data path holds at most"):
+        Config(vips=[vip] * (MAX_VIPS + 1))
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "fragment"),
+    [
+        ("vips: " + "[\n" * 10_000 + "]\n" * 10_000, 16,
+         f"nested more than {yamlread.MAX_DEPTH} levels deep"),
+        ("vips:\n" + "".join(" " * (i + 1) + "a:\n" for i in range(40)), 16, "nested more"),
+        ("vips:\n  - name: " + "a" * 2000 + "\n", 2,
+         f"a value of 2000 characters (at most {yamlread.MAX_VALUE_CHARS} accepted)"),
+        ("vips:\n  - name: w\x00b\n", 2, "control character U+0000 in column 12"),
+        ("vips:\n  - name: w\x1bb\n", 2, "control character U+001B in column 12"),
+        ("vips: !!omap []\n", 1, "tag !!omap is not accepted"),
+        ("vips: !!python/object:os.system {}\n", 1, "tag !!python/object:os.system"),
+        ("vips: &a [*a]\n", 1, "recursive alias *a"),
+        ("vips:\n  - port: 2001-13-45\n", 2, "cannot read '2001-13-45': month must be"),
+        ("# " + "x" * (yamlread.MAX_LINE_CHARS) + "\n", 1, "a line of 4098 characters"),
+    ],
+)
+def test_bounded_yaml(tmp_path: Path, text: str, line: int, fragment: str) -> None:
+    path = tmp_path / "pool.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as exc_info:
+        load_config(path)
+    assert_error(str(exc_info.value), line, "", fragment)
+    assert len(exc_info.value.errors) == 1
+
+
+def test_alias_bomb(tmp_path: Path) -> None:
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]"
+              for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
+    text = "\n".join([*lines, "vips: *i"]) + "\n"
+    msg = only_error(tmp_path, text)
+    assert f"more than {yamlread.MAX_NODES} values once aliases are expanded" in msg
+    assert msg.startswith("pool.yaml:5: ")  # at the alias that went over
+
+
+def test_file_size_and_lines(tmp_path: Path) -> None:
+    big = "# comment\n" * (yamlread.MAX_BYTES // 10 + 1)
+    assert only_error(tmp_path, big) == (
+        f"pool.yaml: the file is larger than {yamlread.MAX_BYTES} bytes (a pool.yaml at the "
+        "data path's limits needs far less)")
+    many = "\n" * yamlread.MAX_LINES
+    msg = only_error(tmp_path, many)
+    assert msg == f"pool.yaml: the file has more than {yamlread.MAX_LINES} lines"
+    # Reading stops at the limit, whatever the file is.
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config("/dev/zero")
+
+
+def test_not_utf8_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "pool.yaml"
+    path.write_bytes(b"vips:\n  - name: \xff\n")
+    with pytest.raises(ConfigError, match=r"pool\.yaml:2: not valid UTF-8 \(byte 16\)"):
+        load_config(path)
+
+
+def test_backend_endpoint_serves_at_most_rev_targets_vips(tmp_path: Path) -> None:
+    vips = [f"  - name: v{i}\n    address: 10.200.0.{i + 1}\n    port: {80 + i}\n"
+            "    protocol: tcp\n    backends:\n      - address: 10.20.0.11\n        port: 8080\n"
+            for i in range(REV_TARGETS + 1)]
+    assert parse_config("vips:\n" + "".join(vips[:-1]))  # REV_TARGETS VIPs: fine
+    text = "vips:\n" + "".join(vips)
+    assert_error(errors(tmp_path, text), _line_of(text, f"name: v{REV_TARGETS}") + 5,
+                 f"vips[{REV_TARGETS}].backends[0]",
+                 f"serves more than {REV_TARGETS} VIPs")
+    udp = text.replace("protocol: tcp", "protocol: udp", 1)  # another endpoint: fine
+    assert parse_config(udp)

@@ -45,17 +45,19 @@ def kernel(prog_fd: int, daddr: bytes, saddr: bytes, tos: int, proto: int, tot_l
     frame = PROBE.pack(bytes(14), daddr, saddr, tos, proto, tot_len, 0, 0, bytes(6), bytes(6))
     ctx = bpfsys.xdp_md(len(frame), ifindex) if ifindex else None
     out = bpfsys.prog_test_run(prog_fd, frame, ctx_in=ctx).data_out
-    *_, rc, idx, smac, dmac = PROBE.unpack(out)
-    return fib.FibResult(rc, idx, smac, dmac)
+    *_, mtu, rc, idx, smac, dmac = PROBE.unpack(out)
+    return fib.FibResult(rc, idx, smac, dmac, mtu if rc == fib.FRAG_NEEDED else 0)
 
 
 def same(ours: fib.FibResult, theirs: fib.FibResult) -> bool:
     """Equal where the helper defines its output: the code always, the next hop on success,
-    the egress device when the neighbour is missing."""
+    the egress device when the neighbour is missing, the MTU when the packet is too long."""
     if ours.rc != theirs.rc:
         return False
     if ours.rc == fib.SUCCESS:
         return ours == theirs
+    if ours.rc == fib.FRAG_NEEDED:
+        return ours.mtu == theirs.mtu
     if ours.rc == fib.NO_NEIGH:
         return ours.ifindex == theirs.ifindex
     return True

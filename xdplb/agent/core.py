@@ -33,9 +33,10 @@ from xdplb.agent.health import HealthChecker, Target
 from xdplb.agent.loop import Errors, ProgramWatch, Retry
 from xdplb.agent.mapsync import MapSync
 from xdplb.agent.notify import notify
-from xdplb.config import Config, ConfigError, load_config
+from xdplb.config import Config, ConfigError, check_backends_not_local, load_config
 from xdplb.instance import locks, pins, runfiles
 from xdplb.kernel import bpfsys, offload, xdp_link
+from xdplb.kernel.localaddrs import local_addresses
 from xdplb.kernel.maps import KernelMaps
 from xdplb.kernel.pinned import PinnedProgram, build_pinned
 from xdplb.model.desired import backend_label, desired_state
@@ -124,6 +125,10 @@ class Agent:
     # --- start -------------------------------------------------------------------------------
 
     def start(self) -> None:
+        try:  # the balancer's own addresses are known only here, in its network namespace
+            check_backends_not_local(self.cfg, local_addresses(), self.config_path)
+        except ConfigError as e:
+            raise UsageError(f"invalid config, nothing changed:\n{e}") from None
         self._own_interfaces()
         try:
             self._start()
@@ -404,7 +409,7 @@ class Agent:
             return self._done("reload", False, "no config file to reload")
         faults.fire("reload")
         try:
-            cfg = load_config(self.config_path)
+            cfg = load_config(self.config_path, local_addresses=local_addresses())
         except ConfigError as e:
             log.error("reload rejected, nothing changed:\n%s", e)
             return self._done("reload", False, str(e))

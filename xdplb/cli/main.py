@@ -42,36 +42,53 @@ def main(netns: str | None, verbose: bool) -> None:
     from xdplb.cli import journal
 
     journal.setup(verbose)  # under journald: no timestamp of our own, a priority prefix
+    _leave_netns_exec_mounts()
     if netns:
         try:
             # Network namespace only: bpffs (and our pins) stay those of the host mount ns.
             _setns(netns)
+        except FileNotFoundError:
+            fail(f"no network namespace {netns!r} (`ip netns list` shows those there are); "
+                 "nothing was created", EXIT_USAGE)
         except OSError as e:
             fail(f"cannot enter network namespace {netns}: {e}", EXIT_USAGE)
 
 
-def _setns(name: str) -> None:
-    """Enter the named network namespace (the calling thread; the CLI has only one)."""
-    path = os.path.join(NETNS_DIR, name)
-    if os.sep in name or not os.path.isfile(path):
-        # pyroute2's setns (~20 MB, 0.15 s to import) for what it does besides entering a
-        # named namespace: it takes paths, and it creates a namespace that is not there.
-        from pyroute2 import netns as pr_netns
+def _leave_netns_exec_mounts() -> None:
+    """Under `ip netns exec`, go back to the mount namespace it left, where bpffs and the
+    pins are those `--netns` sees (``pins.enter_origin_mount_ns``). Before any thread."""
+    from xdplb.instance import pins
 
-        pr_netns.setns(name)
-        return
+    try:
+        pins.enter_origin_mount_ns()
+    except OSError as e:  # then attach refuses to pin (pins.ensure_bpffs), naming --netns
+        click.echo(f"xdplb: warning: {e}: bpffs stays hidden; use `xdplb --netns`", err=True)
+
+
+def _setns(name: str) -> None:
+    """Enter network namespace ``name`` (of /run/netns, or a path to a namespace file) in
+    the calling thread (the CLI has only one). A missing one is FileNotFoundError: never
+    created, as pyroute2's setns would."""
+    path = name if os.sep in name else os.path.join(NETNS_DIR, name)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "failed to open netns", name)  # as pyroute2 says
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
     finally:
         os.close(fd)
 
 
-def _load(path: str) -> Config:
+def _load(path: str, here: bool = False) -> Config:
+    """The config at ``path``, or exit 2 saying what is wrong. ``here``: also refuse backends
+    at this network namespace's own addresses (as the agent running here would)."""
     from xdplb.config import ConfigError, load_config
 
     try:
+        if here:
+            from xdplb.kernel.localaddrs import local_addresses
+
+            return load_config(path, local_addresses=local_addresses())
         return load_config(path)
     except ConfigError as e:
         fail(f"invalid config, nothing changed:\n{e}", EXIT_USAGE)
@@ -186,7 +203,7 @@ def reload(iface: str | None, pid: int | None) -> None:
 
     try:
         run = control.find_agent(iface, pid)
-        _load(run.info["config"])  # says what is wrong, exit 2, agent untouched
+        _load(run.info["config"], here=True)  # says what is wrong, exit 2, agent untouched
         ev = control.reload(run)
     except control.NoAgent as e:
         fail(str(e), EXIT_NOTHING)

@@ -7,19 +7,27 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from ipaddress import IPv4Address
 from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
     ValidationError,
 )
-from ruamel.yaml import YAML
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.scalarbool import ScalarBoolean
 
-from xdplb.config.errors import PROBLEMS, ConfigError, ConfigProblem, Loc, Problem, describe
+from xdplb.config.errors import (
+    PROBLEMS,
+    ConfigError,
+    ConfigProblem,
+    Loc,
+    Problem,
+    describe,
+    format_loc,
+)
 from xdplb.config.schema import (
+    LOCAL_ADDRESSES,
     MAGLEV,
     Backend,
     Config,
@@ -28,84 +36,77 @@ from xdplb.config.schema import (
     Maglev,
     Vip,
     VipFacts,
+    backend_address_problems,
+    capacity_problems,
     none_as_empty,
     table_fit_problems,
     uniqueness_problems,
     valid_or_none,
 )
+from xdplb.config.yamlread import load_tree, read_text
 
 # --- loading -------------------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a pool.yaml file; raise :class:`ConfigError` listing every problem."""
+def load_config(
+    path: str | os.PathLike[str], *, local_addresses: Collection[IPv4Address] = frozenset()
+) -> Config:
+    """Read and validate a pool.yaml file; raise :class:`ConfigError` listing every problem.
+
+    ``local_addresses`` are the balancer's own addresses (of the network namespace it runs
+    in): a backend at one of them is refused too. Only the agent knows them; ``check-config``
+    may run elsewhere.
+    """
     filename = os.fspath(path)
-    try:
-        with open(filename, encoding="utf-8-sig") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise ConfigError([ConfigProblem(filename, None, "", "config file not found")]) from None
-    except UnicodeDecodeError as e:
-        msg = f"not valid UTF-8 (byte {e.start})"
-        raise ConfigError([ConfigProblem(filename, None, "", msg)]) from None
-    except OSError as e:
-        msg = f"cannot read: {e.strerror or e}"
-        raise ConfigError([ConfigProblem(filename, None, "", msg)]) from None
-    return parse_config(text, filename)
+    return parse_config(read_text(filename), filename, local_addresses=local_addresses)
 
 
-def parse_config(text: str, filename: str = "<string>") -> Config:
+def parse_config(
+    text: str,
+    filename: str = "<string>",
+    *,
+    local_addresses: Collection[IPv4Address] = frozenset(),
+) -> Config:
     """Parse and validate pool.yaml text; ``filename`` is only used in error messages."""
-    try:
-        tree = YAML(typ="rt").load(text)
-    except MarkedYAMLError as e:
-        raise ConfigError([_yaml_problem(e, filename)]) from None
-    except YAMLError as e:
-        raise ConfigError([ConfigProblem(filename, None, "", f"invalid YAML: {e}")]) from None
+    tree = load_tree(text, filename)
     if tree is None:
         msg = "the file is empty (expected a mapping with a 'vips' list)"
         raise ConfigError([ConfigProblem(filename, None, "", msg)])
+    data = _to_plain(tree)
+    local = frozenset(local_addresses)
     try:
-        data = _to_plain(tree, set())
-    except _RecursiveAlias:
-        msg = "recursive YAML alias (a node contains itself)"
-        raise ConfigError([ConfigProblem(filename, None, "", msg)]) from None
-    try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context={LOCAL_ADDRESSES: local})
     except ValidationError as e:
-        found = [*_problems(e, tree, filename), *_partial_problems(data, tree, filename)]
+        found = [*_problems(e, tree, filename), *_partial_problems(data, tree, filename, local)]
         # The partial checks may repeat what pydantic already reported; keep the first of each.
         unique = list(dict.fromkeys(found))
         raise ConfigError(sorted(unique, key=lambda p: (p.line is not None, p.line or 0))) from None
 
 
-def _yaml_problem(e: MarkedYAMLError, filename: str) -> ConfigProblem:
-    mark = e.problem_mark or e.context_mark
-    line = mark.line + 1 if mark is not None else None
-    msg = e.problem or e.context or "syntax error"
-    if e.problem and e.context:
-        ctx_line = e.context_mark.line + 1 if e.context_mark is not None else None
-        where = f" started on line {ctx_line}" if ctx_line not in (None, line) else ""
-        msg = f"{msg} ({e.context}{where})"
-    return ConfigProblem(filename, line, "", f"invalid YAML: {msg}")
+def check_backends_not_local(
+    cfg: Config, local_addresses: Collection[IPv4Address], path: str | None = None
+) -> None:
+    """Raise :class:`ConfigError` if a backend of ``cfg`` is at one of the balancer's own
+    addresses; lines come from ``path``, the file ``cfg`` was loaded from (read again only
+    when there is a problem: the common case costs no parse)."""
+    local = frozenset(local_addresses)
+    problems = backend_address_problems([VipFacts.of(i, v) for i, v in enumerate(cfg.vips)],
+                                        local)
+    if not problems:
+        return
+    if path is not None:
+        load_config(path, local_addresses=local)  # raises, with lines, unless the file changed
+    raise ConfigError([ConfigProblem(path or "<config>", None, "vips" + format_loc(loc), msg)
+                       for loc, msg, _ in problems])
 
 
-class _RecursiveAlias(Exception):
-    pass
-
-
-def _to_plain(node: Any, active: set[int]) -> Any:
-    """Turn ruamel's round-trip types into plain Python ones so strict types behave as usual."""
-    if isinstance(node, dict | list):
-        if id(node) in active:
-            raise _RecursiveAlias
-        active.add(id(node))
-        try:
-            if isinstance(node, dict):
-                return {_to_plain(k, active): _to_plain(v, active) for k, v in node.items()}
-            return [_to_plain(v, active) for v in node]
-        finally:
-            active.discard(id(node))
+def _to_plain(node: Any) -> Any:
+    """Turn ruamel's round-trip types into plain Python ones so strict types behave as usual.
+    The tree is bounded (yamlread: depth, expanded size, no recursive aliases)."""
+    if isinstance(node, dict):
+        return {_to_plain(k): _to_plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_to_plain(v) for v in node]
     # ScalarBoolean (an anchored true/false) subclasses int, not bool: it must not pass as 1.
     if isinstance(node, bool | ScalarBoolean):
         return bool(node)
@@ -135,12 +136,17 @@ def _custom_problem(base: Loc, problem: Problem, tree: Any, filename: str) -> Co
     return ConfigProblem(filename, line, path, msg)
 
 
-def _partial_problems(data: Any, tree: Any, filename: str) -> Iterator[ConfigProblem]:
-    """Run the cross-VIP checks on whatever parts of the raw VIPs are valid (see VipFacts)."""
+def _partial_problems(
+    data: Any, tree: Any, filename: str, local: frozenset[IPv4Address]
+) -> Iterator[ConfigProblem]:
+    """Run the cross-VIP checks on whatever parts of the raw VIPs are valid (see VipFacts);
+    not on a file over the capacity limits, which is reported with that problem alone."""
     if not isinstance(data, dict) or not isinstance(data.get("vips"), list):
         return
+    if capacity_problems(data["vips"]):
+        return
     facts = [VipFacts.from_raw(i, raw) for i, raw in enumerate(data["vips"])]
-    for problem in uniqueness_problems(facts):
+    for problem in [*uniqueness_problems(facts), *backend_address_problems(facts, local)]:
         yield _custom_problem(("vips",), problem, tree, filename)
     maglev = valid_or_none(MAGLEV, none_as_empty(data.get("maglev")))
     if maglev is not None:

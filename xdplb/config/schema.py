@@ -9,7 +9,7 @@ import math
 import re
 from collections.abc import Sequence
 from contextvars import ContextVar
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from xdplb.abi.layout import MAX_BACKENDS, MAX_REV_NAT, MAX_VIPS, REV_TARGETS
 from xdplb.config.errors import Loc, Problem, describe, fail
 
 Protocol = Literal["tcp", "udp"]
@@ -37,6 +38,10 @@ TABLE_SIZE_MIN, TABLE_SIZE_MAX = 3, 1_000_003
 MAX_ENTRIES_MIN, MAX_ENTRIES_MAX = 1024, 100_000_000
 DURATION_MIN, DURATION_MAX = 0.001, 3600.0
 _LIMITED_BROADCAST = IPv4Address("255.255.255.255")
+_THIS_NETWORK = IPv4Network("0.0.0.0/8")  # "this host on this network": never a destination
+_U32_MAX = 2**32 - 1
+# Validation context key: the balancer's own addresses, when the caller knows them.
+LOCAL_ADDRESSES = "xdplb_local_addresses"
 
 
 # --- field types ---------------------------------------------------------------------------------
@@ -71,6 +76,9 @@ def _is_prime(n: int) -> bool:
 def _check_table_size(value: int) -> int:
     if not TABLE_SIZE_MIN <= value <= TABLE_SIZE_MAX:
         fail(f"{value} is out of range ({TABLE_SIZE_MIN}-{TABLE_SIZE_MAX})")
+    if MAX_VIPS * value > _U32_MAX:  # one array of MAX_VIPS rings; its size is a u32
+        fail(f"{value} is too large for the data path's {MAX_VIPS} rings "
+             f"(at most {_U32_MAX // MAX_VIPS} slots each)")
     if not _is_prime(value):
         below = next(n for n in range(value - 1, 1, -1) if _is_prime(n))
         above = next(n for n in range(value + 1, 2 * value + 2) if _is_prime(n))
@@ -113,8 +121,10 @@ def _parse_address(value: Any, role: Literal["VIP", "backend"]) -> IPv4Address:
         fail(f"address family mix (IPv{addr.version} backend for IPv{vip_family} VIP)")
     if not isinstance(addr, IPv4Address):
         fail("IPv6 is not supported by the data path yet")
-    if addr.is_unspecified or addr.is_multicast or addr == _LIMITED_BROADCAST:
+    if addr in _THIS_NETWORK or addr.is_multicast or addr == _LIMITED_BROADCAST:
         fail(f"{addr} is not a unicast address")
+    if addr.is_loopback:
+        fail(f"{addr} is a loopback address (127.0.0.0/8): packets to it never leave a host")
     return addr
 
 
@@ -314,17 +324,38 @@ class Flows(_Model):
     udp_idle_timeout: OptionalDuration = 60.0
 
 
+def _check_iface(value: str) -> str:
+    if not re.fullmatch(r"[^\s/:+]{1,15}", value):
+        fail(f"{value!r} is not an interface name (1-15 characters, none of space, '/', ':', '+')")
+    return value
+
+
 class Config(_Model):
     """The whole pool.yaml."""
 
     vips: Annotated[tuple[Vip, ...], _non_empty("VIP")]
     maglev: Annotated[Maglev, BeforeValidator(none_as_empty)] = Field(default_factory=Maglev)
     flows: Annotated[Flows, BeforeValidator(none_as_empty)] = Field(default_factory=Flows)
+    # What `xdplb attach` attaches to when its command line names no interface (a systemd
+    # unit's config file says where it runs); names as Linux allows them, '+' is the pins'.
+    interfaces: Annotated[tuple[Annotated[StrictStr, AfterValidator(_check_iface)], ...],
+                          Field(min_length=1)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_capacity(cls, data: Any) -> Any:
+        # Before anything else: thousands of VIPs are reported as one problem, not checked
+        # (and reported) one by one.
+        if isinstance(data, dict) and (problems := capacity_problems(data.get("vips"))):
+            fail(*problems)
+        return data
 
     @field_validator("vips")
     @classmethod
-    def _check_unique(cls, vips: tuple[Vip, ...]) -> tuple[Vip, ...]:
-        if problems := uniqueness_problems([VipFacts.of(i, v) for i, v in enumerate(vips)]):
+    def _check_unique(cls, vips: tuple[Vip, ...], info: ValidationInfo) -> tuple[Vip, ...]:
+        facts = [VipFacts.of(i, v) for i, v in enumerate(vips)]
+        local = (info.context or {}).get(LOCAL_ADDRESSES, frozenset())
+        if problems := [*uniqueness_problems(facts), *backend_address_problems(facts, local)]:
             fail(*problems)
         return vips
 
@@ -332,6 +363,12 @@ class Config(_Model):
     def _check_table_fits(self) -> Config:
         facts = [VipFacts.of(i, v) for i, v in enumerate(self.vips)]
         if problems := table_fit_problems(self.maglev, facts):
+            fail(*problems)
+        return self
+
+    @model_validator(mode="after")
+    def _check_reverse_nat(self) -> Config:
+        if problems := reverse_nat_problems(self.vips):
             fail(*problems)
         return self
 
@@ -348,10 +385,13 @@ class VipFacts(NamedTuple):
     name: str | None
     key: tuple[IPv4Address, int, str] | None
     n_backends: int | None
+    address: IPv4Address | None = None  # known even when the key is not (a bad port)
+    backend_addresses: tuple[IPv4Address | None, ...] = ()
 
     @classmethod
     def of(cls, index: int, vip: Vip) -> VipFacts:
-        return cls(index, vip.name, vip.key, len(vip.backends))
+        return cls(index, vip.name, vip.key, len(vip.backends), vip.address,
+                   tuple(b.address for b in vip.backends))
 
     @classmethod
     def from_raw(cls, index: int, raw: Any) -> VipFacts:
@@ -365,11 +405,16 @@ class VipFacts(NamedTuple):
         )
         key = None if None in parts else parts
         backends = raw.get("backends")
-        return cls(index, name, key, len(backends) if isinstance(backends, list) else None)
+        if not isinstance(backends, list):
+            return cls(index, name, key, None, parts[0])
+        addresses = tuple(valid_or_none(_BACKEND_ADDRESS, b.get("address"))
+                          if isinstance(b, dict) else None for b in backends)
+        return cls(index, name, key, len(backends), parts[0], addresses)
 
 
 _NAME: TypeAdapter[str] = TypeAdapter(Name)
 _ADDRESS: TypeAdapter[IPv4Address] = TypeAdapter(VipAddress)
+_BACKEND_ADDRESS: TypeAdapter[IPv4Address] = TypeAdapter(BackendAddress)
 _PORT: TypeAdapter[int] = TypeAdapter(Port)
 _PROTOCOL: TypeAdapter[str] = TypeAdapter(Protocol)
 MAGLEV: TypeAdapter[Maglev] = TypeAdapter(Maglev)
@@ -415,3 +460,85 @@ def table_fit_problems(maglev: Maglev, vips: Sequence[VipFacts]) -> list[Problem
     return problems
 
 
+def backend_address_problems(
+    vips: Sequence[VipFacts], local: frozenset[IPv4Address] = frozenset()
+) -> list[Problem]:
+    """Backends at an address no backend may have; locs relative to ``vips``.
+
+    A VIP's address (its own or another VIP's, whatever the port): the data path takes every
+    packet to a VIP address as VIP traffic, so the rewritten packet would come back to the
+    balancer instead of reaching a server. One of the balancer's own addresses (``local``,
+    known only where the agent runs): the packet would be delivered to the balancer itself.
+    """
+    vip_at: dict[IPv4Address, int] = {}
+    for vip in vips:
+        if vip.address is not None:
+            vip_at.setdefault(vip.address, vip.index)
+    problems: list[Problem] = []
+    for vip in vips:
+        for j, address in enumerate(vip.backend_addresses):
+            loc: Loc = (vip.index, "backends", j, "address")
+            if address is None:
+                continue
+            if (first := vip_at.get(address)) is not None:
+                whose = "this VIP's own address" if first == vip.index else "the address of {where}"
+                msg = f"{address} is {whose}: packets sent to it would be balanced again"
+                problems.append((loc, msg, (first,)))
+            elif address in local:
+                msg = (f"{address} is an address of this balancer (of an interface in its "
+                       "network namespace): packets sent to it would not leave it")
+                problems.append((loc, msg, None))
+    return problems
+
+
+def capacity_problems(vips: Any) -> list[Problem]:
+    """More VIPs, or backends over all VIPs, than the data path's arrays hold
+    (``xdplb.abi.layout``); locs relative to the whole config, at the first one too many."""
+    if not isinstance(vips, list | tuple):
+        return []
+    if len(vips) > MAX_VIPS:
+        msg = f"{len(vips)} VIPs: the data path holds at most {MAX_VIPS}"
+        return [(("vips", MAX_VIPS), msg, None)]
+    counts = [len(b) if isinstance(b := _raw_backends(v), list | tuple) else 0 for v in vips]
+    total, before = sum(counts), 0
+    for i, n in enumerate(counts):
+        if before + n > MAX_BACKENDS:
+            msg = (f"{total} backends over all VIPs: the data path holds at most "
+                   f"{MAX_BACKENDS}, and this is number {MAX_BACKENDS + 1}")
+            return [(("vips", i, "backends", MAX_BACKENDS - before), msg, None)]
+        before += n
+    return []
+
+
+def _raw_backends(vip: Any) -> Any:
+    if isinstance(vip, Vip):
+        return vip.backends
+    return vip.get("backends") if isinstance(vip, dict) else None
+
+
+def reverse_nat_problems(vips: Sequence[Vip]) -> list[Problem]:
+    """What the data path's reverse NAT (``rev_nat``) cannot hold; locs relative to the
+    config. A reply from a backend endpoint (address, target port, protocol) is told apart
+    between at most REV_TARGETS VIPs, and the map has an entry per endpoint and per
+    (address, protocol)."""
+    served: dict[tuple[IPv4Address, int, str], list[int]] = {}
+    addresses: set[tuple[IPv4Address, str]] = set()
+    problems: list[Problem] = []
+    for i, vip in enumerate(vips):
+        for j, backend in enumerate(vip.backends):
+            port = backend.target_port(vip)
+            seen = served.setdefault((backend.address, port, vip.protocol), [])
+            addresses.add((backend.address, vip.protocol))
+            if i in seen:
+                continue
+            seen.append(i)
+            if len(seen) == REV_TARGETS + 1:
+                msg = (f"backend {backend.address}:{port}/{vip.protocol} serves more than "
+                       f"{REV_TARGETS} VIPs (also vips{seen[:-1]}): the data path tells the "
+                       f"replies of at most {REV_TARGETS} apart; give it another port per VIP")
+                problems.append((("vips", i, "backends", j), msg, None))
+    if len(served) + len(addresses) > MAX_REV_NAT:
+        msg = (f"{len(served)} backend endpoints and {len(addresses)} backend addresses need "
+               f"more reverse-NAT entries than the data path holds ({MAX_REV_NAT})")
+        problems.append((("vips",), msg, None))
+    return problems

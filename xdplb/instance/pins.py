@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import shutil
 from dataclasses import dataclass
@@ -27,10 +28,21 @@ ROOT_NAME = "xdplb"
 PROG_PIN = "prog"
 
 
+CLONE_NEWNS = 0x00020000
+BPF_FS_MAGIC = 0xCAFE4A11
+
+
 def ensure_bpffs() -> None:
-    """Mount bpffs on /sys/fs/bpf when it is not (it is not mounted at boot everywhere)."""
+    """Mount bpffs on /sys/fs/bpf when it is not (it is not mounted at boot everywhere).
+
+    Never in the mount namespace `ip netns exec` makes (see :func:`enter_origin_mount_ns`):
+    pins there would be private to one command and vanish with it."""
     if _is_bpffs(BPFFS):
         return
+    if _origin_mount_ns() is not None:
+        raise OSError(errno.EPERM, f"{BPFFS} is not bpffs in this mount namespace (`ip netns "
+                                   "exec` mounts its own /sys, and pins made here would be "
+                                   "lost with it): run `xdplb --netns NAME attach ...` instead")
     BPFFS.mkdir(parents=True, exist_ok=True)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.mount(b"bpf", str(BPFFS).encode(), b"bpf", 0, None) != 0:
@@ -39,11 +51,62 @@ def ensure_bpffs() -> None:
 
 
 def _is_bpffs(path: Path) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(
-            len(parts) > 2 and parts[1] == str(path) and parts[2] == "bpf"
-            for parts in (line.split() for line in f)
-        )
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type (a long) comes first
+    if ctypes.CDLL(None, use_errno=True).statfs(str(path).encode(), buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value == BPF_FS_MAGIC
+
+
+def enter_origin_mount_ns() -> bool:
+    """Leave the mount namespace `ip netns exec` made for this process for the one it was
+    run from, when that hides bpffs; returns whether it did.
+
+    `ip netns exec NS cmd` enters NS's network namespace and, to mount NS's sysfs on /sys,
+    a new mount namespace: /sys/fs/bpf is an empty directory there. Back in the mount
+    namespace it came from (still in NS's network namespace) a command sees the same bpffs
+    and pins as with `xdplb --netns NS`, so agents started either way find each other.
+    Call it before any thread starts: setns() into a mount namespace needs a single thread.
+    """
+    if _is_bpffs(BPFFS) or (origin := _origin_mount_ns()) is None:
+        return False
+    try:
+        cwd: str | None = os.getcwd()
+    except OSError:
+        cwd = None
+    fd = os.open(origin, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNS) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot enter the mount namespace {origin}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    if cwd is not None:  # setns() moved us to "/"; relative paths (--config) mean the same
+        with contextlib.suppress(OSError):
+            os.chdir(cwd)
+    return True
+
+
+def _origin_mount_ns() -> str | None:
+    """``/proc/PID/ns/mnt`` of the mount namespace `ip netns exec` left, when this process
+    is in one it made: that of the nearest ancestor (up to PID 1) in another mount
+    namespace, if the ancestor sees the same root directory (a container's do not)."""
+    try:
+        me, root = os.stat("/proc/self/ns/mnt").st_ino, os.stat("/")
+    except OSError:
+        return None
+    pid = os.getppid()
+    for _ in range(64):  # bounded: a ppid chain ends at 0, but /proc can change under us
+        if pid <= 0:
+            return None
+        ns = f"/proc/{pid}/ns/mnt"
+        try:
+            if os.stat(ns).st_ino != me:
+                return ns if os.path.samestat(os.stat(f"/proc/{pid}/root"), root) else None
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                pid = int(f.read().rsplit(b")", 1)[1].split()[1])  # field 4: ppid
+        except (OSError, ValueError, IndexError):
+            return None  # gone, or not ours to inspect
+    return None
 
 
 def netns_name() -> str:

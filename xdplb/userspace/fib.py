@@ -64,6 +64,7 @@ class FibResult:
     ifindex: int = 0  # egress device
     smac: bytes = b""
     dmac: bytes = b""
+    mtu: int = 0  # FRAG_NEEDED: the path's MTU (the helper's mtu_result), else 0
 
     @property
     def name(self) -> str:
@@ -288,7 +289,7 @@ class Fib:
             self._cache[key] = hit
         res, mtu = hit
         if mtu and tot_len > mtu:  # checked once a route is found, before the neighbour
-            return FibResult(FRAG_NEEDED)
+            return FibResult(FRAG_NEEDED, mtu=mtu)
         return res
 
     # --- the lookup: (result without the MTU check, MTU of the path or 0) -------------------

@@ -13,7 +13,7 @@ struct xl_fib_probe {
     __be32 saddr;
     __u8 tos;
     __u8 proto;
-    __u16 tot_len;     /* host order */
+    __u16 tot_len;     /* host order; out: mtu_result */
     __s32 rc;          /* out */
     __u32 ifindex;
     __u8 smac[6];
@@ -36,6 +36,7 @@ int xdplb_main(struct xdp_md *ctx)
     fib.ipv4_dst = q->daddr;
     fib.ifindex = ctx->ingress_ifindex;
     q->rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+    q->tot_len = fib.mtu_result; /* FRAG_NEEDED: the MTU (a union with tot_len) */
     q->ifindex = fib.ifindex;
     __builtin_memcpy(q->smac, fib.smac, 6);
     __builtin_memcpy(q->dmac, fib.dmac, 6);
