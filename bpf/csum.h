@@ -27,6 +27,16 @@ static __always_inline __u16 xl_csum_replace4(__u16 check, __u32 old, __u32 new)
     return (__u16)~xl_csum_fold(s);
 }
 
+/* *b = v, b the first byte of its 16-bit word (TTL, ICMP type): the checksum at *check
+ * updated for that word. */
+static __always_inline void xl_set_byte(__u8 *b, __u8 v, __u16 *check)
+{
+    __u16 *word = (__u16 *)b;
+    __u16 old = *word;
+    *b = v;
+    *check = xl_csum_replace2(*check, old, *word);
+}
+
 /* UDP: a zero checksum means "none" and stays zero; a computed zero is sent as 0xffff. */
 static __always_inline __u16 xl_udp_fixup(__u16 old_check, __u16 new_check)
 {

@@ -11,6 +11,14 @@ static __always_inline void xl_count(__u32 idx)
         *v += 1;
 }
 
+/* The IPv4 address at *addr (saddr or daddr) and the header checksum: all that a fragment
+ * without the L4 header needs. */
+static __always_inline void xl_set_addr(struct iphdr *ip, __be32 *addr, __be32 new_addr)
+{
+    ip->check = xl_csum_replace4(ip->check, *addr, new_addr);
+    *addr = new_addr;
+}
+
 /* Rewrite the IPv4 address at *addr (saddr or daddr) and, when new_port != 0, the port at
  * *port. The L4 checksum covers the address through the pseudo-header. */
 static __always_inline void xl_rewrite(struct xl_pkt *p, __be32 *addr, __be32 new_addr,
@@ -20,8 +28,7 @@ static __always_inline void xl_rewrite(struct xl_pkt *p, __be32 *addr, __be32 ne
     __u16 l4_old = *p->l4_check;
     __u16 l4 = xl_csum_replace4(l4_old, old_addr, new_addr);
 
-    p->ip->check = xl_csum_replace4(p->ip->check, old_addr, new_addr);
-    *addr = new_addr;
+    xl_set_addr(p->ip, addr, new_addr);
     if (new_port && new_port != *port) {
         l4 = xl_csum_replace2(l4, *port, new_port);
         *port = new_port;
@@ -31,13 +38,19 @@ static __always_inline void xl_rewrite(struct xl_pkt *p, __be32 *addr, __be32 ne
     *p->l4_check = l4;
 }
 
+/* TTL 1 or less: the next hop would discard it, so the sender gets Time Exceeded and
+ * traceroute through a VIP shows the balancer's hop. To a VIP the program sends it (the
+ * kernel, with no route to its own VIP, would answer "net unreachable"); a reply goes to
+ * the kernel untouched, which routes it and sends the error itself. */
+static __always_inline int xl_ttl_expired(struct iphdr *ip)
+{
+    return ip->ttl <= 1;
+}
+
 static __always_inline void xl_decrement_ttl(struct iphdr *ip)
 {
     /* TTL shares a 16-bit checksum word with the protocol byte. */
-    __u16 *word = (__u16 *)&ip->ttl;
-    __u16 old = *word;
-    ip->ttl -= 1;
-    ip->check = xl_csum_replace2(ip->check, old, *word);
+    xl_set_byte(&ip->ttl, ip->ttl - 1, &ip->check);
 }
 
 /* Look the next hop up and, when the flow has a cache for this direction, remember it.

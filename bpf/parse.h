@@ -1,5 +1,5 @@
-/* Packet parsing with full bounds checks: Ethernet (+ one 802.1Q tag), IPv4, TCP/UDP.
- * Nothing here writes to the packet. */
+/* Packet parsing with full bounds checks: Ethernet (+ one 802.1Q tag), IPv4, TCP/UDP,
+ * ICMP. Nothing here writes to the packet. */
 #pragma once
 
 #define XL_IP_MF 0x2000
@@ -24,10 +24,12 @@ struct xl_pkt {
     __be16 *dport;
     __sum16 *l4_check;
     struct tcphdr *tcp; /* NULL unless TCP */
+    struct icmphdr *icmp; /* NULL unless ICMP and not a fragment */
     __u32 len;       /* frame length, for byte counters */
     __u8 proto;
     __u8 frag;       /* MF set or offset != 0 */
     __u8 options;    /* IHL > 5 */
+    __u8 vlan;       /* one 802.1Q tag */
 };
 
 /* Ethernet and IPv4: enough to tell whether the packet can be ours at all (most traffic is
@@ -44,7 +46,8 @@ static __always_inline int xl_parse_l3(struct xdp_md *ctx, struct xl_pkt *p)
         return XL_P_MALFORMED;
     p->eth = eth;
     __be16 h_proto = eth->h_proto;
-    if (h_proto == bpf_htons(ETH_P_8021Q)) {
+    p->vlan = h_proto == bpf_htons(ETH_P_8021Q);
+    if (p->vlan) {
         struct xl_vlan_hdr *vh = data + off;
         if ((void *)(vh + 1) > data_end)
             return XL_P_MALFORMED;
@@ -71,8 +74,9 @@ static __always_inline int xl_parse_l3(struct xdp_md *ctx, struct xl_pkt *p)
     return XL_P_OK;
 }
 
-/* TCP/UDP of a packet xl_parse_l3() accepted: fills the port and checksum pointers unless
- * it is a fragment (no trustworthy L4 header) or another protocol. */
+/* TCP/UDP/ICMP of a packet xl_parse_l3() accepted: fills the port and checksum pointers
+ * (ICMP: its header) unless it is a fragment (no trustworthy L4 header) or another
+ * protocol. */
 static __always_inline int xl_parse_l4(struct xdp_md *ctx, struct xl_pkt *p)
 {
     void *data_end = (void *)(long)ctx->data_end;
@@ -80,6 +84,7 @@ static __always_inline int xl_parse_l4(struct xdp_md *ctx, struct xl_pkt *p)
     p->sport = p->dport = NULL;
     p->l4_check = NULL;
     p->tcp = NULL;
+    p->icmp = NULL;
     if (p->frag)
         return XL_P_OK;
     __u32 ihl = ip->ihl * 4;
@@ -107,6 +112,11 @@ static __always_inline int xl_parse_l4(struct xdp_md *ctx, struct xl_pkt *p)
         p->sport = &uh->source;
         p->dport = &uh->dest;
         p->l4_check = &uh->check;
+    } else if (ip->protocol == IPPROTO_ICMP) {
+        struct icmphdr *ic = l4;
+        if ((void *)(ic + 1) > data_end || l4_len < sizeof(*ic))
+            return XL_P_MALFORMED;
+        p->icmp = ic;
     }
     return XL_P_OK;
 }

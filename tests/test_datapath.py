@@ -12,8 +12,10 @@ import random
 import subprocess
 import time
 from collections import Counter
+from dataclasses import replace
 
 import pytest
+from pools import BE1, DNS, VIP, WEB, Backend, Vip, pool_yaml
 from pyroute2 import netns as pr_netns
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert
 from scapy.layers.inet6 import IPv6
@@ -21,7 +23,7 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.utils import checksum
 from testkit.pktcheck import checksum_errors, rewrite_errors
 
-from xdplb.config import parse_config
+from xdplb.config import Config, parse_config
 from xdplb.model.hashing import flow_hash
 from xdplb.offline.engines import Engine, open_engine
 
@@ -31,51 +33,19 @@ NS = f"xlt-dp-{os.getpid()}"
 LB_MAC, CLIENT_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
 BE_MACS = {"10.20.0.11": "02:00:00:00:00:11", "10.20.0.12": "02:00:00:00:00:12",
            "10.30.0.5": "02:00:00:00:00:35"}
-CLIENT, VIP = "10.10.0.2", "10.200.0.10"
+CLIENT = "10.10.0.2"
 
-CONFIG = """
-vips:
-  - name: web
-    address: 10.200.0.10
-    port: 80
-    protocol: tcp
-    backends:
-      - address: 10.20.0.11
-        weight: 3
-      - address: 10.20.0.12
-        port: 8080
-  - name: dns
-    address: 10.200.0.10
-    port: 53
-    protocol: udp
-    backends:
-      - address: 10.20.0.11
-      - address: 10.20.0.12
-  - name: far
-    address: 10.200.0.20
-    port: 80
-    protocol: tcp
-    backends:
-      - address: 10.30.0.5
-  - name: empty
-    address: 10.200.0.30
-    port: 80
-    protocol: tcp
-    backends:
-      - address: 10.20.0.11
-        weight: 0
-  - name: noneigh
-    address: 10.200.0.40
-    port: 80
-    protocol: tcp
-    backends:
-      - address: 10.20.0.99
-maglev:
-  table_size: 65537
-  seed: 7
-flows:
-  max_entries: 65536
-"""
+
+def config(web: tuple[Backend | str, ...] = WEB.backends, far: str = "10.30.0.5",
+           **flows: int) -> Config:
+    """The module's pool: web (weighted, one backend on another port), dns, far (a backend on
+    d1), empty (drained), noneigh (a backend without a neighbour); tests vary web's backends,
+    far's backend and flow settings."""
+    return parse_config(pool_yaml(
+        replace(WEB, backends=web), DNS, Vip("far", 80, (far,), address="10.200.0.20"),
+        Vip("empty", 80, (Backend(BE1, weight=0),), address="10.200.0.30"),
+        Vip("noneigh", 80, ("10.20.0.99",), address="10.200.0.40"),
+        table_size=65537, seed=7, flows={"max_entries": 65536, **flows}), "test.yaml")
 
 
 def _ip(*args: str) -> None:
@@ -107,8 +77,7 @@ def lab(request):
             from xdplb.kernel import xdp_link
 
             idx = {d: xdp_link.ifindex(d) for d in ("d0", "d1")}
-            engine = open_engine(request.param, parse_config(CONFIG, "test.yaml"),
-                                 [idx["d0"], idx["d1"]])
+            engine = open_engine(request.param, config(), [idx["d0"], idx["d1"]])
             try:
                 yield engine, idx
             finally:
@@ -174,7 +143,7 @@ def test_non_vip_passes_byte_identical(eng):
         udp(dst="8.8.8.8"),
         bytes(Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(pdst="10.10.0.1")),
         bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / IPv6(dst="fd00::1") / TCP(dport=80)),
-        bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=CLIENT, dst=VIP) / ICMP()),
+        bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=CLIENT, dst=VIP) / ICMP(type=13)),
         bytes(Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / IP(src=CLIENT,
               dst="10.10.0.255") / UDP(dport=80)),
     ]
@@ -280,7 +249,6 @@ def test_no_neighbour_passes_natted_without_ttl_change(eng):
 def test_drops_by_rule(eng):
     engine, d0, _ = eng
     cases = {
-        "drop_ttl": syn(ttl=1),
         "drop_fragment": bytes(Ether(src=CLIENT_MAC, dst=LB_MAC)
                                / IP(src=CLIENT, dst=VIP, flags="MF", frag=0) / TCP(dport=80)),
         "drop_ip_options": syn(options=[IPOption_Router_Alert()]),
@@ -298,6 +266,27 @@ def test_drops_by_rule(eng):
         assert r.verdict == "pass" and r.data == f
 
 
+def test_ttl_expiry_to_a_vip_gets_time_exceeded_from_the_vip(eng):
+    """TTL 1 or 0 to a VIP: the sender gets Time Exceeded from the VIP, quoting its packet as
+    sent (IPv4 header and 8 bytes), checked against what scapy builds; no flow is made. A
+    reply with TTL 1 goes to the kernel untouched (it routes it and sends the error)."""
+    engine, d0, _ = eng
+    for ttl in (1, 0):
+        f = syn(sport=41000 + ttl, ttl=ttl, payload=b"x" * 100)
+        r = engine.run(f, d0)
+        assert (r.verdict, r.counters, r.effect) == ("tx", {"ttl_exceeded": 1, "tx": 1},
+                                                     "none"), ttl
+        sent = Ether(f)
+        want = (Ether(src=sent.dst, dst=sent.src) / IP(src=VIP, dst=CLIENT, ttl=64, id=0)
+                / ICMP(type=11, code=0) / bytes(sent[IP])[:28])
+        assert r.data == bytes(want), (r.data.hex(), bytes(want).hex())
+    addr, port = engine.run(syn(sport=41001), d0).backend.split(":")  # the reply's flow
+    reply = bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=addr, dst=CLIENT, ttl=1)
+                  / TCP(sport=int(port), dport=41001, flags="SA"))
+    r = engine.run(reply, d0)
+    assert (r.verdict, r.data, r.counters) == ("pass", reply, {"pass_ttl": 1})
+
+
 def test_malformed_pass_untouched(eng):
     engine, d0, _ = eng
     good = syn()
@@ -308,6 +297,8 @@ def test_malformed_pass_untouched(eng):
     long_len[16:18] = (2000).to_bytes(2, "big")
     short_len = bytearray(good)
     short_len[16:18] = (30).to_bytes(2, "big")  # shorter than IP + TCP headers
+    short_len[24:26] = b"\0\0"  # with a right header checksum: the length's rule decides
+    short_len[24:26] = checksum(bytes(short_len[14:34])).to_bytes(2, "big")
     bad_doff = bytearray(good)
     bad_doff[eth_ip + 12] = 0x20  # data offset 2
     frames = {
@@ -330,15 +321,13 @@ def test_malformed_pass_untouched(eng):
 
 
 def test_vlan_tagged(eng):
+    """No VLAN is served: a tagged frame to a VIP goes to the kernel untouched (its VLAN
+    device takes it), never redirected with the tag still on; nothing is tracked."""
     engine, d0, _ = eng
     f = bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / Dot1Q(vlan=42) / IP(src=CLIENT, dst=VIP)
               / TCP(sport=45000, dport=80, flags="S"))
     r = engine.run(f, d0)
-    assert r.verdict == "tx"
-    pkt = Ether(r.data)
-    assert pkt[Dot1Q].vlan == 42
-    assert pkt[IP].dst in ("10.20.0.11", "10.20.0.12")
-    assert checksum(bytes(pkt[IP])[:20]) == 0
+    assert (r.verdict, r.data, r.counters, r.effect) == ("pass", f, {"pass_vlan": 1}, "none")
     # QinQ is not parsed: passed untouched.
     qq = bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / Dot1Q(vlan=1) / Dot1Q(vlan=2)
                / IP(src=CLIENT, dst=VIP) / TCP(dport=80))
@@ -353,7 +342,7 @@ def test_established_flow_survives_ring_change(eng):
     first = {s: Ether(engine.run(syn(sport=s), d0).data)[IP].dst for s in range(50000, 50200)}
     assert "10.20.0.11" in first.values()
     try:
-        engine.configure(parse_config(CONFIG.replace("weight: 3", "weight: 0"), "t2.yaml"))
+        engine.configure(config(web=(Backend(BE1, weight=0), *WEB.backends[1:])))
         for sport, dst in first.items():
             r = engine.run(syn(sport=sport, flags="A"), d0)
             assert r.counters.get("flow_hit") == 1
@@ -361,7 +350,7 @@ def test_established_flow_survives_ring_change(eng):
         for s in range(60000, 60100):
             assert Ether(engine.run(syn(sport=s), d0).data)[IP].dst == "10.20.0.12"
     finally:
-        engine.configure(parse_config(CONFIG, "test.yaml"))
+        engine.configure(config())
 
 
 def test_removed_backend_flows_rebalance(eng):
@@ -370,8 +359,7 @@ def test_removed_backend_flows_rebalance(eng):
              if expected_backend(engine, "web", CLIENT, VIP, s, 80, 6) == "10.20.0.12"]
     for s in on_12:
         engine.run(syn(sport=s), d0)
-    cfg2 = parse_config(CONFIG.replace("      - address: 10.20.0.12\n        port: 8080\n", ""),
-                        "t3.yaml")
+    cfg2 = config(web=WEB.backends[:1])
     try:
         engine.configure(cfg2)
         for s in on_12:
@@ -379,7 +367,7 @@ def test_removed_backend_flows_rebalance(eng):
             assert r.verdict == "tx"
             assert Ether(r.data)[IP].dst == "10.20.0.11"
     finally:
-        engine.configure(parse_config(CONFIG, "test.yaml"))
+        engine.configure(config())
 
 
 def test_removed_backend_late_replies_still_rewritten(eng):
@@ -390,7 +378,7 @@ def test_removed_backend_late_replies_still_rewritten(eng):
     r = engine.run(syn(sport=47000, dst="10.200.0.20"), d0)
     assert Ether(r.data)[IP].dst == "10.30.0.5"
     try:
-        engine.configure(parse_config(CONFIG.replace("10.30.0.5", "10.30.0.6"), "t4.yaml"))
+        engine.configure(config(far="10.30.0.6"))
         reply = bytes(Ether(src=BE_MACS["10.30.0.5"], dst=LB_MAC)
                       / IP(src="10.30.0.5", dst=CLIENT) / TCP(sport=80, dport=47000, flags="A"))
         r = engine.run(reply, d1)
@@ -398,7 +386,7 @@ def test_removed_backend_late_replies_still_rewritten(eng):
         pkt = assert_checksums(r.data)
         assert (pkt[IP].src, pkt[TCP].sport) == ("10.200.0.20", 80)
     finally:
-        engine.configure(parse_config(CONFIG, "test.yaml"))
+        engine.configure(config())
 
 
 def test_rings_read_back_as_written(eng):
@@ -415,8 +403,7 @@ def test_rings_read_back_as_written(eng):
 
 
 def _configure_cache(engine: Engine, ms: int) -> None:
-    text = CONFIG.replace("max_entries: 65536", f"max_entries: 65536\n  next_hop_cache_ms: {ms}")
-    engine.configure(parse_config(text, "cache.yaml"))
+    engine.configure(config(next_hop_cache_ms=ms))
 
 
 def _sport_to(engine: Engine, backend: str, start: int) -> int:
@@ -452,7 +439,7 @@ def test_next_hop_cached_per_flow_until_it_expires(eng):
         _ip("neigh", "replace", "10.20.0.12", "lladdr", BE_MACS["10.20.0.12"], "dev", "d0",
             "nud", "permanent")
         engine.routes_changed()
-        engine.configure(parse_config(CONFIG, "test.yaml"))
+        engine.configure(config())
 
 
 def test_next_hop_cache_keeps_the_mtu_check(eng):
@@ -473,7 +460,7 @@ def test_next_hop_cache_keeps_the_mtu_check(eng):
         r = engine.run(syn(sport=46000, flags="PA"), d0)  # the miss emptied the cache
         assert r.verdict == "tx" and r.counters.get("fib_lookup") == 1
     finally:
-        engine.configure(parse_config(CONFIG, "test.yaml"))
+        engine.configure(config())
 
 
 def test_reply_next_hop_cached(eng):

@@ -217,7 +217,7 @@ def test_stats_rates():
 
 
 def test_metrics_families_parse_back():
-    st = _snapshot(1.0, 7, {"tx": 5, "drop_ttl": 2, "new_flow": 1})
+    st = _snapshot(1.0, 7, {"tx": 5, "pass_ttl": 2, "new_flow": 1})
     st["backends"][0]["packets"] = 4
     bes = [{"address": "10.20.0.11", "port": 80, "vip": None, "vip_address": "10.200.0.10",
             "vip_port": 80, "down": True, "weight": 3, "maglev_share": 75.0,
@@ -242,7 +242,7 @@ def test_metrics_families_parse_back():
     assert samples[("xdplb_backend_maglev_share_ratio", unnamed)] == 0.75
     assert samples[("xdplb_backend_health", (*unnamed[:1], ("state", "down"),
                                              *unnamed[1:]))] == 1
-    assert samples[("xdplb_packets_total", (("outcome", "drop_ttl"),))] == 2
+    assert samples[("xdplb_packets_total", (("outcome", "pass_ttl"),))] == 2
     assert samples[("xdplb_events_total", (("event", "new_flow"),))] == 1
     assert samples[("xdplb_flow_table_fill_ratio", ())] == 0.1
 

@@ -17,9 +17,11 @@ from socket import inet_aton, inet_ntoa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pools import BE1, BE2, VIP, Backend, Vip, pool_yaml
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.utils import checksum
 from testkit.benchns import CLIENTS, bench_namespace
 from testkit.fuzz import (
     MUTATIONS,
@@ -51,31 +53,28 @@ pytestmark = pytest.mark.root
 
 FUZZ_FRAMES = 100_000
 CLIENT = "10.10.0.2"
-VIP, VIP2, VIP3 = "10.200.0.10", "10.200.0.20", "10.200.0.30"
+VIP2, VIP3 = "10.200.0.20", "10.200.0.30"
 
-# One VIP per next-hop outcome, each with one backend, so every frame's fate is known.
-CORPUS_CONFIG = f"""
-vips:
-  - {{name: web, address: {VIP}, port: 80, protocol: tcp,
-      backends: [{{address: 10.20.0.12, port: 8080}}]}}
-  - {{name: dns, address: {VIP}, port: 53, protocol: udp, backends: [{{address: 10.20.0.11}}]}}
-  - {{name: redirect, address: {VIP2}, port: 443, protocol: tcp,
-      backends: [{{address: 10.30.0.5}}]}}
-  - {{name: foreign, address: {VIP2}, port: 80, protocol: tcp,
-      backends: [{{address: 10.40.0.5}}]}}
-  - {{name: smallmtu, address: {VIP2}, port: 81, protocol: tcp,
-      backends: [{{address: 10.50.0.5}}]}}
-  - {{name: noneigh, address: {VIP3}, port: 80, protocol: tcp,
-      backends: [{{address: 10.20.0.99}}]}}
-  - {{name: blackhole, address: {VIP3}, port: 81, protocol: tcp,
-      backends: [{{address: 10.60.0.5}}]}}
-  - {{name: drained, address: {VIP3}, port: 82, protocol: tcp,
-      backends: [{{address: 10.20.0.11, weight: 0}}]}}
-  - {{name: gateway, address: {VIP3}, port: 83, protocol: udp,
-      backends: [{{address: 10.70.0.5}}]}}
-maglev: {{table_size: 251, seed: 3}}
-flows: {{max_entries: 4096}}
-"""
+WEB_8080 = Backend(BE2, port=8080)
+
+
+def corpus_pool(web: tuple[Backend | str, ...] = (WEB_8080,),
+                dns: tuple[Backend | str, ...] = (BE1,), **flows: int | str) -> str:
+    """One VIP per next-hop outcome, each with one backend, so every frame's fate is known;
+    tests vary the backends of web and dns, and flow settings."""
+    return pool_yaml(
+        Vip("web", 80, web), Vip("dns", 53, dns, protocol="udp"),
+        Vip("redirect", 443, ("10.30.0.5",), address=VIP2),
+        Vip("foreign", 80, ("10.40.0.5",), address=VIP2),
+        Vip("smallmtu", 81, ("10.50.0.5",), address=VIP2),
+        Vip("noneigh", 80, ("10.20.0.99",), address=VIP3),
+        Vip("blackhole", 81, ("10.60.0.5",), address=VIP3),
+        Vip("drained", 82, (Backend(BE1, weight=0),), address=VIP3),
+        Vip("gateway", 83, ("10.70.0.5",), protocol="udp", address=VIP3),
+        table_size=251, seed=3, flows={"max_entries": 4096, **flows})
+
+
+CORPUS_CONFIG = corpus_pool()
 
 
 def config(text: str) -> Config:
@@ -196,7 +195,13 @@ def corpus() -> Iterator[Case]:
     yield Case("loopback ingress (bare test run): redirect", build(CLIENT, VIP, 6, 40002, 80),
                "redirect", "created", ingress="lo", rewritten=True)
     yield Case("every backend drained", build(CLIENT, VIP3, 6, 40000, 82), "drop_no_backend")
-    yield Case("TTL 1", build(CLIENT, VIP, 6, 40000, 80, ttl=1), "drop_ttl")
+    # TTL 1 or 0 to a VIP: Time Exceeded from the VIP (traceroute works); on a reply the
+    # kernel gets it untouched and sends the error itself.
+    yield Case("TTL 1", build(CLIENT, VIP, 6, 40000, 80, ttl=1), "tx", rewritten=True)
+    yield Case("TTL 0", build(CLIENT, VIP, 17, 40000, 53, ttl=0, payload=b"q" * 30), "tx",
+               rewritten=True)
+    yield Case("TTL 1 on a reply", build("10.20.0.12", CLIENT, 6, 8080, 40000, flags="A",
+                                         ttl=1), "pass_ttl")
     yield Case("TTL 1, not a VIP", build(CLIENT, "10.20.0.11", 6, 40000, 80, ttl=1),
                "pass_not_vip")
     yield Case("IPv4 options to a VIP", build(CLIENT, VIP, 6, 40000, 80, options=True),
@@ -210,14 +215,45 @@ def corpus() -> Iterator[Case]:
     yield Case("fragment elsewhere", build(CLIENT, "10.10.0.1", 17, 1, 2, frag=100),
                "pass_not_vip")
     vlan = build(CLIENT, VIP, 6, 40003, 80, vlan=42)
-    yield Case("VLAN-tagged (tag kept)", vlan, "tx", "created", rewritten=True)
+    # Frames the kernel would not route reach it untouched (bpf/guard.h).
+    yield Case("VLAN-tagged, no VLAN served", vlan, "pass_vlan")
+    yield Case("VLAN-tagged reply", build("10.20.0.12", CLIENT, 6, 8080, 40000, flags="A",
+                                          vlan=42), "pass_vlan")
+    yield Case("broadcast MAC to a VIP", build(CLIENT, VIP, 6, 40004, 80,
+                                               dmac="ff:ff:ff:ff:ff:ff"), "pass_group_mac")
+    yield Case("multicast MAC to a VIP", build(CLIENT, VIP, 17, 40004, 53,
+                                               dmac="01:00:5e:00:00:01"), "pass_group_mac")
+    for martian in ("0.0.0.0", "127.0.0.1", "224.0.0.5", "240.0.0.1", "255.255.255.255"):
+        yield Case(f"martian source {martian}", build(martian, VIP, 6, 40005, 80),
+                   "pass_martian")
+    bad_csum = bytearray(build(CLIENT, VIP, 6, 40006, 80))
+    bad_csum[24] ^= 0x01  # IPv4 header checksum
+    yield Case("bad IPv4 header checksum to a VIP", bytes(bad_csum), "pass_bad_ip_csum")
+    bad_csum = bytearray(build("10.20.0.12", CLIENT, 6, 8080, 40000, flags="A"))
+    bad_csum[25] ^= 0x80
+    yield Case("bad IPv4 header checksum on a reply", bytes(bad_csum), "pass_bad_ip_csum")
     qinq = bytes(eth() / Dot1Q(vlan=1) / Dot1Q(vlan=2) / IP(src=CLIENT, dst=VIP) / TCP(dport=80))
     yield Case("QinQ", qinq, "pass_not_ipv4")
     yield Case("ARP", bytes(eth("ff:ff:ff:ff:ff:ff") / ARP(pdst="10.10.0.1")), "pass_not_ipv4")
     yield Case("IPv6", bytes(eth() / IPv6(dst="fd00::1") / TCP(dport=80)), "pass_not_ipv4")
     yield Case("broadcast", bytes(eth("ff:ff:ff:ff:ff:ff") / IP(src=CLIENT, dst="10.10.0.255")
                                   / UDP(dport=80)), "pass_not_vip")
-    yield Case("ICMP to a VIP", bytes(eth() / IP(src=CLIENT, dst=VIP) / ICMP()), "pass_not_vip")
+    # Echo requests to a VIP address are answered from the VIP; other ICMP passes (for now).
+    yield Case("ICMP echo to a VIP", bytes(eth() / IP(src=CLIENT, dst=VIP, ttl=9)
+                                           / ICMP(id=7, seq=3) / (b"p" * 56)), "tx",
+               rewritten=True)
+    yield Case("ICMP echo to a VIP, TTL 1, empty", bytes(eth() / IP(src=CLIENT, dst=VIP, ttl=1)
+                                                         / ICMP()), "tx", rewritten=True)
+    yield Case("ICMP echo reply to a VIP", bytes(eth() / IP(src=CLIENT, dst=VIP)
+                                                 / ICMP(type=0)), "pass_not_vip")
+    yield Case("ICMP echo, code 1", bytes(eth() / IP(src=CLIENT, dst=VIP) / ICMP(code=1)),
+               "pass_not_vip")
+    yield Case("ICMP echo elsewhere", bytes(eth() / IP(src=CLIENT, dst="10.10.0.1") / ICMP()),
+               "pass_not_vip")
+    yield Case("ICMP echo fragment to a VIP", bytes(eth() / IP(src=CLIENT, dst=VIP, flags="MF")
+                                                    / ICMP()), "drop_fragment")
+    yield Case("truncated ICMP to a VIP", bytes(eth() / IP(src=CLIENT, dst=VIP, proto=1)
+                                                / b"\x08\x00\x00"), "pass_malformed")
     good = bytearray(syn)
     ip, l4 = 14, 34
     yield Case("truncated Ethernet (VLAN header cut)", bytes(eth())[:12] + b"\x81\x00\x00",
@@ -231,6 +267,9 @@ def corpus() -> Iterator[Case]:
                              ("TCP data offset 2", l4 + 12, b"\x20")):
         bad = bytearray(good)
         bad[off : off + len(value)] = value
+        if off < l4:  # a consistent header checksum: the field's own rule must decide
+            bad[ip + 10 : ip + 12] = b"\0\0"
+            bad[ip + 10 : ip + 12] = checksum(bytes(bad[ip:l4])).to_bytes(2, "big")
         yield Case(name, bytes(bad), "pass_malformed")
     udp = bytearray(build(CLIENT, VIP, 17, 1, 53, payload=b"abc"))
     udp[l4 + 4 : l4 + 6] = b"\x00\x07"
@@ -245,10 +284,57 @@ def corpus() -> Iterator[Case]:
         yield Case(f"TCP data offset 2 {name}", bytes(bad), "pass_not_vip")
 
 
+def corpus_reverse() -> Iterator[Case]:
+    """Replies with IP options and fragments of replies (docs/architecture.md, "Packet
+    walk"). Flows of their own (client ports 41000 and 41001), so that they do not depend on
+    corpus()."""
+    def reply(src: str, proto: int, sport: int, dport: int, **kw) -> bytes:
+        return build(src, CLIENT, proto, sport, dport, flags="A", smac="02:00:00:00:14:0c", **kw)
+
+    def refresh_ip_checksum(f: bytearray) -> bytes:
+        f[24:26] = b"\0\0"
+        f[24:26] = checksum(bytes(f[14 : 14 + (f[14] & 15) * 4])).to_bytes(2, "big")
+        return bytes(f)
+
+    yield Case("reverse: a TCP flow to reply to", build(CLIENT, VIP, 6, 41000, 80), "tx",
+               "created", rewritten=True)
+    yield Case("reverse: a UDP flow to reply to", build(CLIENT, VIP, 17, 41001, 53, payload=b"q"),
+               "tx", "created", rewritten=True)
+    yield Case("reply with IP options, source back to VIP:80",
+               reply(BE2, 6, 8080, 41000, options=True, payload=b"x" * 9), "tx", "reply",
+               rewritten=True)
+    bad = bytearray(reply(BE2, 6, 8080, 41000, options=True))
+    bad[25] ^= 1
+    yield Case("reply with IP options, bad header checksum", bytes(bad), "pass_bad_ip_csum")
+    yield Case("untracked reply with IP options", reply(BE2, 6, 8080, 41009, options=True),
+               "pass_not_vip")
+    for name, kw in (("", {}), (", no UDP checksum", {"udp_zero": True}),
+                     (", IP options", {"options": True})):
+        yield Case(f"first fragment of a UDP reply: address, port, checksum{name}",
+                   reply(BE1, 17, 53, 41001, payload=bytes(range(64)), more_frags=True, **kw),
+                   "tx", rewritten=True)
+    yield Case("later fragment of a UDP reply: address only",
+               reply(BE1, 17, 53, 41001, payload=bytes(64), frag=185), "tx", rewritten=True)
+    yield Case("last fragment of a TCP reply", reply(BE2, 6, 8080, 41000, frag=100), "tx",
+               rewritten=True)
+    yield Case("fragment of a reply, TTL 1", reply(BE1, 17, 53, 41001, frag=185, ttl=1),
+               "pass_ttl")
+    yield Case("first fragment from a backend port no VIP uses",
+               reply(BE1, 17, 5353, 41001, more_frags=True), "drop_reply_fragment")
+    short = bytearray(reply(BE2, 6, 8080, 41000, more_frags=True)[: 14 + 28])
+    short[16:18] = (28).to_bytes(2, "big")  # 8 bytes of TCP: no checksum field
+    yield Case("first fragment without its whole TCP header", refresh_ip_checksum(short),
+               "drop_reply_fragment")
+    yield Case("fragment from a prefilter twin of a backend",
+               build(filter_twin(BE1), CLIENT, 17, 53, 41001, frag=185), "pass_not_vip")
+    icmp = bytes(eth() / IP(src=BE1, dst=CLIENT, proto=1, frag=10) / bytes(16))
+    yield Case("ICMP fragment from a backend", icmp, "pass_not_vip")
+
+
 def test_corpus_same_fate_in_both(bench, fresh):
     a, b = fresh
     seen = set()
-    for case in corpus():
+    for case in (*corpus(), *corpus_reverse()):
         ingress = bench.ifindex[case.ingress] if case.ingress != "lo" else 0
         r = run_both(a, b, case.frame, ingress)
         assert (r.reason, r.effect) == (case.reason, case.effect), case.name
@@ -259,6 +345,36 @@ def test_corpus_same_fate_in_both(bench, fresh):
         seen.add(r.reason)
     # the corpus reaches every outcome of the data path
     assert {c.name.lower() for c in OUTCOMES} <= seen
+
+
+def test_echo_reply_is_what_a_host_sends(bench, fresh):
+    """The answer to a ping of a VIP, checked against scapy's own reply built from the
+    request: addresses and MACs swapped, type 0, a fresh TTL, id, sequence and payload kept,
+    checksums scapy computes. Nothing is tracked."""
+    a, b = fresh
+    req = eth() / IP(src=CLIENT, dst=VIP, ttl=3, id=77) / ICMP(id=0x1234, seq=9) / (b"ping" * 9)
+    r = run_both(a, b, bytes(req), bench.ifindex["d0"])
+    assert (r.verdict, r.reason, r.effect) == ("tx", "tx", "none")
+    want = (Ether(src=req.dst, dst=req.src) / IP(src=VIP, dst=CLIENT, ttl=64, id=77)
+            / ICMP(type=0, id=0x1234, seq=9) / (b"ping" * 9))
+    assert r.data == bytes(want), (r.data.hex(), bytes(want).hex())
+    assert r.counters == {"icmp_echo": 1, "tx": 1}
+
+
+def test_time_exceeded_quotes_the_packet_as_sent(bench, fresh):
+    """TTL 1 to a VIP, new or established flow: the sender gets Time Exceeded from the VIP
+    quoting its packet before any rewrite, as scapy builds it; the flow is not touched."""
+    a, b = fresh
+    run_both(a, b, build(CLIENT, VIP, 6, 40100, 80, flags="S"), 0)  # an established flow
+    for frame in (build(CLIENT, VIP, 6, 40100, 80, flags="A", ttl=1, payload=b"d" * 300),
+                  build(CLIENT, VIP, 17, 40101, 53, ttl=1, payload=b"q")):
+        r = run_both(a, b, frame, bench.ifindex["d0"])
+        sent = Ether(frame)
+        want = (Ether(src=sent.dst, dst=sent.src) / IP(src=VIP, dst=CLIENT, ttl=64, id=0)
+                / ICMP(type=11, code=0) / bytes(sent[IP])[:28])
+        assert (r.verdict, r.counters, r.effect) == ("tx", {"ttl_exceeded": 1, "tx": 1},
+                                                     "none")
+        assert r.data == bytes(want), (r.data.hex(), bytes(want).hex())
 
 
 def test_frame_size_limits(fresh):
@@ -277,17 +393,14 @@ def test_frame_size_limits(fresh):
 def test_rebalance_after_backend_removed(fresh):
     """A flow whose backend goes re-picks from the current ring: same in both."""
     a, b = fresh
-    two = CORPUS_CONFIG.replace("[{address: 10.20.0.12, port: 8080}]",
-                                "[{address: 10.20.0.12, port: 8080}, {address: 10.20.0.11}]")
     for e in (a, b):
-        e.configure(config(two))
+        e.configure(config(corpus_pool(web=(WEB_8080, BE1))))
     rnd = random.Random(5)
     sports = rnd.sample(range(30000, 40000), 60)
     for s in sports:
         run_both(a, b, build(CLIENT, VIP, 6, s, 80), 0)
     for e in (a, b):
-        e.configure(config(CORPUS_CONFIG.replace("address: 10.20.0.12, port: 8080",
-                                                 "address: 10.20.0.11")))
+        e.configure(config(corpus_pool(web=(BE1,))))
     effects = [run_both(a, b, build(CLIENT, VIP, 6, s, 80, flags="A"), 0).effect
                for s in sports]
     assert "rebalanced" in effects and "hit" in effects
@@ -299,10 +412,8 @@ def test_reused_tuple_after_drain_is_balanced_anew(fresh):
     to end (FIN, RST) or not (established). A half-open flow's retransmitted SYN, and every
     other packet, stays on its backend. Same in both engines."""
     a, b = fresh
-    two = CORPUS_CONFIG.replace("[{address: 10.20.0.12, port: 8080}]",
-                                "[{address: 10.20.0.12, port: 8080}, {address: 10.20.0.11}]")
     for e in (a, b):
-        e.configure(config(two))
+        e.configure(config(corpus_pool(web=(WEB_8080, BE1))))
     on = {s: run_both(a, b, build(CLIENT, VIP, 6, s, 80, flags="S"), 0).backend
           for s in range(30000, 30060)}
     drained, other = "10.20.0.11:80", "10.20.0.12:8080"
@@ -319,8 +430,7 @@ def test_reused_tuple_after_drain_is_balanced_anew(fresh):
         assert send(s, "A") == ("hit", drained), s  # established
         assert send(s, last) == ("hit", drained), s
     for e in (a, b):
-        e.configure(config(two.replace("{address: 10.20.0.11}",
-                                       "{address: 10.20.0.11, weight: 0}")))
+        e.configure(config(corpus_pool(web=(WEB_8080, Backend(BE1, weight=0)))))
     for s, last in ends.items():
         assert send(s, last) == ("hit", drained), s  # the old connection's packets stay
         assert send(s, "S") == ("rebalanced", other), (s, last)  # a new one does not
@@ -331,13 +441,10 @@ def test_udp_flow_idle_past_the_timeout_is_a_new_flow(fresh):
     """A UDP flow idle for flows.udp_idle_timeout is over: the client's next datagram is
     balanced anew (a drained backend gets no more); before that, and with 0, it stays."""
     a, b = fresh
-    dns = ("[{address: 10.20.0.11}]", "[{address: 10.20.0.11}, {address: 10.20.0.12}]")
-    two = CORPUS_CONFIG.replace(*dns)
     drained, other = "10.20.0.11:53", "10.20.0.12:53"
 
     def configure(idle: str, weight: int = 1) -> None:
-        text = two.replace("{address: 10.20.0.11}", f"{{address: 10.20.0.11, weight: {weight}}}")
-        text = text.replace("max_entries: 4096", f"max_entries: 4096, udp_idle_timeout: {idle}")
+        text = corpus_pool(dns=(Backend(BE1, weight=weight), BE2), udp_idle_timeout=idle)
         for e in (a, b):
             e.configure(config(text))
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from pools import BE1, DNS, WEB, pool_yaml
 
-from xdplb.abi.layout import MAX_VIPS, Counter, Flow, FlowKey, Stat, addr4, addr16
+from xdplb.abi.layout import MAX_REV_NAT, MAX_VIPS, Counter, Flow, FlowKey, Stat, addr4, addr16
 from xdplb.agent.mapsync import MapSync
 from xdplb.config import parse_config
 from xdplb.kernel.maps import read_counters
@@ -26,7 +26,8 @@ def fkey(i: int) -> FlowKey:
 def test_sizes_follow_the_program_constants():
     sizes = map_sizes(251, 1024)
     assert sizes["maglev"] == MAX_VIPS * 251
-    assert sizes["flows"] == sizes["rev_flows"] == 1024
+    assert sizes["flows"] == 1024
+    assert sizes["rev_nat"] == MAX_REV_NAT
     assert sizes["counters"] == int(Counter.MAX)
     assert sizes["meta"] == 1
 

@@ -13,7 +13,8 @@ One process per backend namespace serves:
   then echoes every byte back, for as long as the client likes (long-lived connections).
 - UDP echo on every ``--udp-port`` (default 5000 and 5001): replies
   ``<name> <client ip>:<client port> `` followed by the payload, from the address the datagram
-  was sent to.
+  was sent to. A payload ``size=N`` asks for an answer of N bytes (that reply, then
+  `pattern` bytes): large answers, which the backend's kernel fragments (DNS with EDNS).
 
 Every request is logged as one JSON object per line to ``--log``; ``--ready`` is written once
 every socket listens.
@@ -42,6 +43,7 @@ UDP_PORTS = (5000, 5001)
 ECHO_PORTS = (7000,)
 MAX_BYTES = 1 << 30  # /bytes limit: keeps a typo from streaming forever
 MAX_UPLOAD = 256 << 20
+MAX_UDP_ANSWER = 65507  # the largest UDP payload over IPv4
 
 # A prime period, so that segments delivered at the wrong offset cannot look right by accident.
 PATTERN_PERIOD = 65521
@@ -250,6 +252,9 @@ def udp_echo(sock: socket.socket, name: str, log: RequestLog) -> None:
             if level == socket.IPPROTO_IP and ctype == IP_PKTINFO:
                 local = _PKTINFO.unpack(cdata[: _PKTINFO.size])[2]  # header destination
         reply = f"{name} {peer[0]}:{peer[1]} ".encode() + data
+        if data.startswith(b"size=") and data[5:].strip().isdigit():
+            want = min(int(data[5:]), MAX_UDP_ANSWER)
+            reply = (reply + pattern(max(want - len(reply), 0)))[:want]
         # With the reply sent from the address the client targeted (e.g. a VIP on lo in
         # DSR setups), the client's socket accepts it; the routing default may differ.
         anc_out = []

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pools import Backend, Vip, pool_data
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Dot1Q, Ether
@@ -90,8 +91,20 @@ def _set(off_of: Callable[[bytearray], int], width: int, values: Callable[[rando
         off = off_of(f)
         if off + width <= len(f):
             f[off : off + width] = values(rnd).to_bytes(width, "big")
+            _refresh_ip_checksum(f, off)
         return f
     return mutate
+
+
+def _refresh_ip_checksum(f: bytearray, changed: int) -> None:
+    """A field set in the IPv4 header gets a right header checksum, so the frame meets the
+    rule for that field rather than stopping at the checksum check (flipped bytes keep
+    theirs wrong: they test that check)."""
+    ip = _ip_off(f)
+    if not ip <= changed < ip + 20 or ip + 20 > len(f):
+        return
+    f[ip + 10 : ip + 12] = b"\0\0"
+    f[ip + 10 : ip + 12] = struct.pack("!H", checksum(bytes(f[ip : ip + 20])))
 
 
 def _l4(f: bytearray) -> int:
@@ -145,15 +158,12 @@ def random_config(rnd: random.Random, flow_max: int = FLOW_MAX) -> Config:
             continue
         bes = []
         for a in rnd.sample(BACKENDS, rnd.randint(1, 6)):
-            b: dict = {"address": a, "weight": rnd.choice((0, 1, 1, 2, 3))}
-            if (tp := rnd.choice(TARGET_PORTS)) is not None:
-                b["port"] = tp
-            bes.append(b)
-        vips.append({"name": f"s{i}", "address": addr, "port": port, "protocol": proto,
-                     "backends": bes})
-    return Config.model_validate({"vips": vips,
-                                  "maglev": {"table_size": RING_SIZE, "seed": rnd.randrange(2)},
-                                  "flows": {"max_entries": flow_max}})
+            # Weight, then port: a seed's configs depend on the order of the draws.
+            weight = rnd.choice((0, 1, 1, 2, 3))
+            bes.append(Backend(a, port=rnd.choice(TARGET_PORTS), weight=weight))
+        vips.append(Vip(f"s{i}", port, tuple(bes), protocol=proto, address=addr))
+    return Config.model_validate(pool_data(*vips, table_size=RING_SIZE, seed=rnd.randrange(2),
+                                           flows={"max_entries": flow_max}))
 
 
 def reconfigure(engines: tuple[Engine, ...], rnd: random.Random, down_share: float = 0.15
@@ -170,12 +180,10 @@ def reconfigure(engines: tuple[Engine, ...], rnd: random.Random, down_share: flo
 
 def base_config(flow_max: int = FLOW_MAX) -> Config:
     """Every service, every backend: the first epoch's config."""
-    return Config.model_validate({
-        "vips": [{"name": f"s{i}", "address": a, "port": p, "protocol": proto,
-                  "backends": [{"address": b} for b in BACKENDS]}
-                 for i, (a, p, proto) in enumerate(SERVICES)],
-        "maglev": {"table_size": RING_SIZE, "seed": 1},
-        "flows": {"max_entries": flow_max}})
+    return Config.model_validate(pool_data(
+        *(Vip(f"s{i}", p, BACKENDS, protocol=proto, address=a)
+          for i, (a, p, proto) in enumerate(SERVICES)),
+        table_size=RING_SIZE, seed=1, flows={"max_entries": flow_max}))
 
 
 # --- the generator ------------------------------------------------------------------------------
@@ -197,11 +205,12 @@ class FrameGen:
         self.bench = bench
         self.flows: deque[tuple[str, int, str, int, int]] = deque(maxlen=4000)
         self.recent: deque[tuple] = deque(maxlen=500)  # forward 5-tuples, to hit flows again
-        self.kinds = {"flow": 45, "reply": 20, "mutated": 17, "random": 6, "other": 7, "big": 5}
+        self.kinds = {"flow": 45, "reply": 20, "mutated": 17, "random": 6, "other": 7, "big": 5,
+                      "reply_frag": 4}
 
     def frame(self) -> Frame:
         kind = self.rnd.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
-        if kind == "reply" and not self.flows:
+        if kind in ("reply", "reply_frag") and not self.flows:
             kind = "flow"
         return getattr(self, f"_{kind}")()
 
@@ -238,6 +247,19 @@ class FrameGen:
                      payload=r.randbytes(r.randrange(64)), ttl=r.choice((64, 64, 64, 1)),
                      udp_zero=r.random() < 0.1, smac="02:00:00:00:00:11")
         return Frame(data, self._ingress(), "reply")
+
+    def _reply_frag(self) -> Frame:
+        """A fragment (first, or one further on) of a backend's reply, or a whole reply, some
+        with IP options."""
+        r = self.rnd
+        be, bport, client, cport, proto = r.choice(self.flows)
+        offset = r.choice((0, 0, r.randrange(1, 400)))
+        data = build(be, client, proto, bport + (r.random() < 0.05), cport,
+                     flags=r.choice(TCP_FLAGS), payload=r.randbytes(r.randrange(64)),
+                     ttl=r.choice((64, 64, 64, 1)), options=r.random() < 0.3, frag=offset,
+                     more_frags=r.random() < (0.8 if offset == 0 else 0.5),
+                     udp_zero=r.random() < 0.1, smac="02:00:00:00:00:11")
+        return Frame(data, self._ingress(), "reply_frag")
 
     def _mutated(self) -> Frame:
         r = self.rnd

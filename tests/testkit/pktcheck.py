@@ -1,6 +1,6 @@
 """Independent checks of the frames a data path emits: the IPv4 header checksum and the
-TCP/UDP checksum summed afresh over the whole header and pseudo-header + datagram with
-scapy's Internet checksum, where the data paths only ever update them incrementally.
+TCP/UDP checksum (over pseudo-header + datagram) or the ICMP one (over the message) summed
+afresh with scapy's Internet checksum, where the data paths only ever update them incrementally.
 
 Headers are located here with their own few lines, not with ``parse.py``: a checker that
 shared the code it checks could not catch its mistakes. No scapy dissection either: it is
@@ -13,11 +13,11 @@ import struct
 
 from scapy.utils import checksum
 
-_TCP, _UDP = 6, 17
+_ICMP, _TCP, _UDP = 1, 6, 17
 
 
 def checksum_errors(frame: bytes) -> list[str]:
-    """What is wrong with a frame's IPv4 and TCP/UDP checksums: empty when they are right,
+    """What is wrong with a frame's IPv4 and TCP/UDP/ICMP checksums: empty when they are right,
     or when there is no IPv4 header (with one optional 802.1Q tag) to check."""
     ip = 14
     etype = frame[12:14]
@@ -34,7 +34,11 @@ def checksum_errors(frame: bytes) -> list[str]:
         errors.append(f"bad IPv4 header checksum {frame[ip + 10 : ip + 12].hex()}")
     proto = frame[ip + 9]
     seg = frame[ip + ihl : ip + tot]
-    if frag & 0x3FFF or proto not in (_TCP, _UDP):
+    if frag & 0x3FFF or proto not in (_ICMP, _TCP, _UDP):
+        return errors
+    if proto == _ICMP:  # over the whole message, no pseudo-header
+        if len(seg) >= 4 and checksum(seg) != 0:
+            errors.append(f"bad ICMP checksum {seg[2:4].hex()}")
         return errors
     at = 16 if proto == _TCP else 6
     if len(seg) < at + 2 or (proto == _UDP and seg[6:8] == b"\x00\x00"):
@@ -50,7 +54,7 @@ def checksum_errors(frame: bytes) -> list[str]:
 def scapy_recomputed_errors(frame: bytes) -> list[str]:
     """The same verdict the slow, thorough way: scapy dissects the frame, forgets the
     checksums and builds it again; the rebuilt checksums must be the ones sent."""
-    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
     from scapy.layers.l2 import Ether
 
     pkt = Ether(frame)
@@ -61,12 +65,12 @@ def scapy_recomputed_errors(frame: bytes) -> list[str]:
     fresh = Ether(frame)
     del fresh[IP].chksum
     l4 = ip.payload if not (ip.frag or ip.flags.MF) else None
-    if isinstance(l4, TCP) or (isinstance(l4, UDP) and l4.chksum != 0):
+    if isinstance(l4, TCP | ICMP) or (isinstance(l4, UDP) and l4.chksum != 0):
         del fresh[IP].payload.chksum
     rebuilt = Ether(bytes(fresh))
     if rebuilt[IP].chksum != ip.chksum:
         errors.append(f"IPv4 checksum {ip.chksum:#06x}, scapy computes {rebuilt[IP].chksum:#06x}")
-    if isinstance(l4, TCP | UDP) and rebuilt[IP].payload.chksum != l4.chksum:
+    if isinstance(l4, TCP | UDP | ICMP) and rebuilt[IP].payload.chksum != l4.chksum:
         errors.append(f"{type(l4).__name__} checksum {l4.chksum:#06x}, scapy computes "
                       f"{rebuilt[IP].payload.chksum:#06x}")
     return errors

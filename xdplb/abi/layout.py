@@ -31,6 +31,12 @@ NO_BACKEND = 0xFFFFFFFF  # Maglev slot value for "no backend"
 NO_TX_SLOT = 0xFFFFFFFF  # NextHop.tx_slot: leave by XDP_TX
 ADDR_FILTER_BITS = 16
 ADDR_MAYBE_VIP, ADDR_MAYBE_BACKEND = 1, 2
+# Reverse NAT: VIPs one backend endpoint (address, port, protocol) may serve and be told apart
+# by (the data path tries each one's flow key); entries for backends, their addresses, and
+# those of backends that left the config (kept for their late replies).
+REV_TARGETS = 4
+MAX_REV_NAT = 4 * MAX_BACKENDS
+REV_ANY_PORT = 0  # RevKey.port of an address entry (every port of it): used for fragments
 
 U8, U16, U32, U64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 Addr = ctypes.c_uint8 * ADDR_LEN
@@ -46,18 +52,30 @@ class Counter(enum.IntEnum):
     PASS_NOT_VIP = 2  # IPv4 that is neither VIP traffic nor a reply of a tracked flow
     PASS_FIB = 3  # NATed, but the FIB has no neighbour / no route: the kernel forwards it
     PASS_FOREIGN_EGRESS = 4  # NATed, egress interface is not one we are attached to
-    DROP_FRAGMENT = 5  # IPv4 fragment addressed to a VIP address
-    DROP_IP_OPTIONS = 6  # IPv4 header with options addressed to a VIP address
-    DROP_TTL = 7  # TTL <= 1 on a packet we would forward
-    DROP_NO_BACKEND = 8  # VIP has no backend that takes flows
-    TX = 9  # sent back out of the ingress interface
-    REDIRECT = 10  # sent out of another attached interface
-    NEW_FLOW = 11  # flow created from the Maglev table
-    FLOW_HIT = 12  # forward packet matched a tracked flow
-    REPLY = 13  # reply of a tracked flow, reverse-NATed
-    FIB_MISS = 14  # bpf_fib_lookup did not return success
-    FIB_LOOKUP = 15  # bpf_fib_lookup calls; other forwards used their flow's cached next hop
-    MAX = 16
+    # Frames the kernel would not route (bpf/guard.h), judged only when they may be ours:
+    PASS_VLAN = 5  # 802.1Q-tagged: xdplb serves untagged traffic, the kernel takes the rest
+    PASS_GROUP_MAC = 6  # broadcast or multicast destination MAC
+    PASS_MARTIAN = 7  # source 0/8, 127/8, multicast or reserved (224/3): the kernel drops it
+    PASS_BAD_IP_CSUM = 8  # IPv4 header checksum wrong: the kernel drops it
+    PASS_TTL = 9  # TTL <= 1 on a reply we would forward: the kernel sends Time Exceeded
+    DROP_FRAGMENT = 10  # IPv4 fragment addressed to a VIP address
+    DROP_IP_OPTIONS = 11  # IPv4 header with options addressed to a VIP address
+    DROP_NO_BACKEND = 12  # VIP has no backend that takes flows
+    # Fragment from a backend address that cannot be rewritten correctly: the address serves
+    # several VIP addresses (for its protocol), or a first fragment whose port maps to no or
+    # several VIP ports, or whose TCP/UDP header is not all in it. Never sent as it is.
+    DROP_REPLY_FRAGMENT = 13
+    TX = 14  # sent back out of the ingress interface
+    REDIRECT = 15  # sent out of another attached interface
+    NEW_FLOW = 16  # flow created from the Maglev table
+    FLOW_HIT = 17  # forward packet matched a tracked flow
+    REPLY = 18  # reply of a tracked flow, reverse-NATed
+    FIB_MISS = 19  # bpf_fib_lookup did not return success
+    FIB_LOOKUP = 20  # bpf_fib_lookup calls; other forwards used their flow's cached next hop
+    ICMP_ECHO = 21  # echo request to a VIP address, answered by the program (outcome: tx)
+    TTL_EXCEEDED = 22  # TTL <= 1 to a VIP: Time Exceeded sent from the VIP (outcome: tx)
+    REPLY_FRAGMENT = 23  # fragment of a reply, source rewritten to the VIP without a flow
+    MAX = 24
 
 
 OUTCOMES = tuple(c for c in Counter if c < Counter.NEW_FLOW)
@@ -91,7 +109,8 @@ class _Struct(ctypes.Structure):
 
 
 class FlowKey(_Struct):
-    """Forward flow: client -> VIP. Also the reverse key: backend -> client. IPv4."""
+    """Forward flow: client -> VIP. A reply's flow is found by this key too, rebuilt from the
+    reply (client from its destination) and the VIP its source serves (``RevNat``). IPv4."""
 
     c_name = "xl_flow_key"
     _fields_ = [
@@ -160,15 +179,47 @@ def coarse_ns() -> int:
 CLOCK_COUNTERS = frozenset({"fib_lookup"})
 
 
+class RevKey(_Struct):
+    """A backend endpoint (address, port, protocol) whose replies are reverse-NATed, or with
+    port REV_ANY_PORT the address itself (fragments carry no port). IPv4 and 8 bytes, like
+    flow keys: it is looked up for every reply."""
+
+    c_name = "xl_rev_key"
+    _fields_ = [
+        ("addr", Addr4),
+        ("port", U16),  # network order; REV_ANY_PORT: the address entry
+        ("proto", U8),
+        ("family", U8),
+    ]
+
+
+class RevTarget(_Struct):
+    """A VIP that a backend endpoint serves: what its replies are rewritten back to, and the
+    backend id that the VIP's flows name when this endpoint is their backend."""
+
+    c_name = "xl_rev_target"
+    _fields_ = [
+        ("vip_addr", Addr4),
+        ("vip_port", U16),  # network order; 0 in an address entry
+        ("pad", U16),
+        ("vip_id", U32),
+        ("backend_id", U32),
+    ]
+
+
 class RevNat(_Struct):
-    """What a reply from a backend is rewritten back to."""
+    """Written by the agent, never by the data path, so it cannot be evicted under its flows.
+    An endpoint entry lists the VIPs the endpoint serves (``count`` of them, at most
+    REV_TARGETS); a reply is rewritten only when the forward flow of one of them, rebuilt
+    from the reply, is tracked. An address entry counts the VIP addresses the address serves
+    for the protocol and names the VIP address when there is exactly one: only then are
+    fragments from it rewritten (statelessly: most of them carry no ports)."""
 
     c_name = "xl_rev_nat"
     _fields_ = [
-        ("vip_addr", Addr),
-        ("vip_port", U16),  # network order
-        ("pad", U16),
-        ("vip_id", U32),
+        ("count", U32),
+        ("pad", U32),
+        ("targets", RevTarget * REV_TARGETS),
     ]
 
 
@@ -265,7 +316,9 @@ MAPS: tuple[MapSpec, ...] = (
     # One common LRU list: per-CPU lists (BPF_F_NO_COMMON_LRU) measured slower for inserts
     # here (bench/perpacket.py: 1395 vs 1135 ns for a new flow) and split the capacity.
     MapSpec("flows", "lru_hash", FlowKey, Flow, "XL_FLOW_MAX", "datapath"),
-    MapSpec("rev_flows", "lru_hash", FlowKey, RevNat, "XL_FLOW_MAX", "datapath"),
+    # Reverse NAT by backend endpoint, written by the agent: a new flow inserts into `flows`
+    # only, and a reply's translation lives as long as its flow (no entry of its own to lose).
+    MapSpec("rev_nat", "hash", RevKey, RevNat, "XL_MAX_REV_NAT"),
     # Prefilter: slot addr_slot(addr) has ADDR_MAYBE_VIP / ADDR_MAYBE_BACKEND set when some
     # VIP / backend address hashes there. An array lookup is inlined by the verifier, so
     # traffic that is neither skips both hash lookups. A superset: it never decides alone.
@@ -281,7 +334,8 @@ MAP_BY_NAME = {m.name: m for m in MAPS}
 
 _C_SCALARS = {U8: "__u8", U16: "__u16", U32: "__u32", U64: "__u64"}
 _STRUCTS: tuple[type[_Struct], ...] = (  # in dependency order
-    FlowKey, NextHop, Flow, RevNat, VipKey, VipInfo, AddrKey, Backend, Stat, Meta,
+    FlowKey, NextHop, Flow, RevKey, RevTarget, RevNat, VipKey, VipInfo, AddrKey, Backend, Stat,
+    Meta,
 )
 
 
@@ -289,7 +343,7 @@ def _c_field(name: str, ctype: type) -> str:
     if ctype in _C_SCALARS:
         return f"{_C_SCALARS[ctype]} {name};"
     if issubclass(ctype, ctypes.Array):
-        return f"{_C_SCALARS[ctype._type_]} {name}[{ctype._length_}];"
+        return f"{_c_type(ctype._type_)} {name}[{ctype._length_}];"
     if issubclass(ctype, _Struct):
         return f"struct {ctype.c_name} {name};"
     raise TypeError(f"no C rendering for {ctype}")
@@ -339,6 +393,9 @@ def render_structs() -> str:
         f"#define XL_ADDR_FILTER_SIZE {1 << ADDR_FILTER_BITS}",
         f"#define XL_ADDR_MAYBE_VIP {ADDR_MAYBE_VIP}",
         f"#define XL_ADDR_MAYBE_BACKEND {ADDR_MAYBE_BACKEND}",
+        f"#define XL_REV_TARGETS {REV_TARGETS}",
+        f"#define XL_MAX_REV_NAT {MAX_REV_NAT}",
+        f"#define XL_REV_ANY_PORT {REV_ANY_PORT}",
     ]
     for s in _STRUCTS:
         _check_natural(s)

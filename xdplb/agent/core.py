@@ -52,7 +52,6 @@ def _check_pinned_sizes(group: pins.PinGroup, cfg: Config) -> None:
     want = {
         "maglev": MAX_VIPS * cfg.maglev.table_size,
         "flows": cfg.flows.max_entries,
-        "rev_flows": cfg.flows.max_entries,
     }
     for name, n in want.items():
         path = group.map_path(name)

@@ -1,7 +1,7 @@
 """Desired state -> maps, touching only what changed, in an order the data path never
-sees half-done: backends before the ring slots that point at them, a VIP's ring before
-the VIP itself; on removal the VIP goes first, then its backends are invalidated (their
-tracked flows then re-balance instead of being blackholed)."""
+sees half-done: backends and their reverse NAT before the ring slots that point at them, a
+VIP's ring before the VIP itself; on removal the VIP goes first, then its backends are
+invalidated (their tracked flows then re-balance instead of being blackholed)."""
 
 from __future__ import annotations
 
@@ -17,15 +17,19 @@ from xdplb.abi.layout import (
     ADDR_MAYBE_VIP,
     FAMILY_IPV4,
     NO_BACKEND,
+    REV_ANY_PORT,
     AddrKey,
     Backend,
     BackendFlag,
     Meta,
+    RevKey,
+    RevNat,
     VipInfo,
+    addr4,
     addr16,
     layout_version,
 )
-from xdplb.model.desired import Current, DesiredState, DesiredVip
+from xdplb.model.desired import Current, DesiredState, DesiredVip, RevTargetSpec
 from xdplb.model.hashing import addr_slot
 
 
@@ -36,6 +40,7 @@ class SyncReport:
     vips_added: int = 0
     vips_removed: int = 0
     backends_removed: int = 0
+    reverse_written: int = 0
 
 
 class MapSync:
@@ -90,7 +95,9 @@ class MapSync:
                     m.update("backends", b.backend_id, new)
                     rep.backends_written += 1
 
-        # 3. prefilter bits for every backend and VIP address, before the VIPs appear
+        # 3. reverse NAT and prefilter bits for every backend and VIP address, before the
+        # VIPs appear: a flow's first reply finds its translation
+        rep.reverse_written = self._write_reverse(desired)
         self._mark_addresses(desired)
 
         # 4. rings, slot by slot where they differ
@@ -118,6 +125,22 @@ class MapSync:
         for vid in [i for i in self.rings if i not in live]:
             self._clear_ring(vid, M)
         return rep
+
+    def _write_reverse(self, desired: DesiredState) -> int:
+        """``rev_nat`` from the desired state, writing only changed entries. Entries of
+        endpoints and addresses that left the config stay, as their prefilter bits do: the
+        flows of a removed backend outlive it, and its late replies must still be rewritten.
+        They go only when the map would not hold the current ones otherwise."""
+        want = {bytes(rev_key(*k)): rev_nat(k[1], t) for k, t in desired.reverse_nat().items()}
+        have = {bytes(k): bytes(v) for k, v in self.maps.items("rev_nat")}
+        stale = [k for k in have if k not in want]
+        excess = len(stale) + len(want) - self.maps.max_entries("rev_nat")
+        for k in stale[: max(excess, 0)]:
+            self.maps.delete("rev_nat", RevKey.from_buffer_copy(k))
+        changed = [(RevKey.from_buffer_copy(k), v) for k, v in want.items()
+                   if have.get(k) != bytes(v)]
+        self.maps.update_many("rev_nat", changed)
+        return len(changed)
 
     def _mark_addresses(self, desired: DesiredState) -> None:
         """Set the prefilter bits of every VIP and backend address. Bits are never cleared:
@@ -156,3 +179,21 @@ class MapSync:
         for slot, idx in enumerate(ifindexes):
             self.maps.update("tx_devs", slot, idx)
             self.maps.update("tx_ports", idx, slot)
+
+
+def rev_key(address: str, port: int, proto: int) -> RevKey:
+    """The ``rev_nat`` key of a backend endpoint (port REV_ANY_PORT: of its address)."""
+    return RevKey(addr4(ipaddress.IPv4Address(address).packed), be16(port), proto, FAMILY_IPV4)
+
+
+def rev_nat(port: int, targets: tuple[RevTargetSpec, ...]) -> RevNat:
+    """The ``rev_nat`` value of an endpoint (``port`` given) or an address (REV_ANY_PORT):
+    ``count`` VIPs or VIP addresses; an address entry names its VIP address only when it is
+    the only one (the data path rewrites fragments from that address only then)."""
+    out = RevNat(len(targets))
+    if port == REV_ANY_PORT and len(targets) != 1:
+        return out
+    for t, (vip_addr, vip_port, vip_id, backend_id) in zip(out.targets, targets, strict=False):
+        t.vip_addr[:] = ipaddress.IPv4Address(vip_addr).packed
+        t.vip_port, t.vip_id, t.backend_id = be16(vip_port), vip_id, backend_id
+    return out

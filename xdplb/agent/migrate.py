@@ -1,10 +1,13 @@
 """Carry state from the maps of an older xdplb build into the current layout.
 
 Pins are versioned by layout, so a new build never reopens maps of another layout. To
-replace an older build under traffic, the agent copies its VIPs, backends and tracked flows
-(forward and reverse) into the new maps, field by field by name, using the layout
+replace an older build under traffic, the agent copies its VIPs, backends, reverse NAT
+entries and tracked flows into the new maps, field by field by name, using the layout
 description the older agent recorded (``layout.json`` next to its run state). Fields the new
-layout added start at zero; fields it dropped are left behind.
+layout added start at zero; fields it dropped are left behind, and so are maps it dropped
+(an older build's per-flow reverse entries, ``rev_flows``: replies now find their flow by
+``rev_nat``, which the new agent writes from its config; copied entries of backends that left
+the config keep their late replies rewritten).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ log = logging.getLogger("xdplb")
 
 LAYOUT_FILE = "layout.json"
 # Maps whose content carries state worth keeping; rings are rebuilt, counters restart.
-MIGRATED = ("vips", "vip_addrs", "backends", "flows", "rev_flows")
+MIGRATED = ("vips", "vip_addrs", "backends", "rev_nat", "flows")
 
 Fields = list[tuple[str, int, int]]  # (name, offset, size)
 

@@ -1,8 +1,9 @@
 """``xdplb trace``: where a flow goes now and why, from the real program.
 
 The program is compiled again, sharing the instance's live config maps (VIPs, backends,
-Maglev rings, meta, TX ports) while its flow tables, counters and stats are private. The
-live flow entry of the 5-tuple (and its reverse entry), if any, is copied in, and one
+Maglev rings, reverse NAT, meta, TX ports) while its flow table, counters and stats are
+private. The live flow entry of the 5-tuple (for a backend's reply: of the flow it answers),
+if any, is copied in, and one
 synthetic frame runs through BPF_PROG_TEST_RUN: the live flow table is never touched and
 nothing is sent. The answer is cross-checked with the Python model (flow table, then
 hash + Maglev ring) and, when this build has it, the scapy data path on a copy of the same
@@ -24,7 +25,6 @@ from xdplb.abi.layout import (
     NO_BACKEND,
     Flow,
     FlowKey,
-    RevNat,
     addr4,
     coarse_ns,
 )
@@ -36,10 +36,11 @@ from xdplb.kernel.loader import compile_program
 from xdplb.kernel.maps import KernelMaps, read_counters
 from xdplb.model.hashing import flow_hash
 from xdplb.userspace.datapath import ACTIONS as VERDICTS
+from xdplb.userspace.reply import reply_flow, rev_key
 
 # Shared with the live program; every other map (flows, counters...) is the trace's own.
 CONFIG_MAPS = frozenset(m.name for m in MAPS if m.written_by == "agent")
-PRIVATE_FLOWS = 4096  # the private tables hold two entries; no need for the live size
+PRIVATE_FLOWS = 4096  # the private table holds one entry; no need for the live size
 TTL = 64
 
 
@@ -90,9 +91,8 @@ class Live:
 
     flow_key: FlowKey | None = None
     flow: Flow | None = None
-    rev_key: FlowKey | None = None
-    rev: RevNat | None = None
     reply: bool = False  # the probe is a backend's reply of a tracked flow
+    vip: tuple[str, int] | None = None  # a reply's VIP: what its source is rewritten to
     read_ns: int = 0  # when the tables were read: the trace answers as of then
 
     def flow_as_read(self) -> Flow | None:
@@ -111,20 +111,28 @@ class Live:
         return f
 
 
-def _live_state(maps: KernelMaps, cat: Catalog, p: Probe) -> Live:
+class _LiveFlows:
+    """The live flow table as the reverse NAT's lookups see a table (``ref``)."""
+
+    def __init__(self, maps: KernelMaps) -> None:
+        self.maps = maps
+
+    def ref(self, key: bytes) -> Flow | None:
+        return self.maps.lookup("flows", key)
+
+
+def _live_state(maps: KernelMaps, p: Probe) -> Live:
     live = Live(read_ns=coarse_ns())
-    rev = maps.lookup("rev_flows", p.key())
-    if rev is not None:  # backend -> client: the reply of a tracked flow
-        live.reply, live.rev_key, live.rev = True, p.key(), rev
-        live.flow_key = flow_key(p.dst, p.dport, ipv4_of(rev.vip_addr), from_be16(rev.vip_port),
-                                 p.proto)
-        live.flow = maps.lookup("flows", live.flow_key)
-        return live
+    src, dst = (ipaddress.IPv4Address(a).packed for a in (p.src, p.dst))
+    rn = maps.lookup("rev_nat", rev_key(src, p.sport.to_bytes(2, "big"), p.proto))
+    if rn is not None:  # from a backend endpoint: the reply of a tracked flow?
+        f, t = reply_flow(_LiveFlows(maps), rn, dst, p.dport.to_bytes(2, "big"), p.proto)
+        if f is not None:
+            live.reply, live.flow = True, f
+            live.vip = (ipv4_of(t.vip_addr), from_be16(t.vip_port))
+            live.flow_key = flow_key(p.dst, p.dport, *live.vip, p.proto)
+            return live
     live.flow_key, live.flow = p.key(), maps.lookup("flows", p.key())
-    be = cat.backends.get(live.flow.backend_id) if live.flow is not None else None
-    if be is not None:
-        live.rev_key = flow_key(be.address, be.port or p.dport, p.src, p.sport, p.proto)
-        live.rev = maps.lookup("rev_flows", live.rev_key)
     return live
 
 
@@ -136,8 +144,7 @@ def _find_vip(cat: Catalog, p: Probe):
 def model(maps: KernelMaps, cat: Catalog, p: Probe, live: Live) -> dict[str, Any]:
     """What the Python model of the data path predicts: decision and destination."""
     if live.reply:
-        return {"decision": "reply",
-                "out": _endpoint(ipv4_of(live.rev.vip_addr), from_be16(live.rev.vip_port))}
+        return {"decision": "reply", "out": _endpoint(*live.vip)}
     vip = _find_vip(cat, p)
     if vip is None:
         return {"decision": "not_vip", "out": _endpoint(p.dst, p.dport)}
@@ -202,8 +209,6 @@ def run_bpf(r: Reader, p: Probe, live: Live) -> dict[str, Any]:
         own = KernelMaps(program.map_fds, own=False)
         if live.flow is not None:
             own.update("flows", live.flow_key, live.flow_as_read())
-        if live.rev is not None:
-            own.update("rev_flows", live.rev_key, live.rev)
         ingress = _ingress(r, live)
         frame = p.frame(_tcp_flags(live))
         before = read_counters(own)
@@ -248,8 +253,6 @@ def scapy_model(r: Reader, p: Probe, live: Live, ingress: str) -> dict[str, Any]
         um.update_many("maglev", enumerate(ring.tolist(), base))
     if live.flow is not None:
         um.update("flows", live.flow_key, live.flow_as_read())
-    if live.rev is not None:
-        um.update("rev_flows", live.rev_key, live.rev)
     fib = Fib()
     try:
         before = read_counters(um)
@@ -268,7 +271,7 @@ def trace(r: Reader, p: Probe) -> dict[str, Any]:
     """Trace ``p`` through instance ``r``: the program's answer, the model's, and whether
     they agree."""
     cat = r.catalog
-    live = _live_state(r.maps, cat, p)
+    live = _live_state(r.maps, p)
     predicted = model(r.maps, cat, p, live)
     bpf = run_bpf(r, p, live)
     bpf["decision"] = _decision(bpf["counters"], live.flow is not None)

@@ -3,6 +3,10 @@
 Ids index the BPF arrays, and a tracked flow stores its backend's id, so ids must stay
 stable across reloads and restarts: they are allocated against what the maps already hold
 (``Current``), keeping every id whose VIP or backend is still configured.
+
+The reverse NAT is desired state too (``reverse_nat``): which VIPs each backend endpoint
+(address, port, protocol) serves, and how many VIP addresses each backend address serves per
+protocol, for the fragment rule.
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from xdplb.abi.codec import PROTOCOLS
-from xdplb.abi.layout import MAX_BACKENDS, MAX_VIPS, NO_BACKEND
+from xdplb.abi.codec import PROTO_NAMES, PROTOCOLS
+from xdplb.abi.layout import MAX_BACKENDS, MAX_VIPS, NO_BACKEND, REV_ANY_PORT, REV_TARGETS
 from xdplb.config import Config
 from xdplb.model import maglev
 
 Service = tuple[str, int, int]  # (address, port, ip proto): what a VIP serves
 BackendKey = tuple[int, str, int]  # (vip id, address, target port)
+Endpoint = tuple[str, int, int]  # (backend address, port or REV_ANY_PORT, ip proto)
+RevTargetSpec = tuple[str, int, int, int]  # (VIP address, VIP port, vip id, backend id)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,20 @@ class DesiredState:
 
     def backend_ids(self) -> set[int]:
         return {b.backend_id for v in self.vips for b in v.backends}
+
+    def reverse_nat(self) -> dict[Endpoint, tuple[RevTargetSpec, ...]]:
+        """The ``rev_nat`` entries this state needs. An endpoint (port given) lists the VIPs
+        it serves, by vip id; an address (port REV_ANY_PORT) lists the VIP addresses it
+        serves for the protocol, once each (port and ids 0). Down and drained backends are
+        included: their flows still get replies."""
+        out: dict[Endpoint, set[RevTargetSpec]] = {}
+        for v in self.vips:
+            for b in v.backends:
+                out.setdefault((b.address, b.port, v.proto), set()).add(
+                    (v.address, v.port, v.vip_id, b.backend_id))
+                out.setdefault((b.address, REV_ANY_PORT, v.proto), set()).add(
+                    (v.address, 0, 0, 0))
+        return {k: tuple(sorted(t, key=lambda x: (x[2], x[0]))) for k, t in out.items()}
 
 
 @dataclass
@@ -130,6 +150,20 @@ def desired_state(
         ids = np.array([b.backend_id for b in bes] + [NO_BACKEND], dtype=np.uint32)
         ring = ids[np.where(table < 0, len(bes), table)]
         vips.append(DesiredVip(vid, v.name, vk[0], vk[1], vk[2], tuple(bes), ring))
-    return DesiredState(tuple(vips), M, seed, cfg.flows.next_hop_cache_ms * 1_000_000,
-                        round(cfg.flows.udp_idle_timeout * 1e9))
+    state = DesiredState(tuple(vips), M, seed, cfg.flows.next_hop_cache_ms * 1_000_000,
+                         round(cfg.flows.udp_idle_timeout * 1e9))
+    _check_reverse(state)
+    return state
+
+
+def _check_reverse(state: DesiredState) -> None:
+    """Refuse an endpoint that serves more VIPs than a reply can be told apart between: the
+    data path tries the flow key of each of at most REV_TARGETS VIPs."""
+    for (addr, port, proto), targets in state.reverse_nat().items():
+        if port != REV_ANY_PORT and len(targets) > REV_TARGETS:
+            vips = ", ".join(f"{a}:{p}" for a, p, _, _ in targets)
+            raise CapacityError(
+                f"backend {addr}:{port} ({PROTO_NAMES.get(proto, proto)}) serves "
+                f"{len(targets)} VIPs ({vips}); the data path tells the replies of at most "
+                f"{REV_TARGETS} apart: give the backend another port per VIP")
 

@@ -62,7 +62,7 @@ class RunResult:
     verdict: str  # aborted, drop, pass, tx, redirect
     data: bytes  # the frame as the program left it
     counters: dict[str, int]  # counters this frame moved (delta)
-    reason: str  # the outcome counter (pass_not_vip, drop_ttl, tx...); the verdict if none
+    reason: str  # the outcome counter (pass_not_vip, pass_ttl, tx...); the verdict if none
     effect: str  # on the flow table: one of EFFECTS
     backend: str | None  # "addr:port" of the flow's backend, for balanced frames and replies
 
@@ -74,18 +74,18 @@ class RunResult:
 
 @dataclass(frozen=True)
 class FlowTable:
-    """What a data path remembers: tracked flows (without timestamps), reverse entries and
-    per-VIP / per-backend statistics. Equal tables mean equal state."""
+    """What a data path remembers: tracked flows (without timestamps) and per-VIP /
+    per-backend statistics (the reverse NAT is the agent's, not the data path's). Equal
+    tables mean equal state."""
 
     flows: dict[bytes, bytes]
-    rev_flows: dict[bytes, bytes]
     vip_stats: dict[int, bytes]
     backend_stats: dict[int, bytes]
 
     def diff(self, other: FlowTable) -> list[str]:
         """Human-readable differences, empty when equal."""
         out = []
-        for name in ("flows", "rev_flows", "vip_stats", "backend_stats"):
+        for name in ("flows", "vip_stats", "backend_stats"):
             a, b = getattr(self, name), getattr(other, name)
             for k in sorted(set(a) | set(b), key=repr):
                 if a.get(k) != b.get(k):
@@ -176,7 +176,6 @@ class Engine:
     def flow_table(self, stats: bool = True) -> FlowTable:
         """The state to compare (``stats=False``: flow entries only, which is cheaper)."""
         flows = {k: without_clock(v) for k, v in self.maps.raw_items("flows")}
-        rev = dict(self.maps.raw_items("rev_flows"))
 
         def sums(name: str) -> dict[int, bytes]:
             m = MAP_BY_NAME[name]
@@ -184,13 +183,12 @@ class Engine:
                     for k, v in self.maps.raw_items(name) if v.strip(b"\0")}
 
         if not stats:
-            return FlowTable(flows, rev, {}, {})
-        return FlowTable(flows, rev, sums("vip_stats"), sums("backend_stats"))
+            return FlowTable(flows, {}, {})
+        return FlowTable(flows, sums("vip_stats"), sums("backend_stats"))
 
     def clear_flows(self) -> None:
-        for name in ("flows", "rev_flows"):
-            for k, _ in list(self.maps.raw_items(name)):
-                self.maps.delete(name, k)
+        for k, _ in list(self.maps.raw_items("flows")):
+            self.maps.delete("flows", k)
 
     def close(self) -> None:
         self.maps.close()

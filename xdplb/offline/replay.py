@@ -9,10 +9,12 @@ or passed to the kernel, rewritten or not) are written to the output capture.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from scapy.error import Scapy_Exception
 from scapy.utils import RawPcapReader, RawPcapWriter
 
 from xdplb.offline.engines import Engine, FrameSizeError
@@ -30,7 +32,7 @@ class Record:
 
     index: int
     verdict: str  # pass, drop, tx, redirect, aborted; "error" when no XDP program would run
-    reason: str  # the outcome counter (tx, pass_not_vip, drop_ttl...), or the error
+    reason: str  # the outcome counter (tx, pass_not_vip, pass_ttl...), or the error
     backend: str | None
     flow: str  # created, hit, rebalanced, reply, none
     in_len: int
@@ -62,12 +64,26 @@ def read_capture(path: Path) -> Iterator[tuple[bytes, tuple[int, int]]]:
     except Exception as e:  # scapy raises Scapy_Exception for a foreign magic
         raise CaptureError(f"{path}: not a pcap or pcapng capture ({e})") from e
     with reader:
-        for data, meta in reader:
-            linktype = getattr(meta, "linktype", None) or reader.linktype
+        for data, meta in _records(reader, path):
+            # pcapng: per interface, on the record (0 is DLT_NULL, not "unknown"); pcap: file.
+            linktype = meta.linktype if hasattr(meta, "linktype") else reader.linktype
             if linktype != DLT_EN10MB:
                 raise CaptureError(f"{path}: link type {linktype}, only Ethernet (1) is "
                                    f"supported")
             yield data, _timestamp(meta)
+
+
+def _records(reader: RawPcapReader, path: Path) -> Iterator[tuple[bytes, object]]:
+    """The reader's records; a damaged file (cut short, a broken block) is a CaptureError."""
+    records = iter(reader)
+    while True:
+        try:
+            rec = next(records)
+        except StopIteration:
+            return
+        except (Scapy_Exception, struct.error, ValueError, OSError) as e:
+            raise CaptureError(f"{path}: damaged capture ({e})") from e
+        yield rec
 
 
 def replay(engine: Engine, capture: Path, out: Path, ingress_ifindex: int = 0

@@ -30,3 +30,21 @@ def udp_fixup(old_check: int, new_check: int) -> int:
     if old_check == 0:
         return 0
     return 0xFFFF if new_check == 0 else new_check
+
+
+def load16(buf: bytes | bytearray, off: int) -> int:
+    """A 16-bit word as the BPF program loads it from the packet (little-endian host)."""
+    return buf[off] | (buf[off + 1] << 8)
+
+
+def store16(buf: bytearray, off: int, v: int) -> None:
+    buf[off] = v & 0xFF
+    buf[off + 1] = v >> 8
+
+
+def set_byte(buf: bytearray, off: int, value: int, check: int) -> None:
+    """xl_set_byte: ``buf[off] = value`` (off the first byte of its 16-bit word, as TTL or
+    ICMP type), the checksum at ``check`` updated for that word."""
+    old = load16(buf, off)
+    buf[off] = value
+    store16(buf, check, replace2(load16(buf, check), old, load16(buf, off)))

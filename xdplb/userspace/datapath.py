@@ -1,4 +1,5 @@
-"""The data path in Python: bpf/xdplb.c and bpf/nat.h rule for rule, on ``UserMaps``.
+"""The data path in Python: bpf/xdplb.c and its headers rule for rule, on ``UserMaps``
+(parse.py, guard.py, icmp.py and reply.py mirror bpf/parse.h, guard.h, icmp.h and reply.h).
 
 Same rules in the same order, the same counters, the same checksum arithmetic (``csum.py``),
 the same TCP state tracking, flow hash and Maglev slot, and next hops from ``fib.py``. It
@@ -24,7 +25,7 @@ from xdplb.abi.layout import (
     Counter,
     Flow,
     NextHop,
-    RevNat,
+    RevTarget,
     Stat,
     TcpState,
     coarse_ns,
@@ -32,8 +33,11 @@ from xdplb.abi.layout import (
 from xdplb.model.hashing import addr_slot, flow_hash
 from xdplb.userspace import csum
 from xdplb.userspace.fib import LOOPBACK_IFINDEX, SUCCESS, Fib
+from xdplb.userspace.guard import guard
+from xdplb.userspace.icmp import echo_reply, is_echo_request, time_exceeded
 from xdplb.userspace.parse import (
     ADDR_PAD,
+    IPPROTO_TCP,
     IPPROTO_UDP,
     MALFORMED,
     NOT_IPV4,
@@ -42,6 +46,14 @@ from xdplb.userspace.parse import (
     flow_key,
     parse_l3,
     parse_l4,
+)
+from xdplb.userspace.reply import (
+    address_key,
+    first_fragment_l4,
+    ip_csum_ok_opts,
+    is_first_fragment,
+    reply_flow,
+    rev_key,
 )
 from xdplb.userspace.usermaps import UserMaps, key_bytes
 
@@ -61,15 +73,6 @@ class Outcome(NamedTuple):
     action: int  # XDP_*
     data: bytes  # the frame as the program leaves it
     egress: int  # ifindex it leaves by (TX: the ingress one; REDIRECT: the target), else 0
-
-
-def _le16(buf: bytearray, off: int) -> int:
-    return buf[off] | (buf[off + 1] << 8)
-
-
-def _put_le16(buf: bytearray, off: int, v: int) -> None:
-    buf[off] = v & 0xFF
-    buf[off + 1] = v >> 8
 
 
 def _serves(be: Backend | None, daddr: bytes, dport: bytes, proto: int) -> bool:
@@ -121,30 +124,36 @@ def _flow_seen(f: Flow | None, buf: bytearray, p: Pkt, now: int, reply: bool
     return f.rev_nh if reply else f.fwd_nh
 
 
+def _set_addr(buf: bytearray, ip: int, addr: int, new_addr: bytes) -> None:
+    """xl_set_addr: the IPv4 address at ``addr`` and the header checksum (all that a fragment
+    without the L4 header needs)."""
+    old = int.from_bytes(buf[addr : addr + 4], "little")
+    new = int.from_bytes(new_addr, "little")
+    csum.store16(buf, ip + 10, csum.replace4(csum.load16(buf, ip + 10), old, new))
+    buf[addr : addr + 4] = new_addr
+
+
 def _rewrite(buf: bytearray, p: Pkt, addr: int, new_addr: bytes, port: int, new_port: int
              ) -> None:
     """xl_rewrite: the address at ``addr`` (and the port at ``port`` unless new_port is 0),
     with the IPv4 and L4 checksums; the L4 one covers the address via the pseudo-header."""
     old = int.from_bytes(buf[addr : addr + 4], "little")
     new = int.from_bytes(new_addr, "little")
-    l4_old = _le16(buf, p.l4_check)
+    l4_old = csum.load16(buf, p.l4_check)
     l4 = csum.replace4(l4_old, old, new)
-    _put_le16(buf, p.ip + 10, csum.replace4(_le16(buf, p.ip + 10), old, new))
-    buf[addr : addr + 4] = new_addr
-    old_port = _le16(buf, port)
+    _set_addr(buf, p.ip, addr, new_addr)
+    old_port = csum.load16(buf, port)
     if new_port and new_port != old_port:
         l4 = csum.replace2(l4, old_port, new_port)
-        _put_le16(buf, port, new_port)
+        csum.store16(buf, port, new_port)
     if p.proto == IPPROTO_UDP:
         l4 = csum.udp_fixup(l4_old, l4)
-    _put_le16(buf, p.l4_check, l4)
+    csum.store16(buf, p.l4_check, l4)
 
 
 def decrement_ttl(buf: bytearray, ip: int) -> None:
     # TTL shares a 16-bit checksum word with the protocol byte.
-    old = _le16(buf, ip + 8)
-    buf[ip + 8] -= 1
-    _put_le16(buf, ip + 10, csum.replace2(_le16(buf, ip + 10), old, _le16(buf, ip + 8)))
+    csum.set_byte(buf, ip + 8, buf[ip + 8] - 1, ip + 10)
 
 
 class PyDatapath:
@@ -154,7 +163,7 @@ class PyDatapath:
     def __init__(self, maps: UserMaps, fib: Fib, ring_size: int, clock=coarse_ns) -> None:
         t = maps.tables
         self.vips, self.vip_addrs, self.backends = t["vips"], t["vip_addrs"], t["backends"]
-        self.maglev, self.flows, self.rev_flows = t["maglev"], t["flows"], t["rev_flows"]
+        self.maglev, self.flows, self.rev_nat = t["maglev"], t["flows"], t["rev_nat"]
         self.tx_ports, self.tx_devs, self.meta = t["tx_ports"], t["tx_devs"], t["meta"]
         self.counters, self.vip_stats = t["counters"], t["vip_stats"]
         self.backend_stats, self.addr_filter = t["backend_stats"], t["addr_filter"]
@@ -172,12 +181,18 @@ class PyDatapath:
     def _count(self, c: Counter) -> None:
         self.counters.ref(_COUNTER_KEYS[c]).value += 1
 
-    def _ttl_expired(self, buf: bytearray, p: Pkt) -> bool:
-        """xl_ttl_expired: TTL 1 or less is dropped here (counted)."""
-        if buf[p.ip + 8] > 1:
-            return False
-        self._count(Counter.DROP_TTL)
-        return True
+    @staticmethod
+    def _ttl_expired(buf: bytearray, p: Pkt) -> bool:
+        """xl_ttl_expired: TTL 1 or less; the sender gets Time Exceeded (to a VIP: from the
+        program; a reply: from the kernel, which gets it untouched)."""
+        return buf[p.ip + 8] <= 1
+
+    def _time_exceeded(self, buf: bytearray, p: Pkt, ingress: int) -> tuple[int, int]:
+        """xl_icmp_time_exceeded, sent back from the VIP."""
+        time_exceeded(buf, p)
+        self._count(Counter.TTL_EXCEEDED)
+        self._count(Counter.TX)
+        return XDP_TX, ingress
 
     def _maybe(self, addr: bytes) -> int:
         """The prefilter bits of an address (a superset: they never decide alone)."""
@@ -204,6 +219,10 @@ class PyDatapath:
         maybe_backend = not maybe_vip and bool(self._maybe(saddr) & ADDR_MAYBE_BACKEND)
         if not maybe_vip and not maybe_backend:
             self._count(Counter.PASS_NOT_VIP)
+            return XDP_PASS, 0
+        rule = guard(buf, p)
+        if rule is not None:
+            self._count(rule)
             return XDP_PASS, 0
         if parse_l4(buf, p) != OK:
             # Malformed only if it was ours to judge: a prefilter collision must not decide.
@@ -232,15 +251,15 @@ class PyDatapath:
                 if p.options:
                     self._count(Counter.DROP_IP_OPTIONS)
                     return XDP_DROP, 0
+                if is_echo_request(buf, p):
+                    echo_reply(buf, p)
+                    self._count(Counter.ICMP_ECHO)
+                    self._count(Counter.TX)
+                    return XDP_TX, ingress
                 self._count(Counter.PASS_NOT_VIP)
                 return XDP_PASS, 0
-        maybe_backend = maybe_backend or bool(self._maybe(saddr) & ADDR_MAYBE_BACKEND)
-        if maybe_backend and p.sport >= 0 and not p.options:
-            rk = flow_key(saddr, daddr, bytes(buf[p.sport : p.sport + 2]),
-                          bytes(buf[p.dport : p.dport + 2]), p.proto)
-            rn = self.rev_flows.ref(rk)
-            if rn is not None:
-                return self._reply(buf, p, rk, rn, ingress)
+        if maybe_backend or self._maybe(saddr) & ADDR_MAYBE_BACKEND:
+            return self._from_backend(buf, p, ingress)
         self._count(Counter.PASS_NOT_VIP)
         return XDP_PASS, 0
 
@@ -258,7 +277,7 @@ class PyDatapath:
                      now: int) -> tuple[int, int]:
         """Client -> VIP of a tracked flow whose backend still serves it."""
         if self._ttl_expired(buf, p):
-            return XDP_DROP, 0
+            return self._time_exceeded(buf, p, ingress)
         self._count(Counter.FLOW_HIT)
         return self._to_backend(buf, p, f, be, f.backend_id, f.vip_id, now, 0, ingress)
 
@@ -266,7 +285,7 @@ class PyDatapath:
                   ) -> tuple[int, int]:
         """Client -> VIP without a flow that can take it: the Maglev ring picks."""
         if self._ttl_expired(buf, p):
-            return XDP_DROP, 0
+            return self._time_exceeded(buf, p, ingress)
         saddr, daddr, sport, dport = fk[:4], fk[4:8], fk[8:10], fk[10:12]
         h = flow_hash(saddr, daddr, int.from_bytes(sport, "big"), int.from_bytes(dport, "big"),
                       p.proto, self.meta.ref(_ZERO).seed)
@@ -280,45 +299,83 @@ class PyDatapath:
             self._count(Counter.DROP_NO_BACKEND)
             return XDP_DROP, 0
         now = self.clock()
+        # Sent on its way (counters, next hop filled in), then inserted: one LRU insert.
         nf = Flow()
         nf.backend_id, nf.vip_id, nf.first_ns = bid, vip_id, now
-        self.flows.put(fk, nf)
-        f = self.flows.ref(fk)
-        be_port = be.port.to_bytes(2, "little")
-        rk = flow_key(bytes(be.addr)[:4], saddr, be_port if be.port else dport, sport, p.proto)
-        rn = RevNat()
-        rn.vip_addr[:4] = daddr
-        rn.vip_port = int.from_bytes(dport, "little")
-        rn.vip_id = vip_id
-        self.rev_flows.put(rk, rn)
         self._count(Counter.NEW_FLOW)
-        return self._to_backend(buf, p, f, be, bid, vip_id, now, 1, ingress)
+        verdict = self._to_backend(buf, p, nf, be, bid, vip_id, now, 1, ingress)
+        self.flows.put(fk, nf)
+        return verdict
 
-    def _to_backend(self, buf: bytearray, p: Pkt, f: Flow | None, be: Backend, bid: int,
+    def _to_backend(self, buf: bytearray, p: Pkt, f: Flow, be: Backend, bid: int,
                     vip_id: int, now: int, created: int, ingress: int) -> tuple[int, int]:
-        """xl_to_backend: flow accounting, DNAT, next hop. ``f`` is None when a full LRU
-        evicted a new entry at once: forward all the same."""
+        """xl_to_backend: flow accounting, DNAT, next hop. ``f`` is the tracked entry, or a
+        new one not inserted yet."""
         nh = _flow_seen(f, buf, p, now, False)
         _stat_add(self.vip_stats.ref(key_bytes(vip_id)), len(buf), created)
         _stat_add(self.backend_stats.ref(key_bytes(bid)), len(buf), created)
         _rewrite(buf, p, p.ip + 16, bytes(be.addr)[:4], p.dport, be.port)
         return self._fib_forward(buf, p, ingress, nh, now)
 
-    def _reply(self, buf: bytearray, p: Pkt, rk: bytes, rn: RevNat, ingress: int
-               ) -> tuple[int, int]:
-        """Backend -> client reply of a tracked flow: the source back to the VIP."""
+    def _from_backend(self, buf: bytearray, p: Pkt, ingress: int) -> tuple[int, int]:
+        """xl_from_backend: a reply, a reply's fragment, or none of ours (untouched)."""
         ip = p.ip
+        if p.options and not ip_csum_ok_opts(buf, ip):
+            self._count(Counter.PASS_BAD_IP_CSUM)
+            return XDP_PASS, 0
+        if p.frag and p.proto in (IPPROTO_TCP, IPPROTO_UDP):
+            return self._reply_fragment(buf, p, ingress)
+        if p.sport >= 0:
+            saddr, sport = bytes(buf[ip + 12 : ip + 16]), bytes(buf[p.sport : p.sport + 2])
+            rn = self.rev_nat.ref(rev_key(saddr, sport, p.proto))
+            if rn is not None:
+                f, t = reply_flow(self.flows, rn, bytes(buf[ip + 16 : ip + 20]),
+                                  bytes(buf[p.dport : p.dport + 2]), p.proto)
+                if f is not None:
+                    return self._reply(buf, p, f, t, ingress)
+        self._count(Counter.PASS_NOT_VIP)
+        return XDP_PASS, 0
+
+    def _reply(self, buf: bytearray, p: Pkt, f: Flow, t: RevTarget, ingress: int
+               ) -> tuple[int, int]:
+        """xl_reply: backend -> client reply of a tracked flow, the source back to the VIP."""
         if self._ttl_expired(buf, p):
-            return XDP_DROP, 0
-        vip_addr = bytes(rn.vip_addr)[:4]
-        # the forward key: client (the reply's destination) -> VIP
-        fk = flow_key(rk[4:8], vip_addr, rk[10:12], rn.vip_port.to_bytes(2, "little"),
-                      p.proto)
+            self._count(Counter.PASS_TTL)
+            return XDP_PASS, 0
         now = self.clock()
-        nh = _flow_seen(self.flows.ref(fk), buf, p, now, True)
+        nh = _flow_seen(f, buf, p, now, True)
         self._count(Counter.REPLY)
-        _rewrite(buf, p, ip + 12, vip_addr, p.sport, rn.vip_port)
+        _rewrite(buf, p, p.ip + 12, bytes(t.vip_addr), p.sport, t.vip_port)
         return self._fib_forward(buf, p, ingress, nh, now)
+
+    def _reply_fragment(self, buf: bytearray, p: Pkt, ingress: int) -> tuple[int, int]:
+        """xl_reply_fragment: a fragment from a backend address (TCP/UDP), rewritten without
+        the flow table when its address serves one VIP address (a first fragment: and its
+        port one VIP port), else dropped; from other addresses, passed untouched."""
+        ip = p.ip
+        saddr = bytes(buf[ip + 12 : ip + 16])
+        an = self.rev_nat.ref(address_key(saddr, p.proto))
+        if an is None:
+            self._count(Counter.PASS_NOT_VIP)
+            return XDP_PASS, 0
+        vip = bytes(an.targets[0].vip_addr)
+        en = None
+        first = is_first_fragment(buf, ip)
+        if an.count == 1 and first and first_fragment_l4(buf, p):
+            en = self.rev_nat.ref(rev_key(saddr, bytes(buf[p.sport : p.sport + 2]), p.proto))
+        if an.count != 1 or (first and not (en is not None and en.count == 1
+                                            and bytes(en.targets[0].vip_addr) == vip)):
+            self._count(Counter.DROP_REPLY_FRAGMENT)
+            return XDP_DROP, 0
+        if self._ttl_expired(buf, p):
+            self._count(Counter.PASS_TTL)
+            return XDP_PASS, 0
+        self._count(Counter.REPLY_FRAGMENT)
+        if en is not None:  # the first fragment: its L4 checksum covers the whole datagram
+            _rewrite(buf, p, ip + 12, vip, p.sport, en.targets[0].vip_port)
+        else:
+            _set_addr(buf, ip, ip + 12, vip)
+        return self._fib_forward(buf, p, ingress, None, self.clock())
 
     def _resolve(self, buf: bytearray, p: Pkt, ingress: int, nh: NextHop | None, now: int
                  ) -> NextHop | None:

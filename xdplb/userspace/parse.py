@@ -1,6 +1,6 @@
 """Frame parsing for the scapy data path, rule for rule as bpf/parse.h: Ethernet (+ one
-802.1Q tag) and IPv4, then TCP/UDP only for packets that may be ours, with the same bounds
-checks and the same verdicts. Offsets into
+802.1Q tag) and IPv4, then TCP/UDP/ICMP only for packets that may be ours, with the same
+bounds checks and the same verdicts. Offsets into
 the frame, not objects: this runs for every packet, and scapy's dissection is far too slow.
 """
 
@@ -19,7 +19,8 @@ TCP_MIN = 20
 UDP_LEN = 8
 ETH_P_IP = b"\x08\x00"
 ETH_P_8021Q = b"\x81\x00"
-IPPROTO_TCP, IPPROTO_UDP = 6, 17
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP = 1, 6, 17
+ICMP_LEN = 8
 IP_MF_OFFMASK = 0x3FFF
 ADDR_PAD = bytes(ADDR_LEN - 4)
 FAMILY_PAD = bytes((FAMILY_IPV4, 0, 0))  # family, then the u16 pad of xl_flow_key
@@ -33,10 +34,12 @@ class Pkt:
     proto: int
     frag: bool  # MF set or offset != 0
     options: bool  # IHL > 5
+    vlan: bool = False  # one 802.1Q tag
     sport: int = -1  # offset of the source port; -1 unless TCP/UDP and not a fragment
     dport: int = -1
     l4_check: int = -1
     tcp: int = -1  # offset of the TCP header; -1 unless TCP
+    icmp: int = -1  # offset of the ICMP header; -1 unless ICMP and not a fragment
 
 
 def parse_l3(buf: bytes | bytearray) -> tuple[int, Pkt | None]:
@@ -62,11 +65,12 @@ def parse_l3(buf: bytes | bytearray) -> tuple[int, Pkt | None]:
     if vihl >> 4 != 4 or ihl < IP_MIN or tot < ihl or ip + tot > end:
         return MALFORMED, None
     frag = (((buf[ip + 6] << 8) | buf[ip + 7]) & IP_MF_OFFMASK) != 0
-    return OK, Pkt(ip, buf[ip + 9], frag, ihl > IP_MIN)
+    return OK, Pkt(ip, buf[ip + 9], frag, ihl > IP_MIN, off != ETH_LEN)
 
 
 def parse_l4(buf: bytes | bytearray, p: Pkt) -> int:
-    """OK or MALFORMED, as xl_parse_l4(): fills in p's TCP/UDP offsets unless a fragment."""
+    """OK or MALFORMED, as xl_parse_l4(): fills in p's TCP/UDP/ICMP offsets unless a
+    fragment."""
     if p.frag:
         return OK  # no trustworthy L4 header
     end, ip = len(buf), p.ip
@@ -87,6 +91,10 @@ def parse_l4(buf: bytes | bytearray, p: Pkt) -> int:
         if ulen < UDP_LEN or ulen > l4_len:
             return MALFORMED
         p.sport, p.dport, p.l4_check = l4, l4 + 2, l4 + 6
+    elif p.proto == IPPROTO_ICMP:
+        if l4 + ICMP_LEN > end or l4_len < ICMP_LEN:
+            return MALFORMED
+        p.icmp = l4
     return OK
 
 

@@ -1,0 +1,88 @@
+/* The flow table's bookkeeping: per-packet accounting and TCP state of a tracked flow,
+ * whether its connection is over, and the key a packet's own 5-tuple makes. */
+#pragma once
+
+static __always_inline void xl_stat_add(struct xl_stat *s, __u32 len, __u64 flows)
+{
+    if (s) {
+        s->packets += 1;
+        s->bytes += len;
+        s->flows += flows;
+    }
+}
+
+/* Coarse TCP state: enough to tell half-open, established and closing flows apart. */
+static __always_inline void xl_tcp_track(struct xl_flow *f, struct tcphdr *th, int reply)
+{
+    if (!th)
+        return;
+    __u8 st = f->tcp_state;
+    if (th->rst)
+        st = XL_TCP_RST;
+    else if (th->fin)
+        st = XL_TCP_FIN;
+    else if (th->syn && !th->ack && !reply && st != XL_TCP_ESTABLISHED)
+        st = XL_TCP_SYN_SEEN;
+    else if (th->ack && !th->syn && st == XL_TCP_SYN_SEEN && !reply)
+        st = XL_TCP_ESTABLISHED;
+    if (st != f->tcp_state)
+        f->tcp_state = st;
+}
+
+/* One packet of a tracked flow (``f`` NULL: none), one direction: last seen, counters, TCP
+ * state. Returns that direction's next-hop cache. Plain adds: RSS keeps a flow's direction
+ * on one CPU (see layout.Flow). */
+static __always_inline struct xl_next_hop *xl_flow_seen(struct xl_flow *f, struct xl_pkt *p,
+                                                        __u64 now, int reply)
+{
+    if (!f)
+        return NULL;
+    f->last_ns = now;
+    if (reply) {
+        f->rev_packets += 1;
+        f->rev_bytes += p->len;
+    } else {
+        f->fwd_packets += 1;
+        f->fwd_bytes += p->len;
+    }
+    xl_tcp_track(f, p->tcp, reply);
+    return reply ? &f->rev_nh : &f->fwd_nh;
+}
+
+/* May ``be`` take this packet's flow? In use, not failed, and the packet's (daddr, dport,
+ * proto) is its VIP: that proves the VIP without a VIP lookup. */
+static __always_inline int xl_backend_serves(struct xl_backend *be, struct xl_pkt *p)
+{
+    return be && (be->flags & XL_BACKEND_VALID) && !(be->flags & XL_BACKEND_DOWN) &&
+           *(__u32 *)be->vip_addr == p->ip->daddr && be->vip_port == *p->dport &&
+           be->vip_proto == p->proto;
+}
+
+/* Is the connection this entry tracked over, so that the packet opens a new flow (balanced
+ * anew: a drained backend never gets it)?
+ * - TCP: a pure SYN. A client's stack sends one only when it has no connection on this
+ *   5-tuple (it reused its source port), as Katran treats every SYN. Only a half-open flow
+ *   keeps its backend: its SYN is a retransmission, and the backend may have answered.
+ * - UDP, which has no end of connection: the flow has been idle for meta.udp_idle_ns. */
+static __always_inline int xl_reopens(struct xl_flow *f, struct xl_pkt *p, __u64 now)
+{
+    struct tcphdr *th = p->tcp;
+    if (th)
+        return th->syn && !th->ack && f->tcp_state != XL_TCP_SYN_SEEN;
+    __u32 zero = 0;
+    struct xl_meta *m = meta.lookup(&zero);
+    /* Signed: a stamp from the future (another CPU's clock read a moment later) is idle 0. */
+    return m && m->udp_idle_ns && (__s64)(now - f->last_ns) >= (__s64)m->udp_idle_ns;
+}
+
+/* The packet's own 5-tuple as a flow key (forward key of a client packet, reverse key of
+ * a backend's reply). */
+static __always_inline void xl_packet_key(struct xl_pkt *p, struct xl_flow_key *k)
+{
+    __builtin_memcpy(k->src, &p->ip->saddr, 4);
+    __builtin_memcpy(k->dst, &p->ip->daddr, 4);
+    k->sport = *p->sport;
+    k->dport = *p->dport;
+    k->proto = p->proto;
+    k->family = XL_FAMILY_IPV4;
+}

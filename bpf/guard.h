@@ -1,0 +1,34 @@
+/* Frames the kernel would not route. XDP runs before the stack's own checks, so without
+ * these rules a balancer behind a flooding switch or on a promiscuous NIC would forward
+ * copies of frames meant for other hosts, and rewrite packets the kernel would discard.
+ * Each such frame is passed to the kernel untouched (it drops or handles it) and counted.
+ * Only frames that may be ours are judged: other traffic never pays for this. */
+#pragma once
+
+/* The IPv4 header checksum of a header without options (20 bytes) is right. Headers with
+ * options are never rewritten (see xdplb.c), so they need no check here. */
+static __always_inline int xl_ip_csum_ok(struct iphdr *ip)
+{
+    __u16 *w = (__u16 *)ip;
+    __u32 s = 0;
+#pragma unroll
+    for (int i = 0; i < 10; i++)
+        s += w[i];
+    return xl_csum_fold(s) == 0xffff;
+}
+
+/* The rule a frame that may be ours breaks, as the counter of its outcome; 0: none. */
+static __always_inline __u32 xl_guard(struct xl_pkt *p)
+{
+    struct iphdr *ip = p->ip;
+    if (p->vlan) /* no VLAN is served: the kernel (its VLAN device) takes tagged frames */
+        return XL_C_PASS_VLAN;
+    if (p->eth->h_dest[0] & 1) /* group bit: broadcast or multicast */
+        return XL_C_PASS_GROUP_MAC;
+    __u8 first = *(__u8 *)&ip->saddr;
+    if (first == 0 || first == 127 || first >= 224) /* this host, loopback, 224/3 */
+        return XL_C_PASS_MARTIAN;
+    if (!p->options && !xl_ip_csum_ok(ip))
+        return XL_C_PASS_BAD_IP_CSUM;
+    return 0;
+}

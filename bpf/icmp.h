@@ -1,0 +1,97 @@
+/* ICMP the balancer sends itself, back by XDP_TX: the reply to an echo request to a VIP
+ * address, and Time Exceeded for a packet to a VIP whose TTL runs out here, both from the
+ * VIP (as a host holding the address, or a Linux DNAT router, would answer). */
+#pragma once
+
+#define XL_ICMP_ECHOREPLY 0
+#define XL_ICMP_ECHO 8
+#define XL_ICMP_TIME_EXCEEDED 11
+#define XL_ICMP_TTL 64
+/* An ICMP error quotes the IPv4 header (without options here) and 8 bytes of payload. */
+#define XL_ICMP_QUOTE 28
+#define XL_ICMP_ERR_ROOM (sizeof(struct iphdr) + sizeof(struct icmphdr))
+#define XL_ICMP_ERR_LEN (ETH_HLEN + XL_ICMP_ERR_ROOM + XL_ICMP_QUOTE)
+
+/* The Internet checksum of ``n`` 16-bit words we just wrote (their checksum field 0). */
+static __always_inline __u16 xl_csum_words(__u16 *w, const int n)
+{
+    __u32 s = 0;
+#pragma unroll
+    for (int i = 0; i < n; i++)
+        s += w[i];
+    return (__u16)~xl_csum_fold(s);
+}
+
+/* Turn the echo request in place into its reply: MACs and addresses swapped (the IPv4
+ * checksum does not change with the order of its words), a fresh TTL, type 0. */
+static __always_inline int xl_icmp_echo(struct xl_pkt *p)
+{
+    struct ethhdr *eth = p->eth;
+    struct iphdr *ip = p->ip;
+    struct icmphdr *ic = p->icmp;
+    __u8 mac[ETH_ALEN];
+    __builtin_memcpy(mac, eth->h_dest, ETH_ALEN);
+    __builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, mac, ETH_ALEN);
+    __be32 addr = ip->saddr;
+    ip->saddr = ip->daddr;
+    ip->daddr = addr;
+    /* TTL shares a 16-bit checksum word with the protocol byte; type with code. */
+    xl_set_byte(&ip->ttl, XL_ICMP_TTL, &ip->check);
+    xl_set_byte(&ic->type, XL_ICMP_ECHOREPLY, &ic->checksum);
+    /* RFC 1624's update gives 0x0000 for a message that sums to zero (an empty echo with
+     * id and sequence 0); only 0xffff verifies there, and it is right for every message. */
+    if (!ic->checksum)
+        ic->checksum = 0xffff;
+    xl_count(XL_C_ICMP_ECHO);
+    xl_count(XL_C_TX);
+    return XDP_TX;
+}
+
+/* The packet (to a VIP, TTL <= 1, no IP options, L4 header parsed) becomes, in place, the
+ * Time Exceeded that quotes it, from the VIP to its sender: room for an outer IPv4 and ICMP
+ * header is made in front of its IPv4 header, which then sits where the quote goes, and
+ * the frame is cut after the quote. */
+static __always_inline int xl_icmp_time_exceeded(struct xdp_md *ctx, struct xl_pkt *p)
+{
+    __be32 sender = p->ip->saddr, vip = p->ip->daddr;
+    __u8 dmac[ETH_ALEN], smac[ETH_ALEN];
+    __builtin_memcpy(dmac, p->eth->h_source, ETH_ALEN);
+    __builtin_memcpy(smac, p->eth->h_dest, ETH_ALEN);
+    if (bpf_xdp_adjust_head(ctx, -(int)XL_ICMP_ERR_ROOM))
+        return XDP_ABORTED;
+    /* Parsed L4 headers are 8 bytes or more, so the frame holds the whole quote. */
+    int over = (int)(ctx->data_end - ctx->data) - (int)XL_ICMP_ERR_LEN;
+    if (over > 0 && bpf_xdp_adjust_tail(ctx, -over))
+        return XDP_ABORTED;
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    if (data + XL_ICMP_ERR_LEN > data_end)
+        return XDP_ABORTED;
+    struct ethhdr *eth = data;
+    __builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, smac, ETH_ALEN);
+    eth->h_proto = bpf_htons(ETH_P_IP);
+    struct iphdr *ip = data + ETH_HLEN;
+    ip->version = 4;
+    ip->ihl = sizeof(*ip) / 4;
+    ip->tos = 0;
+    ip->tot_len = bpf_htons(XL_ICMP_ERR_ROOM + XL_ICMP_QUOTE);
+    ip->id = 0;
+    ip->frag_off = 0;
+    ip->ttl = XL_ICMP_TTL;
+    ip->protocol = IPPROTO_ICMP;
+    ip->check = 0;
+    ip->saddr = vip;
+    ip->daddr = sender;
+    ip->check = xl_csum_words((__u16 *)ip, sizeof(*ip) / 2);
+    struct icmphdr *ic = (void *)(ip + 1);
+    ic->type = XL_ICMP_TIME_EXCEEDED;
+    ic->code = 0; /* TTL exceeded in transit */
+    ic->checksum = 0;
+    ic->un.gateway = 0;
+    ic->checksum = xl_csum_words((__u16 *)ic, (sizeof(*ic) + XL_ICMP_QUOTE) / 2);
+    xl_count(XL_C_TTL_EXCEEDED);
+    xl_count(XL_C_TX);
+    return XDP_TX;
+}

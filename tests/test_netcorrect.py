@@ -1,0 +1,182 @@
+"""The network's own traffic through a real lab, native XDP: a ping of a VIP is answered
+from the VIP, and a packet to a VIP whose TTL runs out at the balancer gets Time Exceeded
+from the balancer's hop, in the VIP's name (what traceroute relies on), with real sockets in
+the client namespace. Before, both went unanswered."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from agent_process import AgentProcess, status
+from backend_server import pattern_sha256
+from lab import Lab
+from pools import ECHO, VIP, WEB, pool_yaml
+from scapy.layers.inet import IP, TCP
+from scapy.utils import rdpcap
+from testkit.pktcheck import checksum_errors
+
+pytestmark = pytest.mark.root
+
+# A probe with TTL 1 to VIP:port over UDP or TCP; the kernel reports the ICMP error on the
+# socket's error queue (IP_RECVERR), as traceroute reads it.
+TTL_PROBE = """
+import json, select, socket, struct, sys
+IP_RECVERR = 11  # linux/in.h; Python's socket module does not name it
+proto, port = sys.argv[1], int(sys.argv[2])
+kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+s = socket.socket(socket.AF_INET, kind)
+s.setsockopt(socket.SOL_IP, socket.IP_TTL, 1)
+s.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+s.setblocking(False)
+if proto == "udp":
+    s.sendto(b"probe", ("{vip}", port))
+else:
+    try:
+        s.connect(("{vip}", port))
+    except BlockingIOError:
+        pass
+p = select.poll()
+p.register(s, select.POLLERR)
+if not p.poll(3000):
+    print(json.dumps(None)); sys.exit(0)
+_, anc, _, _ = s.recvmsg(512, 512, socket.MSG_ERRQUEUE)
+for level, typ, data in anc:
+    if level == socket.SOL_IP and typ == IP_RECVERR:
+        errno, origin, etype, code = struct.unpack_from("=IBBB", data)
+        offender = socket.inet_ntoa(data[20:24])
+        print(json.dumps({{"origin": origin, "type": etype, "code": code,
+                          "offender": offender}}))
+"""
+SO_EE_ORIGIN_ICMP, ICMP_TIME_EXCEEDED = 2, 11
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("netcorrect")
+    with Lab(topology="one-armed", backends=2, prefix="xlt-nc") as lab:
+        pool = tmp / "pool.yaml"
+        pool.write_text(pool_yaml(WEB, ECHO))
+        agent = AgentProcess(lab, pool, "--mode", "native")
+        try:
+            yield lab
+        finally:
+            assert agent.stop() == 0, agent.log_text()
+
+
+def counters(lab: Lab) -> dict[str, int]:
+    return status(lab)["groups"][0]["counters"]
+
+
+def test_ping_of_a_vip_is_answered_from_the_vip(running):
+    lab = running
+    before = counters(lab)
+    out = lab.run(lab.client_ns, "python3", "-c", PING_FROM_VIP, timeout=20).stdout
+    replies = json.loads(out)
+    assert len(replies) == 3 and all(r == [VIP, 0, 64] for r in replies), replies
+    after = counters(lab)
+    assert after["icmp_echo"] - before.get("icmp_echo", 0) == 3
+
+
+@pytest.mark.parametrize("proto,port", [("udp", 5000), ("tcp", 80)])
+def test_ttl_expiry_at_the_balancer_sends_time_exceeded(running, proto, port):
+    lab = running
+    before = counters(lab)
+    out = lab.run(lab.client_ns, "python3", "-c", TTL_PROBE.format(vip=VIP), proto, str(port),
+                  timeout=20).stdout
+    err = json.loads(out)
+    assert err == {"origin": SO_EE_ORIGIN_ICMP, "type": ICMP_TIME_EXCEEDED, "code": 0,
+                   "offender": VIP}, out
+    after = counters(lab)
+    assert after["ttl_exceeded"] - before.get("ttl_exceeded", 0) >= 1
+    assert after.get("new_flow", 0) == before.get("new_flow", 0)  # nothing was balanced
+
+
+# Three echo requests from a raw socket; for each reply: its source, ICMP type and TTL.
+PING_FROM_VIP = f"""
+import json, os, socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.settimeout(2)
+def csum(b):
+    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    t = (t >> 16) + (t & 0xFFFF); t += t >> 16
+    return ~t & 0xFFFF
+out = []
+for seq in range(3):
+    body = struct.pack("!HH", os.getpid() & 0xFFFF, seq) + b"xdplb-ping" * 4
+    hdr = struct.pack("!BBH", 8, 0, 0)
+    msg = struct.pack("!BBH", 8, 0, csum(hdr + body)) + body
+    s.sendto(msg, ("{VIP}", 0))
+    while True:
+        pkt, (src, _) = s.recvfrom(2048)
+        ihl = (pkt[0] & 15) * 4
+        if pkt[ihl] == 0 and pkt[ihl + 4 : ihl + 8] == body[:4]:
+            assert csum(pkt[ihl:]) == 0, "bad ICMP checksum"
+            out.append([src, pkt[ihl], pkt[8]])
+            break
+print(json.dumps(out))
+"""
+
+
+# --- a lab with veth's default offloads (TX checksum offload on everywhere) -------------------
+
+
+def lb_peer(lab: Lab) -> tuple[str, str]:
+    """(namespace, interface) of the veth end facing the LB's client interface."""
+    (v,) = [v for v in lab.veths if lab.lb_ns in (v.ns_a, v.ns_b)]
+    return (v.ns_b, v.if_b) if v.ns_a == lab.lb_ns else (v.ns_a, v.if_a)
+
+
+def tx_checksumming(lab: Lab, ns: str, iface: str) -> str:
+    out = lab.run(ns, "ethtool", "-k", iface).stdout
+    return next(line.split(":")[1].strip() for line in out.splitlines()
+                if line.startswith("tx-checksumming:"))
+
+
+def test_default_veth_offloads_are_made_safe_at_attach(tmp_path):
+    """A lab built as by hand, TX checksum offload on at every veth end: `attach` turns it
+    off on the LB's veth peer (and says so), so the program never rewrites a partial
+    checksum; 1 MiB down and up intact, and every frame the client receives from the VIP
+    carries checksums that scapy's own sum confirms."""
+    with Lab(topology="one-armed", backends=2, prefix="xlt-nco", tx_offload=True) as lab:
+        ns, peer = lb_peer(lab)
+        assert tx_checksumming(lab, ns, peer) == "on"
+        assert tx_checksumming(lab, lab.client_ns, "eth0") == "on"  # the senders keep theirs
+        pool = tmp_path / "pool.yaml"
+        pool.write_text(pool_yaml(WEB, ECHO))
+        cap = Path("/tmp") / f"xlt-nco-client-{time.monotonic_ns()}.pcap"
+        agent = AgentProcess(lab, pool, "--mode", "native")
+        try:
+            assert tx_checksumming(lab, ns, peer) == "off"
+            assert f"turned TX checksum offload off on its veth peer {peer}" in agent.log_text()
+            # GRO off where the LB's frames arrive (its veth peer, which keeps NAPI by its
+            # XDP program): tcpdump must see them as the LB sent them, not merged (a merged
+            # packet carries a partial checksum of the kernel's own).
+            lab.run(ns, "ethtool", "-K", peer, "gro", "off")
+            dump = lab.popen(lab.client_ns, "tcpdump", "-i", "eth0", "-n", "-U", "-w",
+                             str(cap), "ip", "and", "src", VIP)
+            try:
+                time.sleep(1)
+                n = 1 << 20
+                body = lab.run(lab.client_ns, "sh", "-c",
+                               f"curl -s -m 30 'http://{VIP}/bytes?n={n}' | sha256sum; "
+                               f"head -c {n} /dev/urandom > /tmp/xlt-nco-up-$$; "
+                               f"sha256sum < /tmp/xlt-nco-up-$$; "
+                               f"curl -s -m 30 --data-binary @/tmp/xlt-nco-up-$$ "
+                               f"'http://{VIP}/echo' | sha256sum; rm -f /tmp/xlt-nco-up-$$",
+                               timeout=90).stdout.split("\n")
+                time.sleep(1)
+            finally:
+                dump.terminate()
+                dump.wait(10)
+            down, up_sent, up_back = (line.split()[0] for line in body[:3])
+            assert down == pattern_sha256(n)
+            assert up_sent == up_back, body
+            pkts = [p for p in rdpcap(str(cap)) if IP in p and TCP in p]
+            assert len(pkts) > 1000 and max(len(p) for p in pkts) <= 1514, len(pkts)
+            assert [checksum_errors(bytes(p)) for p in pkts] == [[]] * len(pkts)
+        finally:
+            cap.unlink(missing_ok=True)
+            assert agent.stop() == 0, agent.log_text()
