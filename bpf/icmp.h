@@ -1,9 +1,14 @@
 /* ICMP the balancer sends itself, back by XDP_TX: the reply to an echo request to a VIP
- * address, and Time Exceeded for a packet to a VIP whose TTL runs out here, both from the
- * VIP (as a host holding the address, or a Linux DNAT router, would answer). */
+ * address; Time Exceeded for a packet to a VIP whose TTL runs out here; "fragmentation
+ * needed" for a packet with DF set that is too long for the next hop, to a client or a
+ * backend (path MTU discovery). Errors come from the address the packet was sent to (the
+ * VIP, or the client for a reply), as a host holding that address would answer, and quote
+ * the packet as it was sent, before any rewrite: the sender's socket must recognise it. */
 #pragma once
 
 #define XL_ICMP_ECHOREPLY 0
+#define XL_ICMP_DEST_UNREACH 3
+#define XL_ICMP_FRAG_NEEDED 4 /* its code */
 #define XL_ICMP_ECHO 8
 #define XL_ICMP_TIME_EXCEEDED 11
 #define XL_ICMP_TTL 64
@@ -48,13 +53,15 @@ static __always_inline int xl_icmp_echo(struct xl_pkt *p)
     return XDP_TX;
 }
 
-/* The packet (to a VIP, TTL <= 1, no IP options, L4 header parsed) becomes, in place, the
- * Time Exceeded that quotes it, from the VIP to its sender: room for an outer IPv4 and ICMP
- * header is made in front of its IPv4 header, which then sits where the quote goes, and
- * the frame is cut after the quote. */
-static __always_inline int xl_icmp_time_exceeded(struct xdp_md *ctx, struct xl_pkt *p)
+/* The packet (no IP options, L4 header parsed) becomes, in place, the ICMP error that
+ * quotes it, from its destination to its sender: room for an outer IPv4 and ICMP header is
+ * made in front of its IPv4 header, which then sits where the quote goes, and the frame is
+ * cut after the quote. ``rest``: the header's second word (the MTU of "fragmentation
+ * needed"). ``counter``: the event it counts as. */
+static __always_inline int xl_icmp_error(struct xdp_md *ctx, struct xl_pkt *p, __u8 type,
+                                         __u8 code, __be32 rest, __u32 counter)
 {
-    __be32 sender = p->ip->saddr, vip = p->ip->daddr;
+    __be32 sender = p->ip->saddr, dest = p->ip->daddr;
     __u8 dmac[ETH_ALEN], smac[ETH_ALEN];
     __builtin_memcpy(dmac, p->eth->h_source, ETH_ALEN);
     __builtin_memcpy(smac, p->eth->h_dest, ETH_ALEN);
@@ -82,16 +89,29 @@ static __always_inline int xl_icmp_time_exceeded(struct xdp_md *ctx, struct xl_p
     ip->ttl = XL_ICMP_TTL;
     ip->protocol = IPPROTO_ICMP;
     ip->check = 0;
-    ip->saddr = vip;
+    ip->saddr = dest;
     ip->daddr = sender;
     ip->check = xl_csum_words((__u16 *)ip, sizeof(*ip) / 2);
     struct icmphdr *ic = (void *)(ip + 1);
-    ic->type = XL_ICMP_TIME_EXCEEDED;
-    ic->code = 0; /* TTL exceeded in transit */
+    ic->type = type;
+    ic->code = code;
     ic->checksum = 0;
-    ic->un.gateway = 0;
+    ic->un.gateway = rest;
     ic->checksum = xl_csum_words((__u16 *)ic, (sizeof(*ic) + XL_ICMP_QUOTE) / 2);
-    xl_count(XL_C_TTL_EXCEEDED);
+    xl_count(counter);
     xl_count(XL_C_TX);
     return XDP_TX;
+}
+
+/* TTL <= 1 to a VIP: TTL exceeded in transit. */
+static __always_inline int xl_icmp_time_exceeded(struct xdp_md *ctx, struct xl_pkt *p)
+{
+    return xl_icmp_error(ctx, p, XL_ICMP_TIME_EXCEEDED, 0, 0, XL_C_TTL_EXCEEDED);
+}
+
+/* Too long for the next hop, DF set: the sender must use ``mtu``. */
+static __always_inline int xl_icmp_frag_needed(struct xdp_md *ctx, struct xl_pkt *p, __u16 mtu)
+{
+    return xl_icmp_error(ctx, p, XL_ICMP_DEST_UNREACH, XL_ICMP_FRAG_NEEDED, bpf_htonl(mtu),
+                         XL_C_FRAG_NEEDED);
 }

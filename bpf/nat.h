@@ -53,11 +53,26 @@ static __always_inline void xl_decrement_ttl(struct iphdr *ip)
     xl_set_byte(&ip->ttl, ip->ttl - 1, &ip->check);
 }
 
-/* Look the next hop up and, when the flow has a cache for this direction, remember it.
- * Returns the hop to use, or NULL when the kernel must take the packet (counted). */
+/* May a packet too long for its next hop be answered with "fragmentation needed"? It must
+ * have DF set (else the kernel fragments it) and a plain IPv4 header and transport header
+ * to quote (an error quotes the header and 8 bytes). */
+static __always_inline int xl_may_bounce(struct xl_pkt *p)
+{
+    return (p->ip->frag_off & bpf_htons(XL_IP_DF)) && !p->frag && !p->options && p->sport;
+}
+
+/* Look the next hop up for the packet as it will be once rewritten (from ``saddr`` to
+ * ``daddr``; the packet itself is not touched yet, so that an error can still quote it as
+ * sent) and, when the flow has a cache for this direction, remember it. ``overhead``:
+ * bytes an encapsulation will add, so that the MTU check and the MTU reported hold for the
+ * packet that leaves. Returns the hop to use, or NULL: the kernel must take the packet
+ * (counted), or, with ``*too_big`` set to the MTU the sender must use, the sender gets
+ * "fragmentation needed". */
 static __always_inline struct xl_next_hop *xl_resolve(struct xdp_md *ctx, struct xl_pkt *p,
                                                       struct xl_next_hop *nh,
-                                                      struct xl_next_hop *tmp, __u64 now)
+                                                      struct xl_next_hop *tmp, __u64 now,
+                                                      __be32 saddr, __be32 daddr,
+                                                      __u16 overhead, __u16 *too_big)
 {
     struct bpf_fib_lookup fib = {};
     struct iphdr *ip = p->ip;
@@ -66,18 +81,24 @@ static __always_inline struct xl_next_hop *xl_resolve(struct xdp_md *ctx, struct
     fib.family = AF_INET;
     fib.tos = ip->tos;
     fib.l4_protocol = ip->protocol;
-    fib.tot_len = bpf_ntohs(ip->tot_len);
-    fib.ipv4_src = ip->saddr;
-    fib.ipv4_dst = ip->daddr;
+    fib.tot_len = bpf_ntohs(ip->tot_len) + overhead;
+    fib.ipv4_src = saddr;
+    fib.ipv4_dst = daddr;
     fib.ifindex = in;
 
     int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
     xl_count(XL_C_FIB_LOOKUP);
     if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
-        /* NO_NEIGH: the kernel resolves ARP and forwards; others: it decides (ICMP...). */
         if (nh)
             nh->ns = 0;
         xl_count(XL_C_FIB_MISS);
+        if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && xl_may_bounce(p) &&
+            fib.mtu_result > overhead) {
+            *too_big = fib.mtu_result - overhead; /* mtu_result shares tot_len's place */
+            return NULL;
+        }
+        /* NO_NEIGH: the kernel resolves ARP and forwards; FRAG_NEEDED without DF: it
+         * fragments; others: it decides (ICMP...). */
         xl_count(XL_C_PASS_FIB);
         return NULL;
     }
@@ -104,30 +125,36 @@ static __always_inline struct xl_next_hop *xl_resolve(struct xdp_md *ctx, struct
     return h;
 }
 
-/* Send a rewritten packet on its way: by the flow's cached next hop (``nh``, NULL when the
- * packet has no flow entry) while it is fresh, else by bpf_fib_lookup. The cache is used
- * only for packets from the same ingress no longer than the one whose lookup filled it,
- * so the lookup's MTU check still holds. TTL was checked (> 1) by the caller; it is
- * decremented only when we forward ourselves: a packet handed to the kernel is
- * decremented by the kernel's own forwarding. */
-static __always_inline int xl_fib_forward(struct xdp_md *ctx, struct xl_pkt *p,
-                                          struct xl_next_hop *nh, __u64 now)
+/* The next hop of a packet about to be rewritten to (saddr, daddr): the flow's cached one
+ * (``nh``, NULL when the packet has no flow entry) while it is fresh, else by
+ * bpf_fib_lookup. The cache is used only for packets from the same ingress no longer than
+ * the one whose lookup filled it, so the lookup's MTU check still holds. NULL: see
+ * xl_resolve. */
+static __always_inline struct xl_next_hop *xl_route(struct xdp_md *ctx, struct xl_pkt *p,
+                                                    struct xl_next_hop *nh,
+                                                    struct xl_next_hop *tmp, __u64 now,
+                                                    __be32 saddr, __be32 daddr,
+                                                    __u16 *too_big)
 {
-    struct iphdr *ip = p->ip;
-    struct xl_next_hop *h = nh;
-    struct xl_next_hop tmp;
     __u32 zero = 0;
     struct xl_meta *m = NULL;
 
     if (nh && nh->ns) /* only a filled cache needs its TTL: new flows skip the load */
         m = meta.lookup(&zero);
     if (!m || now - nh->ns >= m->next_hop_ttl_ns || nh->in_ifindex != ctx->ingress_ifindex ||
-        bpf_ntohs(ip->tot_len) > nh->max_len) {
-        h = xl_resolve(ctx, p, nh, &tmp, now);
-        if (!h)
-            return XDP_PASS;
-    }
-    xl_decrement_ttl(ip);
+        bpf_ntohs(p->ip->tot_len) > nh->max_len)
+        return xl_resolve(ctx, p, nh, tmp, now, saddr, daddr, 0, too_big);
+    return nh;
+}
+
+/* Send a rewritten packet by its next hop ``h`` (NULL: to the kernel, as routed). TTL was
+ * checked (> 1) by the caller; it is decremented only when we forward ourselves: a packet
+ * handed to the kernel is decremented by the kernel's own forwarding. */
+static __always_inline int xl_send(struct xl_pkt *p, struct xl_next_hop *h)
+{
+    if (!h)
+        return XDP_PASS;
+    xl_decrement_ttl(p->ip);
     __builtin_memcpy(p->eth->h_dest, h->dmac, ETH_ALEN);
     __builtin_memcpy(p->eth->h_source, h->smac, ETH_ALEN);
     if (h->tx_slot == XL_NO_TX_SLOT) {

@@ -2,6 +2,7 @@
  * ICMP. Nothing here writes to the packet. */
 #pragma once
 
+#define XL_IP_DF 0x4000
 #define XL_IP_MF 0x2000
 #define XL_IP_OFFMASK 0x1fff
 

@@ -84,8 +84,14 @@ static __always_inline int xl_reply(struct xdp_md *ctx, struct xl_pkt *p, struct
     __u64 now = bpf_ktime_get_coarse_ns();
     struct xl_next_hop *nh = xl_flow_seen(f, p, now, 1);
     xl_count(XL_C_REPLY);
+    struct xl_next_hop tmp;
+    __u16 too_big = 0;
+    struct xl_next_hop *h = xl_route(ctx, p, nh, &tmp, now, *(__u32 *)t->vip_addr,
+                                     p->ip->daddr, &too_big);
+    if (too_big) /* to the backend, from the client: its own packet quoted */
+        return xl_icmp_frag_needed(ctx, p, too_big);
     xl_rewrite(p, &p->ip->saddr, *(__u32 *)t->vip_addr, p->sport, t->vip_port);
-    return xl_fib_forward(ctx, p, nh, now);
+    return xl_send(p, h);
 }
 
 /* A fragment's TCP/UDP header, when it is the first fragment and holds the whole header
@@ -140,7 +146,12 @@ static __always_inline int xl_reply_fragment(struct xdp_md *ctx, struct xl_pkt *
         xl_rewrite(p, &ip->saddr, vip, p->sport, en->targets[0].vip_port);
     else
         xl_set_addr(ip, &ip->saddr, vip);
-    return xl_fib_forward(ctx, p, NULL, bpf_ktime_get_coarse_ns());
+    /* Already rewritten: a fragment is never bounced (xl_may_bounce), so the lookup is for
+     * the packet as it now is. */
+    struct xl_next_hop tmp;
+    __u16 too_big = 0;
+    return xl_send(p, xl_route(ctx, p, NULL, &tmp, bpf_ktime_get_coarse_ns(), ip->saddr,
+                               ip->daddr, &too_big));
 }
 
 /* A packet from a possible backend address that is not VIP traffic: a reply, a reply's

@@ -38,8 +38,14 @@ static __always_inline int xl_to_backend(struct xdp_md *ctx, struct xl_pkt *p,
     struct xl_next_hop *nh = xl_flow_seen(f, p, now, 0);
     xl_stat_add(vip_stats.lookup(&vip_id), p->len, created);
     xl_stat_add(backend_stats.lookup(&bid), p->len, created);
+    struct xl_next_hop tmp;
+    __u16 too_big = 0;
+    struct xl_next_hop *h = xl_route(ctx, p, nh, &tmp, now, p->ip->saddr, *(__u32 *)be->addr,
+                                     &too_big);
+    if (too_big)
+        return xl_icmp_frag_needed(ctx, p, too_big);
     xl_rewrite(p, &p->ip->daddr, *(__u32 *)be->addr, p->dport, be->port);
-    return xl_fib_forward(ctx, p, nh, now);
+    return xl_send(p, h);
 }
 
 /* Client -> VIP of a tracked flow whose backend still serves it: the fast path. */

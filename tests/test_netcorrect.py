@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from agent_process import AgentProcess, status
 from backend_server import pattern_sha256
 from lab import Lab
 from pools import ECHO, VIP, WEB, pool_yaml
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import ICMP, IP, TCP
 from scapy.utils import rdpcap
 from testkit.pktcheck import checksum_errors
 
@@ -179,4 +180,94 @@ def test_default_veth_offloads_are_made_safe_at_attach(tmp_path):
             assert [checksum_errors(bytes(p)) for p in pkts] == [[]] * len(pkts)
         finally:
             cap.unlink(missing_ok=True)
+            assert agent.stop() == 0, agent.log_text()
+
+
+# --- path MTU discovery through the VIP ----------------------------------------------------------
+
+
+def _connected_route(lab: Lab, net: str, *extra: str) -> None:
+    """Replace the LB's connected route to ``net`` (one-armed: on eth0), e.g. with a locked
+    MTU: XDP's FIB lookup then reports packets longer than it (as a smaller MTU further
+    along the path would, on a real network)."""
+    src = lab.lb_backend_addr if net.startswith("10.20.") else lab.lb_client_addr
+    lab.run(lab.lb_ns, "ip", "route", "replace", net, "dev", "eth0", "proto", "kernel",
+            "scope", "link", "src", src, *extra)
+
+
+def _tcpdump(cap: Path) -> list[str]:
+    """ICMP on eth0, each packet written at once (a sparse capture would otherwise wait in
+    the kernel's ring past the end of the test)."""
+    return ["tcpdump", "-i", "eth0", "-n", "-U", "--immediate-mode", "-w", str(cap), "icmp"]
+
+
+def _frag_needed(cap: Path) -> list:
+    return [p for p in rdpcap(str(cap)) if ICMP in p and p[ICMP].type == 3 and p[ICMP].code == 4]
+
+
+def test_path_mtu_discovery_through_the_vip_both_ways(tmp_path):
+    """A path MTU of 1400 between the balancer and the backends, then on the client side:
+    1 MiB uploads and downloads with DF set complete; the client's "fragmentation needed"
+    comes from the VIP and quotes its own packet to the VIP, the backend's comes from the
+    client and quotes its own reply (checked with scapy on captures). Before, the kernel
+    answered quoting the rewritten packet, which no socket recognised: the transfer hung."""
+    with Lab(topology="one-armed", backends=1, prefix="xlt-pm") as lab:
+        pool = tmp_path / "pool.yaml"
+        pool.write_text(pool_yaml(replace(WEB, backends=WEB.backends[:1])))  # be1 only
+        agent = AgentProcess(lab, pool, "--mode", "native")
+        be_ns, be_addr = lab.backend_ns[0], lab.backend_addrs[0]
+        n = 1 << 20
+        try:
+            # Upload: the client's 1500-byte segments do not fit toward the backend.
+            _connected_route(lab, "10.20.0.0/24", "mtu", "lock", "1400")
+            cap = Path("/tmp") / f"xlt-pm-client-{time.monotonic_ns()}.pcap"  # tcpdump's user
+            dump = lab.popen(lab.client_ns, *_tcpdump(cap))
+            try:
+                time.sleep(1)
+                out = lab.run(lab.client_ns, "sh", "-c",
+                              f"head -c {n} /dev/urandom > {tmp_path}/up; sha256sum < "
+                              f"{tmp_path}/up; curl -s -m 30 --data-binary @{tmp_path}/up "
+                              f"'http://{VIP}/echo' | sha256sum", timeout=60).stdout.split()
+                time.sleep(0.5)
+            finally:
+                dump.terminate()
+                dump.wait(10)
+            assert out[0] == out[2], out  # echoed back intact
+            errs = _frag_needed(cap)
+            assert errs, "no fragmentation needed reached the client"
+            for e in errs:
+                inner = e[ICMP].payload
+                assert (e[IP].src, e[ICMP].nexthopmtu) == (VIP, 1400), e.show(dump=True)
+                assert (inner.src, inner.dst, bytes(inner)[22:24]) == (
+                    lab.client_addr, VIP, (80).to_bytes(2, "big")), e.show(dump=True)
+            # Download: the backend's 1500-byte replies do not fit toward the client.
+            _connected_route(lab, "10.20.0.0/24")
+            _connected_route(lab, "10.10.0.0/24", "mtu", "lock", "1400")
+            # Forget the MTU learned above, or the client advertises an MSS that already fits.
+            for ns in (lab.client_ns, be_ns):
+                lab.run(ns, "ip", "route", "flush", "cache")
+            cap.unlink()
+            cap = Path("/tmp") / f"xlt-pm-backend-{time.monotonic_ns()}.pcap"
+            dump = lab.popen(be_ns, *_tcpdump(cap))
+            try:
+                time.sleep(1)
+                got = lab.run(lab.client_ns, "sh", "-c",
+                              f"curl -s -m 30 'http://{VIP}/bytes?n={n}' | sha256sum",
+                              timeout=60).stdout.split()[0]
+                time.sleep(0.5)
+            finally:
+                dump.terminate()
+                dump.wait(10)
+            assert got == pattern_sha256(n)
+            errs = _frag_needed(cap)
+            assert errs, "no fragmentation needed reached the backend"
+            for e in errs:
+                inner = e[ICMP].payload
+                assert (e[IP].src, e[IP].dst, e[ICMP].nexthopmtu) == (
+                    lab.client_addr, be_addr, 1400), e.show(dump=True)
+                assert (inner.src, inner.dst) == (be_addr, lab.client_addr), e.show(dump=True)
+            assert [checksum_errors(bytes(e)) for e in errs] == [[]] * len(errs)
+            assert status(lab)["groups"][0]["counters"]["frag_needed"] >= 2
+            cap.unlink()
+        finally:
             assert agent.stop() == 0, agent.log_text()

@@ -160,6 +160,9 @@ def corpus() -> Iterator[Case]:
     reply = build("10.20.0.12", CLIENT, 6, 8080, 40000, flags="SA", payload=b"x" * 33,
                   smac="02:00:00:00:14:0c")
     yield Case("reply path, source back to VIP:80", reply, "tx", "reply", rewritten=True)
+    yield Case("reply longer than the client side's MTU, DF set: fragmentation needed",
+               build("10.20.0.12", CLIENT, 6, 8080, 40000, flags="A", payload=bytes(1600),
+                     smac="02:00:00:00:14:0c", df=True), "tx", "reply", rewritten=True)
     yield Case("TCP FIN", build(CLIENT, VIP, 6, 40000, 80, flags="FA"), "tx", "hit",
                rewritten=True)
     yield Case("TCP RST", build(CLIENT, VIP, 6, 40000, 80, flags="R"), "tx", "hit",
@@ -181,6 +184,9 @@ def corpus() -> Iterator[Case]:
                "created", rewritten=True)
     yield Case("larger than the egress MTU (FRAG_NEEDED)",
                build(CLIENT, VIP2, 6, 40000, 81, payload=bytes(700)), "pass_fib", "created",
+               rewritten=True)
+    yield Case("larger than the egress MTU, DF set: fragmentation needed",
+               build(CLIENT, VIP2, 6, 40002, 81, payload=bytes(700), df=True), "tx", "created",
                rewritten=True)
     yield Case("small enough for that MTU", build(CLIENT, VIP2, 6, 40001, 81, payload=bytes(100)),
                "redirect", "created", rewritten=True)
@@ -375,6 +381,34 @@ def test_time_exceeded_quotes_the_packet_as_sent(bench, fresh):
         assert (r.verdict, r.counters, r.effect) == ("tx", {"ttl_exceeded": 1, "tx": 1},
                                                      "none")
         assert r.data == bytes(want), (r.data.hex(), bytes(want).hex())
+
+
+def test_fragmentation_needed_quotes_the_packet_as_sent(bench, fresh):
+    """Path MTU discovery both ways: a packet with DF set too long for its next hop gets
+    "fragmentation needed" with the path's MTU, from the address it was sent to, quoting it
+    before any rewrite (what the sender's socket matches), as scapy builds it. Without DF the
+    kernel gets it rewritten, to fragment."""
+    a, b = fresh
+    d0 = bench.ifindex["d0"]
+    run_both(a, b, build(CLIENT, VIP, 6, 40200, 80, flags="S"), d0)  # web: 10.20.0.12:8080
+    cases = (  # (frame, the MTU the route of its rewritten self has)
+        (build(CLIENT, VIP2, 6, 40201, 81, flags="S", payload=bytes(700), df=True),
+         576),  # d3 (benchns)
+        (build("10.20.0.12", CLIENT, 6, 8080, 40200, flags="A", payload=bytes(1600), df=True,
+               smac="02:00:00:00:14:0c"), 1500),
+    )
+    for frame, mtu in cases:
+        r = run_both(a, b, frame, d0)
+        sent = Ether(frame)
+        want = (Ether(src=sent.dst, dst=sent.src) / IP(src=sent[IP].dst, dst=sent[IP].src,
+                                                      ttl=64, id=0)
+                / ICMP(type=3, code=4, nexthopmtu=mtu) / bytes(sent[IP])[:28])
+        assert r.verdict == "tx" and r.counters.get("frag_needed") == 1, r
+        assert r.data == bytes(want), (r.data.hex(), bytes(want).hex())
+        assert checksum_errors(r.data) == [] and scapy_recomputed_errors(r.data) == []
+    no_df = build(CLIENT, VIP2, 6, 40202, 81, flags="S", payload=bytes(700))
+    r = run_both(a, b, no_df, d0)
+    assert (r.verdict, r.reason) == ("pass", "pass_fib") and Ether(r.data)[IP].dst == "10.50.0.5"
 
 
 def test_frame_size_limits(fresh):

@@ -52,7 +52,8 @@ ROUTER_ALERT = b"\x94\x04\x00\x00"  # the IP option scapy's IPOption_Router_Aler
 def build(src: str, dst: str, proto: int, sport: int, dport: int, *, flags: str = "S",
           payload: bytes = b"", ttl: int = 64, tos: int = 0, vlan: int | None = None,
           options: bool = False, frag: int = 0, more_frags: bool = False,
-          udp_zero: bool = False, smac: str = CLIENT_MAC, dmac: str = LB_MAC) -> bytes:
+          udp_zero: bool = False, smac: str = CLIENT_MAC, dmac: str = LB_MAC,
+          df: bool = False) -> bytes:
     """A well-formed Ethernet/[802.1Q]/IPv4/TCP|UDP frame, byte for byte what scapy builds
     from the same fields (tests check), at a fraction of the cost: the fuzz needs 100,000."""
     opts = ROUTER_ALERT if options else b""
@@ -66,7 +67,8 @@ def build(src: str, dst: str, proto: int, sport: int, dport: int, *, flags: str 
     l4 += payload
     s, d = socket.inet_aton(src), socket.inet_aton(dst)
     ip = struct.pack("!BBHHHBBH4s4s", 0x45 + len(opts) // 4, tos, 20 + len(opts) + len(l4), 1,
-                     (0x2000 if more_frags else 0) | frag, ttl, proto, 0, s, d) + opts
+                     (0x2000 if more_frags else 0) | (0x4000 if df else 0) | frag, ttl, proto, 0,
+                     s, d) + opts
     ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
     c = checksum(s + d + struct.pack("!BBH", 0, proto, len(l4)) + l4)
     if proto == 17:

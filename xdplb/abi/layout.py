@@ -75,7 +75,8 @@ class Counter(enum.IntEnum):
     ICMP_ECHO = 21  # echo request to a VIP address, answered by the program (outcome: tx)
     TTL_EXCEEDED = 22  # TTL <= 1 to a VIP: Time Exceeded sent from the VIP (outcome: tx)
     REPLY_FRAGMENT = 23  # fragment of a reply, source rewritten to the VIP without a flow
-    MAX = 24
+    FRAG_NEEDED = 24  # DF set, too long for the next hop: "fragmentation needed" sent back
+    MAX = 25
 
 
 OUTCOMES = tuple(c for c in Counter if c < Counter.NEW_FLOW)

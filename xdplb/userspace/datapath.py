@@ -32,9 +32,16 @@ from xdplb.abi.layout import (
 )
 from xdplb.model.hashing import addr_slot, flow_hash
 from xdplb.userspace import csum
-from xdplb.userspace.fib import LOOPBACK_IFINDEX, SUCCESS, Fib
+from xdplb.userspace.fib import FRAG_NEEDED, LOOPBACK_IFINDEX, SUCCESS, Fib
 from xdplb.userspace.guard import guard
-from xdplb.userspace.icmp import echo_reply, is_echo_request, time_exceeded
+from xdplb.userspace.icmp import (
+    IcmpError,
+    echo_reply,
+    frag_needed,
+    is_echo_request,
+    may_bounce,
+    time_exceeded,
+)
 from xdplb.userspace.parse import (
     ADDR_PAD,
     IPPROTO_TCP,
@@ -189,8 +196,12 @@ class PyDatapath:
 
     def _time_exceeded(self, buf: bytearray, p: Pkt, ingress: int) -> tuple[int, int]:
         """xl_icmp_time_exceeded, sent back from the VIP."""
-        time_exceeded(buf, p)
-        self._count(Counter.TTL_EXCEEDED)
+        return self._icmp_error(buf, p, ingress, time_exceeded)
+
+    def _icmp_error(self, buf: bytearray, p: Pkt, ingress: int, error: IcmpError, *args: int
+                    ) -> tuple[int, int]:
+        """xl_icmp_error: the frame becomes ``error`` (icmp.py) quoting it, sent back."""
+        self._count(error(buf, p, *args))
         self._count(Counter.TX)
         return XDP_TX, ingress
 
@@ -314,8 +325,13 @@ class PyDatapath:
         nh = _flow_seen(f, buf, p, now, False)
         _stat_add(self.vip_stats.ref(key_bytes(vip_id)), len(buf), created)
         _stat_add(self.backend_stats.ref(key_bytes(bid)), len(buf), created)
-        _rewrite(buf, p, p.ip + 16, bytes(be.addr)[:4], p.dport, be.port)
-        return self._fib_forward(buf, p, ingress, nh, now)
+        ip = p.ip
+        h, too_big = self._route(buf, p, ingress, nh, now, bytes(buf[ip + 12 : ip + 16]),
+                                 bytes(be.addr)[:4])
+        if too_big:
+            return self._icmp_error(buf, p, ingress, frag_needed, too_big)
+        _rewrite(buf, p, ip + 16, bytes(be.addr)[:4], p.dport, be.port)
+        return self._send(buf, p, ingress, h)
 
     def _from_backend(self, buf: bytearray, p: Pkt, ingress: int) -> tuple[int, int]:
         """xl_from_backend: a reply, a reply's fragment, or none of ours (untouched)."""
@@ -345,8 +361,13 @@ class PyDatapath:
         now = self.clock()
         nh = _flow_seen(f, buf, p, now, True)
         self._count(Counter.REPLY)
-        _rewrite(buf, p, p.ip + 12, bytes(t.vip_addr), p.sport, t.vip_port)
-        return self._fib_forward(buf, p, ingress, nh, now)
+        ip = p.ip
+        h, too_big = self._route(buf, p, ingress, nh, now, bytes(t.vip_addr),
+                                 bytes(buf[ip + 16 : ip + 20]))
+        if too_big:  # to the backend, from the client: its own packet quoted
+            return self._icmp_error(buf, p, ingress, frag_needed, too_big)
+        _rewrite(buf, p, ip + 12, bytes(t.vip_addr), p.sport, t.vip_port)
+        return self._send(buf, p, ingress, h)
 
     def _reply_fragment(self, buf: bytearray, p: Pkt, ingress: int) -> tuple[int, int]:
         """xl_reply_fragment: a fragment from a backend address (TCP/UDP), rewritten without
@@ -375,23 +396,30 @@ class PyDatapath:
             _rewrite(buf, p, ip + 12, vip, p.sport, en.targets[0].vip_port)
         else:
             _set_addr(buf, ip, ip + 12, vip)
-        return self._fib_forward(buf, p, ingress, None, self.clock())
+        # Already rewritten: a fragment is never bounced (may_bounce), so the lookup is for
+        # the packet as it now is.
+        h, _ = self._route(buf, p, ingress, None, self.clock(), bytes(buf[ip + 12 : ip + 16]),
+                           bytes(buf[ip + 16 : ip + 20]))
+        return self._send(buf, p, ingress, h)
 
-    def _resolve(self, buf: bytearray, p: Pkt, ingress: int, nh: NextHop | None, now: int
-                 ) -> NextHop | None:
-        """xl_resolve: bpf_fib_lookup, remembered in ``nh`` when the flow has one; None when
-        the kernel must take the packet (counted)."""
+    def _resolve(self, buf: bytearray, p: Pkt, ingress: int, nh: NextHop | None, now: int,
+                 saddr: bytes, daddr: bytes, overhead: int = 0) -> tuple[NextHop | None, int]:
+        """xl_resolve: bpf_fib_lookup for the packet once rewritten to (saddr, daddr),
+        remembered in ``nh`` when the flow has one. (hop, 0), or (None, 0) when the kernel
+        must take the packet (counted), or (None, mtu) when the sender gets "fragmentation
+        needed" with that MTU."""
         ip = p.ip
         tot_len = (buf[ip + 2] << 8) | buf[ip + 3]
-        res = self.fib.lookup(bytes(buf[ip + 16 : ip + 20]), bytes(buf[ip + 12 : ip + 16]),
-                              buf[ip + 1], p.proto, tot_len, ingress)
+        res = self.fib.lookup(daddr, saddr, buf[ip + 1], p.proto, tot_len + overhead, ingress)
         self._count(Counter.FIB_LOOKUP)
         if res.rc != SUCCESS:
             if nh is not None:
                 nh.ns = 0
             self._count(Counter.FIB_MISS)
+            if res.rc == FRAG_NEEDED and may_bounce(buf, p) and res.mtu > overhead:
+                return None, res.mtu - overhead
             self._count(Counter.PASS_FIB)
-            return None
+            return None, 0
         tx_slot = NO_TX_SLOT
         if res.ifindex != ingress:
             slot = self.tx_ports.ref(key_bytes(res.ifindex))
@@ -399,28 +427,32 @@ class PyDatapath:
                 if nh is not None:
                     nh.ns = 0
                 self._count(Counter.PASS_FOREIGN_EGRESS)
-                return None
+                return None, 0
             tx_slot = slot.value
         h = nh if nh is not None else NextHop()
         h.ns, h.in_ifindex, h.out_ifindex, h.tx_slot = now, ingress, res.ifindex, tx_slot
         h.max_len = tot_len
         h.dmac[:] = res.dmac
         h.smac[:] = res.smac
-        return h
+        return h, 0
 
-    def _fib_forward(self, buf: bytearray, p: Pkt, ingress: int, nh: NextHop | None, now: int
-                     ) -> tuple[int, int]:
-        """xl_fib_forward: by the flow's fresh cached next hop, else bpf_fib_lookup; TX,
-        REDIRECT, or PASS for the kernel to resolve or forward. The TTL is decremented only
-        when we send the packet ourselves."""
+    def _route(self, buf: bytearray, p: Pkt, ingress: int, nh: NextHop | None, now: int,
+               saddr: bytes, daddr: bytes) -> tuple[NextHop | None, int]:
+        """xl_route: the flow's fresh cached next hop (same ingress, no longer than the
+        packet that filled it), else xl_resolve's answer."""
         ip = p.ip
-        h = nh
         if (nh is None or not nh.ns or now - nh.ns >= self.meta.ref(_ZERO).next_hop_ttl_ns
                 or nh.in_ifindex != ingress or ((buf[ip + 2] << 8) | buf[ip + 3]) > nh.max_len):
-            h = self._resolve(buf, p, ingress, nh, now)
-            if h is None:
-                return XDP_PASS, 0
-        decrement_ttl(buf, ip)
+            return self._resolve(buf, p, ingress, nh, now, saddr, daddr)
+        return nh, 0
+
+    def _send(self, buf: bytearray, p: Pkt, ingress: int, h: NextHop | None
+              ) -> tuple[int, int]:
+        """xl_send: by the next hop ``h`` (None: to the kernel, as routed); TTL decremented
+        only when we send the packet ourselves."""
+        if h is None:
+            return XDP_PASS, 0
+        decrement_ttl(buf, p.ip)
         buf[0:6] = bytes(h.dmac)
         buf[6:12] = bytes(h.smac)
         if h.tx_slot == NO_TX_SLOT:
