@@ -17,6 +17,14 @@
 #define XL_ICMP_ERR_ROOM (sizeof(struct iphdr) + sizeof(struct icmphdr))
 #define XL_ICMP_ERR_LEN (ETH_HLEN + XL_ICMP_ERR_ROOM + XL_ICMP_QUOTE)
 
+/* ICMP checksums after an incremental update: RFC 1624 gives 0x0000 for a message that sums
+ * to zero (an empty echo with id and sequence 0), where only 0xffff verifies; 0xffff is
+ * right for every message. */
+static __always_inline __u16 xl_icmp_fixup(__u16 check)
+{
+    return check ? check : 0xffff;
+}
+
 /* The Internet checksum of ``n`` 16-bit words we just wrote (their checksum field 0). */
 static __always_inline __u16 xl_csum_words(__u16 *w, const int n)
 {
@@ -44,10 +52,7 @@ static __always_inline int xl_icmp_echo(struct xl_pkt *p)
     /* TTL shares a 16-bit checksum word with the protocol byte; type with code. */
     xl_set_byte(&ip->ttl, XL_ICMP_TTL, &ip->check);
     xl_set_byte(&ic->type, XL_ICMP_ECHOREPLY, &ic->checksum);
-    /* RFC 1624's update gives 0x0000 for a message that sums to zero (an empty echo with
-     * id and sequence 0); only 0xffff verifies there, and it is right for every message. */
-    if (!ic->checksum)
-        ic->checksum = 0xffff;
+    ic->checksum = xl_icmp_fixup(ic->checksum);
     xl_count(XL_C_ICMP_ECHO);
     xl_count(XL_C_TX);
     return XDP_TX;

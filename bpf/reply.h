@@ -25,15 +25,17 @@ static __always_inline struct xl_rev_nat *xl_rev_lookup(__be32 addr, __be16 port
     return rev_nat.lookup(&k);
 }
 
-/* The tracked flow a reply answers and the VIP it goes back to (*target), or NULL. */
-static __always_inline struct xl_flow *xl_reply_flow(struct xl_pkt *p, struct xl_rev_nat *rn,
+/* The tracked flow a reply to client:cport answers and the VIP it goes back to (*target),
+ * or NULL. */
+static __always_inline struct xl_flow *xl_reply_flow(__be32 client, __be16 cport, __u8 proto,
+                                                     struct xl_rev_nat *rn,
                                                      struct xl_rev_target **target)
 {
     struct xl_flow_key fk = {};
     struct xl_flow *first = NULL;
-    __builtin_memcpy(fk.src, &p->ip->daddr, 4);
-    fk.sport = *p->dport;
-    fk.proto = p->proto;
+    __builtin_memcpy(fk.src, &client, 4);
+    fk.sport = cport;
+    fk.proto = proto;
     fk.family = XL_FAMILY_IPV4;
 #pragma unroll
     for (int i = 0; i < XL_REV_TARGETS; i++) {
@@ -167,7 +169,8 @@ static __always_inline int xl_from_backend(struct xdp_md *ctx, struct xl_pkt *p)
     if (p->sport) {
         struct xl_rev_nat *rn = xl_rev_lookup(p->ip->saddr, *p->sport, p->proto);
         struct xl_rev_target *t = NULL;
-        struct xl_flow *f = rn ? xl_reply_flow(p, rn, &t) : NULL;
+        struct xl_flow *f = rn ? xl_reply_flow(p->ip->daddr, *p->dport, p->proto, rn, &t)
+                               : NULL;
         if (f && t)
             return xl_reply(ctx, p, f, t);
     }

@@ -28,6 +28,7 @@
 #include "flow.h"
 #include "icmp.h"
 #include "reply.h"
+#include "icmperr.h"
 
 /* Client -> backend, the part every forwarded packet shares: flow accounting, DNAT, next
  * hop. ``f`` is the tracked entry, or a new one not inserted yet. */
@@ -137,7 +138,8 @@ int xdplb_main(struct xdp_md *ctx)
     int maybe_vip = xl_maybe(ip->daddr, XL_ADDR_MAYBE_VIP);
     /* The source's bit waits for VIP candidates: an established flow never needs it. */
     int maybe_backend = !maybe_vip && xl_maybe(ip->saddr, XL_ADDR_MAYBE_BACKEND);
-    if (!maybe_vip && !maybe_backend) {
+    /* ICMP may be an error about a flow from anywhere (a router): rare, so looked at. */
+    if (!maybe_vip && !maybe_backend && ip->protocol != IPPROTO_ICMP) {
         xl_count(XL_C_PASS_NOT_VIP);
         return XDP_PASS;
     }
@@ -189,11 +191,17 @@ int xdplb_main(struct xdp_md *ctx)
             }
             if (p.icmp && p.icmp->type == XL_ICMP_ECHO && p.icmp->code == 0)
                 return xl_icmp_echo(&p);
+            struct iphdr *quoted = xl_icmp_quote(ctx, &p);
+            if (quoted)
+                return xl_icmp_to_backend(ctx, &p, quoted);
             xl_count(XL_C_PASS_NOT_VIP);
             return XDP_PASS;
         }
     }
 
+    struct iphdr *quoted = xl_icmp_quote(ctx, &p);
+    if (quoted)
+        return xl_icmp_to_client(ctx, &p, quoted);
     if (maybe_backend || xl_maybe(ip->saddr, XL_ADDR_MAYBE_BACKEND))
         return xl_from_backend(ctx, &p);
     xl_count(XL_C_PASS_NOT_VIP);

@@ -6,6 +6,7 @@ the client namespace. Before, both went unanswered."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from agent_process import AgentProcess, status
 from backend_server import pattern_sha256
 from lab import Lab
-from pools import ECHO, VIP, WEB, pool_yaml
+from pools import BE1, ECHO, VIP, WEB, Vip, pool_yaml
 from scapy.layers.inet import ICMP, IP, TCP
 from scapy.utils import rdpcap
 from testkit.pktcheck import checksum_errors
@@ -269,5 +270,78 @@ def test_path_mtu_discovery_through_the_vip_both_ways(tmp_path):
             assert [checksum_errors(bytes(e)) for e in errs] == [[]] * len(errs)
             assert status(lab)["groups"][0]["counters"]["frag_needed"] >= 2
             cap.unlink()
+        finally:
+            assert agent.stop() == 0, agent.log_text()
+
+
+# --- ICMP errors about balanced flows ------------------------------------------------------------
+
+# A connected UDP socket to VIP:port from a fixed port; what a second send then reports
+# (the first send's ICMP error, if any, arrives as ECONNREFUSED on the socket).
+UDP_REFUSED = """
+import errno, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[2])))
+s.connect(("{vip}", int(sys.argv[1])))
+s.settimeout(2)
+s.send(b"anyone?")
+try:
+    s.recv(100)
+    print("answered")
+except ConnectionRefusedError:
+    print("refused")
+except socket.timeout:
+    print("timeout")
+"""
+
+# An ICMP port unreachable to the VIP quoting VIP:port -> this host:cport, as this host's
+# kernel would send it for a reply to a closed port.
+ERROR_TO_VIP = """
+import socket, sys
+from scapy.layers.inet import ICMP, IP, UDP
+quoted = bytes(IP(src="{vip}", dst=sys.argv[1]) / UDP(sport=int(sys.argv[2]),
+                                                    dport=int(sys.argv[3])) / (b"x" * 8))[:28]
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.sendto(bytes(ICMP(type=3, code=3) / quoted), ("{vip}", 0))
+"""
+
+
+def test_icmp_errors_reach_the_sockets_they_are_about(tmp_path):
+    """A UDP VIP whose backend has nothing on the port: the backend's port unreachable
+    reaches the client translated, and its connected socket sees ECONNREFUSED (before, the
+    error quoted the backend's address and matched no socket: a timeout). An error sent to
+    the VIP about a reply reaches the flow's backend quoting the backend's own datagram."""
+    closed = Vip("closed", 5999, (BE1,), protocol="udp")
+    with Lab(topology="one-armed", backends=1, prefix="xlt-ie") as lab:
+        pool = tmp_path / "pool.yaml"
+        pool.write_text(pool_yaml(closed, replace(ECHO, backends=ECHO.backends[:1])))
+        agent = AgentProcess(lab, pool, "--mode", "native")
+        try:
+            out = lab.run(lab.client_ns, sys.executable, "-c", UDP_REFUSED.format(vip=VIP),
+                          "5999", "41999", timeout=20).stdout.split()
+            assert out == ["refused"], out
+            # A flow to the echo VIP, then an error about its reply sent to the VIP.
+            lab.udp_request(lab.client_ns, VIP, 5000, b"hello", sport=42000)
+            cap = Path("/tmp") / f"xlt-ie-backend-{time.monotonic_ns()}.pcap"
+            dump = lab.popen(lab.backend_ns[0], *_tcpdump(cap))
+            try:
+                time.sleep(1)
+                lab.run(lab.client_ns, sys.executable, "-c", ERROR_TO_VIP.format(vip=VIP),
+                        lab.client_addr, "5000", "42000", timeout=20)
+                time.sleep(1)
+            finally:
+                dump.terminate()
+                dump.wait(10)
+            errs = [p for p in rdpcap(str(cap)) if ICMP in p and p[ICMP].type == 3]
+            cap.unlink()
+            assert len(errs) == 1, errs
+            e = errs[0]
+            inner = e[ICMP].payload
+            assert (e[IP].src, e[IP].dst) == (lab.client_addr, BE1), e.show(dump=True)
+            assert (inner.src, inner.dst, inner.sport, inner.dport) == (
+                BE1, lab.client_addr, 5000, 42000), e.show(dump=True)
+            assert checksum_errors(bytes(e)) == []
+            counters = status(lab)["groups"][0]["counters"]
+            assert counters["icmp_to_client"] >= 1 and counters["icmp_to_backend"] == 1
         finally:
             assert agent.stop() == 0, agent.log_text()

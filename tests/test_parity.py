@@ -160,6 +160,25 @@ def corpus() -> Iterator[Case]:
     reply = build("10.20.0.12", CLIENT, 6, 8080, 40000, flags="SA", payload=b"x" * 33,
                   smac="02:00:00:00:14:0c")
     yield Case("reply path, source back to VIP:80", reply, "tx", "reply", rewritten=True)
+    # ICMP errors about the flow (client:40000 -> VIP:80 -> 10.20.0.12:8080), bpf/icmperr.h.
+    fwd_q = bytes(IP(src=CLIENT, dst="10.20.0.12") / TCP(sport=40000, dport=8080))[:28]
+    rev_q = bytes(IP(src=VIP, dst=CLIENT) / TCP(sport=80, dport=40000))[:28]
+    yield Case("ICMP error to the VIP about a reply: to the backend",
+               bytes(eth() / IP(src=CLIENT, dst=VIP) / ICMP(type=3, code=3) / rev_q), "tx",
+               rewritten=True)
+    yield Case("ICMP error from a router about a forward packet: to the client",
+               bytes(eth() / IP(src="10.20.0.254", dst=CLIENT) / ICMP(type=11) / fwd_q), "tx",
+               rewritten=True)
+    yield Case("ICMP error from the backend itself: source back to the VIP too",
+               bytes(eth() / IP(src="10.20.0.12", dst=CLIENT) / ICMP(type=3, code=3) / fwd_q),
+               "tx", rewritten=True)
+    yield Case("ICMP error about no tracked flow", bytes(
+        eth() / IP(src=CLIENT, dst=VIP) / ICMP(type=3, code=3)
+        / bytes(IP(src=VIP, dst=CLIENT) / TCP(sport=80, dport=40999))[:28]), "pass_not_vip")
+    yield Case("ICMP error quoting too little", bytes(
+        eth() / IP(src=CLIENT, dst=VIP) / ICMP(type=3, code=3) / rev_q[:24]), "pass_not_vip")
+    yield Case("ICMP error toward a client about another address", bytes(
+        eth() / IP(src="10.20.0.254", dst="10.10.0.3") / ICMP(type=11) / fwd_q), "pass_not_vip")
     yield Case("reply longer than the client side's MTU, DF set: fragmentation needed",
                build("10.20.0.12", CLIENT, 6, 8080, 40000, flags="A", payload=bytes(1600),
                      smac="02:00:00:00:14:0c", df=True), "tx", "reply", rewritten=True)
@@ -409,6 +428,34 @@ def test_fragmentation_needed_quotes_the_packet_as_sent(bench, fresh):
     no_df = build(CLIENT, VIP2, 6, 40202, 81, flags="S", payload=bytes(700))
     r = run_both(a, b, no_df, d0)
     assert (r.verdict, r.reason) == ("pass", "pass_fib") and Ether(r.data)[IP].dst == "10.50.0.5"
+
+
+def test_icmp_errors_are_translated_like_their_flow(bench, fresh):
+    """An error about a balanced flow reaches the socket that sent the quoted packet, in its
+    own addresses: to the VIP about a reply -> to the backend, quoting the backend's packet;
+    toward the client about its packet to the backend -> quoting its packet to the VIP
+    (from the VIP when the backend sent it). The quoted UDP checksum is the one of the
+    whole translated datagram; every checksum as scapy computes it."""
+    a, b = fresh
+    d0 = bench.ifindex["d0"]
+    run_both(a, b, build(CLIENT, VIP, 17, 5360, 53, payload=b"q" * 30), d0)  # dns: 10.20.0.11
+    def dgram(src: str, dst: str, sport: int, dport: int) -> bytes:
+        return bytes(IP(src=src, dst=dst, id=5) / UDP(sport=sport, dport=dport) / (b"r" * 30))
+    cases = (  # (outer src, outer dst, quoted as sent, expected outer src, dst, quote)
+        (CLIENT, VIP, dgram(VIP, CLIENT, 53, 5360),
+         CLIENT, "10.20.0.11", dgram("10.20.0.11", CLIENT, 53, 5360)),
+        ("10.20.0.254", CLIENT, dgram(CLIENT, "10.20.0.11", 5360, 53),
+         "10.20.0.254", CLIENT, dgram(CLIENT, VIP, 5360, 53)),
+        ("10.20.0.11", CLIENT, dgram(CLIENT, "10.20.0.11", 5360, 53),
+         VIP, CLIENT, dgram(CLIENT, VIP, 5360, 53)),
+    )
+    for src, dst, quoted, want_src, want_dst, want_quoted in cases:
+        frame = bytes(eth() / IP(src=src, dst=dst, ttl=20) / ICMP(type=3, code=3) / quoted[:28])
+        r = run_both(a, b, frame, d0)
+        assert r.verdict == "tx", r
+        want = IP(src=want_src, dst=want_dst, ttl=19) / ICMP(type=3, code=3) / want_quoted[:28]
+        assert bytes(Ether(r.data)[IP]) == bytes(want), (r.data.hex(), bytes(want).hex())
+        assert checksum_errors(r.data) == [] and scapy_recomputed_errors(r.data) == []
 
 
 def test_frame_size_limits(fresh):

@@ -76,7 +76,9 @@ class Counter(enum.IntEnum):
     TTL_EXCEEDED = 22  # TTL <= 1 to a VIP: Time Exceeded sent from the VIP (outcome: tx)
     REPLY_FRAGMENT = 23  # fragment of a reply, source rewritten to the VIP without a flow
     FRAG_NEEDED = 24  # DF set, too long for the next hop: "fragmentation needed" sent back
-    MAX = 25
+    ICMP_TO_BACKEND = 25  # ICMP error to a VIP about a reply, sent on to the flow's backend
+    ICMP_TO_CLIENT = 26  # ICMP error about a client's packet to a backend, translated to the VIP
+    MAX = 27
 
 
 OUTCOMES = tuple(c for c in Counter if c < Counter.NEW_FLOW)

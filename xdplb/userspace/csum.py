@@ -48,3 +48,18 @@ def set_byte(buf: bytearray, off: int, value: int, check: int) -> None:
     old = load16(buf, off)
     buf[off] = value
     store16(buf, check, replace2(load16(buf, check), old, load16(buf, off)))
+
+
+def set_addr(buf: bytearray, ip: int, addr: int, new_addr: bytes) -> None:
+    """xl_set_addr: the IPv4 address at ``addr`` of the header at ``ip``, and that header's
+    checksum (all that a fragment without the L4 header needs)."""
+    old = int.from_bytes(buf[addr : addr + 4], "little")
+    new = int.from_bytes(new_addr, "little")
+    store16(buf, ip + 10, replace4(load16(buf, ip + 10), old, new))
+    buf[addr : addr + 4] = new_addr
+
+
+def icmp_fixup(check: int) -> int:
+    """xl_icmp_fixup: after an incremental update RFC 1624 gives 0x0000 for a message that
+    sums to zero, where only 0xffff verifies; 0xffff is right for every message."""
+    return check or 0xFFFF

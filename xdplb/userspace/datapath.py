@@ -42,8 +42,10 @@ from xdplb.userspace.icmp import (
     may_bounce,
     time_exceeded,
 )
+from xdplb.userspace.icmperr import icmp_quote, quote_rewrite
 from xdplb.userspace.parse import (
     ADDR_PAD,
+    IPPROTO_ICMP,
     IPPROTO_TCP,
     IPPROTO_UDP,
     MALFORMED,
@@ -131,15 +133,6 @@ def _flow_seen(f: Flow | None, buf: bytearray, p: Pkt, now: int, reply: bool
     return f.rev_nh if reply else f.fwd_nh
 
 
-def _set_addr(buf: bytearray, ip: int, addr: int, new_addr: bytes) -> None:
-    """xl_set_addr: the IPv4 address at ``addr`` and the header checksum (all that a fragment
-    without the L4 header needs)."""
-    old = int.from_bytes(buf[addr : addr + 4], "little")
-    new = int.from_bytes(new_addr, "little")
-    csum.store16(buf, ip + 10, csum.replace4(csum.load16(buf, ip + 10), old, new))
-    buf[addr : addr + 4] = new_addr
-
-
 def _rewrite(buf: bytearray, p: Pkt, addr: int, new_addr: bytes, port: int, new_port: int
              ) -> None:
     """xl_rewrite: the address at ``addr`` (and the port at ``port`` unless new_port is 0),
@@ -148,7 +141,7 @@ def _rewrite(buf: bytearray, p: Pkt, addr: int, new_addr: bytes, port: int, new_
     new = int.from_bytes(new_addr, "little")
     l4_old = csum.load16(buf, p.l4_check)
     l4 = csum.replace4(l4_old, old, new)
-    _set_addr(buf, p.ip, addr, new_addr)
+    csum.set_addr(buf, p.ip, addr, new_addr)
     old_port = csum.load16(buf, port)
     if new_port and new_port != old_port:
         l4 = csum.replace2(l4, old_port, new_port)
@@ -228,7 +221,8 @@ class PyDatapath:
         maybe_vip = bool(self._maybe(daddr) & ADDR_MAYBE_VIP)
         # The source's bit waits for VIP candidates: an established flow never needs it.
         maybe_backend = not maybe_vip and bool(self._maybe(saddr) & ADDR_MAYBE_BACKEND)
-        if not maybe_vip and not maybe_backend:
+        # ICMP may be an error about a flow from anywhere (a router): rare, so looked at.
+        if not maybe_vip and not maybe_backend and p.proto != IPPROTO_ICMP:
             self._count(Counter.PASS_NOT_VIP)
             return XDP_PASS, 0
         rule = guard(buf, p)
@@ -267,12 +261,72 @@ class PyDatapath:
                     self._count(Counter.ICMP_ECHO)
                     self._count(Counter.TX)
                     return XDP_TX, ingress
+                q = icmp_quote(buf, p)
+                if q >= 0:
+                    return self._icmp_to_backend(buf, p, q, ingress)
                 self._count(Counter.PASS_NOT_VIP)
                 return XDP_PASS, 0
+        q = icmp_quote(buf, p)
+        if q >= 0:
+            return self._icmp_to_client(buf, p, q, ingress)
         if maybe_backend or self._maybe(saddr) & ADDR_MAYBE_BACKEND:
             return self._from_backend(buf, p, ingress)
         self._count(Counter.PASS_NOT_VIP)
         return XDP_PASS, 0
+
+    def _icmp_to_backend(self, buf: bytearray, p: Pkt, q: int, ingress: int
+                         ) -> tuple[int, int]:
+        """xl_icmp_to_backend: an ICMP error to a VIP address about a packet the VIP sent,
+        to the backend of that packet's flow."""
+        ip, qp = p.ip, q + 20  # the quoted ports (TCP's sit where UDP's do)
+        be = None
+        if buf[q + 12 : q + 16] == buf[ip + 16 : ip + 20]:
+            fk = flow_key(bytes(buf[q + 16 : q + 20]), bytes(buf[q + 12 : q + 16]),
+                          bytes(buf[qp + 2 : qp + 4]), bytes(buf[qp : qp + 2]), buf[q + 9])
+            f = self.flows.ref(fk)
+            be = self.backends.ref(key_bytes(f.backend_id)) if f is not None else None
+        if be is None or not be.flags & _VALID or bytes(be.vip_addr)[:4] != buf[q + 12 : q + 16] \
+                or be.vip_port != csum.load16(buf, qp) or be.vip_proto != buf[q + 9]:
+            self._count(Counter.PASS_NOT_VIP)
+            return XDP_PASS, 0
+        if self._ttl_expired(buf, p):
+            self._count(Counter.PASS_TTL)
+            return XDP_PASS, 0
+        to = bytes(be.addr)[:4]
+        h, _ = self._route(buf, p, ingress, None, self.clock(), bytes(buf[ip + 12 : ip + 16]), to)
+        csum.set_addr(buf, ip, ip + 16, to)
+        quote_rewrite(buf, p.icmp, q, q + 12, to, qp, be.port)
+        self._count(Counter.ICMP_TO_BACKEND)
+        return self._send(buf, p, ingress, h)
+
+    def _icmp_to_client(self, buf: bytearray, p: Pkt, q: int, ingress: int
+                        ) -> tuple[int, int]:
+        """xl_icmp_to_client: an ICMP error toward a client about a packet it sent to a
+        backend of a tracked flow, translated back to the VIP."""
+        ip, qp = p.ip, q + 20
+        f = t = None
+        if buf[q + 12 : q + 16] == buf[ip + 16 : ip + 20]:
+            rn = self.rev_nat.ref(rev_key(bytes(buf[q + 16 : q + 20]),
+                                          bytes(buf[qp + 2 : qp + 4]), buf[q + 9]))
+            if rn is not None:
+                f, t = reply_flow(self.flows, rn, bytes(buf[q + 12 : q + 16]),
+                                  bytes(buf[qp : qp + 2]), buf[q + 9])
+        if f is None or t is None:
+            self._count(Counter.PASS_NOT_VIP)
+            return XDP_PASS, 0
+        if self._ttl_expired(buf, p):
+            self._count(Counter.PASS_TTL)
+            return XDP_PASS, 0
+        vip = bytes(t.vip_addr)
+        from_backend = buf[ip + 12 : ip + 16] == buf[q + 16 : q + 20]
+        h, _ = self._route(buf, p, ingress, None, self.clock(),
+                           vip if from_backend else bytes(buf[ip + 12 : ip + 16]),
+                           bytes(buf[ip + 16 : ip + 20]))
+        if from_backend:
+            csum.set_addr(buf, ip, ip + 12, vip)
+        quote_rewrite(buf, p.icmp, q, q + 16, vip, qp + 2, t.vip_port)
+        self._count(Counter.ICMP_TO_CLIENT)
+        return self._send(buf, p, ingress, h)
 
     def _reopens(self, f: Flow, buf: bytearray, p: Pkt, now: int) -> bool:
         """xl_reopens: is the entry's connection over, the packet a new flow? TCP: a pure SYN
@@ -395,7 +449,7 @@ class PyDatapath:
         if en is not None:  # the first fragment: its L4 checksum covers the whole datagram
             _rewrite(buf, p, ip + 12, vip, p.sport, en.targets[0].vip_port)
         else:
-            _set_addr(buf, ip, ip + 12, vip)
+            csum.set_addr(buf, ip, ip + 12, vip)
         # Already rewritten: a fragment is never bounced (may_bounce), so the lookup is for
         # the packet as it now is.
         h, _ = self._route(buf, p, ingress, None, self.clock(), bytes(buf[ip + 12 : ip + 16]),

@@ -33,10 +33,7 @@ def echo_reply(buf: bytearray, p: Pkt) -> None:
     buf[ip + 12 : ip + 16], buf[ip + 16 : ip + 20] = buf[ip + 16 : ip + 20], buf[ip + 12 : ip + 16]
     csum.set_byte(buf, ip + 8, ICMP_TTL, ip + 10)
     csum.set_byte(buf, ic, ICMP_ECHOREPLY, ic + 2)
-    # RFC 1624's update gives 0x0000 for a message that sums to zero (an empty echo with id
-    # and sequence 0); only 0xffff verifies there, and it is right for every message.
-    if buf[ic + 2] == buf[ic + 3] == 0:
-        buf[ic + 2] = buf[ic + 3] = 0xFF
+    csum.store16(buf, ic + 2, csum.icmp_fixup(csum.load16(buf, ic + 2)))
 
 
 def csum_words(b: bytes | bytearray) -> int:

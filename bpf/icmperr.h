@@ -1,0 +1,133 @@
+/* ICMP errors about balanced traffic, steered and translated like the flow they are about
+ * (as Katran and Cilium do): routers and hosts signal "unreachable", "time exceeded" and
+ * "fragmentation needed" with a copy of the offending packet's headers, and the socket that
+ * sent it matches the error by that copy. Through NAT, both the copy and the error's
+ * addresses must be translated, or no socket ever recognises it.
+ * - To a VIP address, quoting a packet the VIP sent (a reply, VIP -> client): to the flow's
+ *   backend, with the outer destination and the quoted source (and port) rewritten back to
+ *   the backend (xl_icmp_to_backend).
+ * - Toward a client, quoting a packet the client sent to a backend (after its DNAT), from a
+ *   router on the backends' side or from the backend itself: the quoted destination (and
+ *   port) rewritten to the VIP, and the error's source too when it is the backend
+ *   (xl_icmp_to_client).
+ * Errors about no tracked flow pass to the kernel untouched. */
+#pragma once
+
+#define XL_ICMP_PARAMETERPROB 12
+
+/* The quoted IPv4 header (no options, TCP or UDP, not a later fragment) of an ICMP error,
+ * with the first 8 bytes of its payload in the packet; NULL when there is none. */
+static __always_inline struct iphdr *xl_icmp_quote(struct xdp_md *ctx, struct xl_pkt *p)
+{
+    struct icmphdr *ic = p->icmp;
+    if (!ic || (ic->type != XL_ICMP_DEST_UNREACH && ic->type != XL_ICMP_TIME_EXCEEDED &&
+                ic->type != XL_ICMP_PARAMETERPROB))
+        return NULL;
+    void *data_end = (void *)(long)ctx->data_end;
+    void *end = (void *)p->ip + bpf_ntohs(p->ip->tot_len); /* parse_l3: within the frame */
+    struct iphdr *in = (void *)(ic + 1);
+    if ((void *)(in + 1) + 8 > data_end || (void *)(in + 1) + 8 > end)
+        return NULL;
+    if (in->version != 4 || in->ihl != 5 || (in->frag_off & bpf_htons(XL_IP_OFFMASK)) ||
+        (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP))
+        return NULL;
+    return in;
+}
+
+/* Rewrite a quoted address (and port, unless new_port is 0): the quoted header's checksum,
+ * a quoted UDP checksum (its pseudo-header holds the address), and the ICMP checksum over
+ * every word that changed. */
+static __always_inline void xl_quote_rewrite(struct icmphdr *ic, struct iphdr *in,
+                                             __be32 *addr, __be32 new_addr, __be16 *port,
+                                             __be16 new_port)
+{
+    __u16 sum = ic->checksum;
+    __be32 old_addr = *addr;
+    __u16 old_check = in->check;
+    xl_set_addr(in, addr, new_addr);
+    sum = xl_csum_replace4(sum, old_addr, new_addr);
+    sum = xl_csum_replace2(sum, old_check, in->check);
+    __be16 old_port = *port;
+    if (new_port && new_port != old_port) {
+        *port = new_port;
+        sum = xl_csum_replace2(sum, old_port, new_port);
+    }
+    if (in->protocol == IPPROTO_UDP) {
+        struct udphdr *uh = (void *)(in + 1); /* xl_icmp_quote: 8 bytes there */
+        __u16 old_u = uh->check;
+        __u16 u = xl_csum_replace4(old_u, old_addr, new_addr);
+        if (*port != old_port)
+            u = xl_csum_replace2(u, old_port, *port);
+        u = xl_udp_fixup(old_u, u);
+        uh->check = u;
+        sum = xl_csum_replace2(sum, old_u, u);
+    }
+    ic->checksum = xl_icmp_fixup(sum);
+}
+
+/* To a VIP address, about a packet the VIP sent: to the backend of that packet's flow. */
+static __always_inline int xl_icmp_to_backend(struct xdp_md *ctx, struct xl_pkt *p,
+                                              struct iphdr *in)
+{
+    struct udphdr *q = (void *)(in + 1); /* TCP's ports sit where UDP's do */
+    struct xl_flow_key fk = {};
+    __builtin_memcpy(fk.src, &in->daddr, 4);
+    __builtin_memcpy(fk.dst, &in->saddr, 4);
+    fk.sport = q->dest;
+    fk.dport = q->source;
+    fk.proto = in->protocol;
+    fk.family = XL_FAMILY_IPV4;
+    struct xl_flow *f = in->saddr == p->ip->daddr ? flows.lookup(&fk) : NULL;
+    __u32 bid = f ? f->backend_id : 0;
+    struct xl_backend *be = f ? backends.lookup(&bid) : NULL;
+    if (!be || !(be->flags & XL_BACKEND_VALID) || *(__u32 *)be->vip_addr != in->saddr ||
+        be->vip_port != q->source || be->vip_proto != in->protocol) {
+        xl_count(XL_C_PASS_NOT_VIP);
+        return XDP_PASS;
+    }
+    if (xl_ttl_expired(p->ip)) {
+        xl_count(XL_C_PASS_TTL);
+        return XDP_PASS;
+    }
+    __be32 to = *(__u32 *)be->addr;
+    struct xl_next_hop tmp;
+    __u16 too_big = 0; /* an error has no transport header: never bounced */
+    struct xl_next_hop *h = xl_route(ctx, p, NULL, &tmp, bpf_ktime_get_coarse_ns(),
+                                     p->ip->saddr, to, &too_big);
+    xl_set_addr(p->ip, &p->ip->daddr, to);
+    xl_quote_rewrite(p->icmp, in, &in->saddr, to, &q->source, be->port);
+    xl_count(XL_C_ICMP_TO_BACKEND);
+    return xl_send(p, h);
+}
+
+/* Toward a client, about a packet it sent to a backend of a tracked flow: translated back
+ * to the VIP. */
+static __always_inline int xl_icmp_to_client(struct xdp_md *ctx, struct xl_pkt *p,
+                                             struct iphdr *in)
+{
+    struct udphdr *q = (void *)(in + 1);
+    struct xl_rev_nat *rn = in->saddr == p->ip->daddr ?
+                            xl_rev_lookup(in->daddr, q->dest, in->protocol) : NULL;
+    struct xl_rev_target *t = NULL;
+    struct xl_flow *f = rn ? xl_reply_flow(in->saddr, q->source, in->protocol, rn, &t) : NULL;
+    if (!f || !t) {
+        xl_count(XL_C_PASS_NOT_VIP);
+        return XDP_PASS;
+    }
+    if (xl_ttl_expired(p->ip)) {
+        xl_count(XL_C_PASS_TTL);
+        return XDP_PASS;
+    }
+    __be32 vip = *(__u32 *)t->vip_addr;
+    int from_backend = p->ip->saddr == in->daddr;
+    struct xl_next_hop tmp;
+    __u16 too_big = 0;
+    struct xl_next_hop *h = xl_route(ctx, p, NULL, &tmp, bpf_ktime_get_coarse_ns(),
+                                     from_backend ? vip : p->ip->saddr, p->ip->daddr,
+                                     &too_big);
+    if (from_backend)
+        xl_set_addr(p->ip, &p->ip->saddr, vip);
+    xl_quote_rewrite(p->icmp, in, &in->daddr, vip, &q->dest, t->vip_port);
+    xl_count(XL_C_ICMP_TO_CLIENT);
+    return xl_send(p, h);
+}
