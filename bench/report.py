@@ -118,6 +118,11 @@ def targets(pp: dict[str, Any], ee: dict[str, Any], cp: dict[str, Any]) -> str:
             got = pp["pair_ratios"][key]
             lines.append(f"- per packet, {key.replace('_', '-')} vs {ref.replace('_', '-')}: "
                          f"{got:.2f}x, target <= {target}x: {_verdict(got, target, False)}")
+    for key, (ref, extra) in pp.get("extra_targets", {}).items():
+        more = pp["cases"][key]["ns"] - pp["cases"][ref]["ns"]
+        lines.append(f"- per packet, {key.replace('_', '-')}: {more:+.1f} ns over the "
+                     f"{ref.replace('_', '-')}, target <= +{extra:g} ns: "
+                     f"{_verdict(more, extra, False)}")
     for name, r in ee["ratios"].items():
         if "udp_target" in r:
             v = r["udp"]
