@@ -5,10 +5,12 @@ the client namespace. Before, both went unanswered."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -122,6 +124,36 @@ print(json.dumps(out))
 """
 
 
+@dataclass
+class Capture:
+    packets: list = field(default_factory=list)  # filled when the capture ends
+
+
+@contextlib.contextmanager
+def capture(lab: Lab, ns: str, *bpf_filter: str, sparse: bool = True) -> Iterator[Capture]:
+    """tcpdump on ``ns``'s eth0 while the block runs; its packets once it ends. The file is in
+    /tmp (tcpdump drops root, and pytest's directories are root's) and is removed whatever
+    happens. ``sparse``: each packet is delivered at once, or a few ICMP errors would wait in
+    the kernel's ring past the end of the block (a busy capture keeps the ring's batching,
+    without which the kernel drops what tcpdump cannot keep up with)."""
+    path = Path("/tmp") / f"{lab.prefix}-{ns}-{time.monotonic_ns()}.pcap"
+    mode = ["--immediate-mode"] if sparse else []
+    dump = lab.popen(ns, "tcpdump", "-i", "eth0", "-n", "-U", *mode, "-w", str(path),
+                     *bpf_filter)
+    cap = Capture()
+    try:
+        time.sleep(1)  # listening
+        yield cap
+        time.sleep(1)  # the last packets arrive
+    finally:
+        dump.terminate()
+        dump.wait(10)
+        try:
+            cap.packets = list(rdpcap(str(path)))
+        finally:
+            path.unlink(missing_ok=True)
+
+
 # --- a lab with veth's default offloads (TX checksum offload on everywhere) -------------------
 
 
@@ -148,7 +180,6 @@ def test_default_veth_offloads_are_made_safe_at_attach(tmp_path):
         assert tx_checksumming(lab, lab.client_ns, "eth0") == "on"  # the senders keep theirs
         pool = tmp_path / "pool.yaml"
         pool.write_text(pool_yaml(WEB, ECHO))
-        cap = Path("/tmp") / f"xlt-nco-client-{time.monotonic_ns()}.pcap"
         agent = AgentProcess(lab, pool, "--mode", "native")
         try:
             assert tx_checksumming(lab, ns, peer) == "off"
@@ -157,11 +188,8 @@ def test_default_veth_offloads_are_made_safe_at_attach(tmp_path):
             # XDP program): tcpdump must see them as the LB sent them, not merged (a merged
             # packet carries a partial checksum of the kernel's own).
             lab.run(ns, "ethtool", "-K", peer, "gro", "off")
-            dump = lab.popen(lab.client_ns, "tcpdump", "-i", "eth0", "-n", "-U", "-w",
-                             str(cap), "ip", "and", "src", VIP)
-            try:
-                time.sleep(1)
-                n = 1 << 20
+            n = 1 << 20
+            with capture(lab, lab.client_ns, "ip", "and", "src", VIP, sparse=False) as cap:
                 body = lab.run(lab.client_ns, "sh", "-c",
                                f"curl -s -m 30 'http://{VIP}/bytes?n={n}' | sha256sum; "
                                f"head -c {n} /dev/urandom > /tmp/xlt-nco-up-$$; "
@@ -169,18 +197,13 @@ def test_default_veth_offloads_are_made_safe_at_attach(tmp_path):
                                f"curl -s -m 30 --data-binary @/tmp/xlt-nco-up-$$ "
                                f"'http://{VIP}/echo' | sha256sum; rm -f /tmp/xlt-nco-up-$$",
                                timeout=90).stdout.split("\n")
-                time.sleep(1)
-            finally:
-                dump.terminate()
-                dump.wait(10)
             down, up_sent, up_back = (line.split()[0] for line in body[:3])
             assert down == pattern_sha256(n)
             assert up_sent == up_back, body
-            pkts = [p for p in rdpcap(str(cap)) if IP in p and TCP in p]
+            pkts = [p for p in cap.packets if IP in p and TCP in p]
             assert len(pkts) > 1000 and max(len(p) for p in pkts) <= 1514, len(pkts)
             assert [checksum_errors(bytes(p)) for p in pkts] == [[]] * len(pkts)
         finally:
-            cap.unlink(missing_ok=True)
             assert agent.stop() == 0, agent.log_text()
 
 
@@ -196,14 +219,8 @@ def _connected_route(lab: Lab, net: str, *extra: str) -> None:
             "scope", "link", "src", src, *extra)
 
 
-def _tcpdump(cap: Path) -> list[str]:
-    """ICMP on eth0, each packet written at once (a sparse capture would otherwise wait in
-    the kernel's ring past the end of the test)."""
-    return ["tcpdump", "-i", "eth0", "-n", "-U", "--immediate-mode", "-w", str(cap), "icmp"]
-
-
-def _frag_needed(cap: Path) -> list:
-    return [p for p in rdpcap(str(cap)) if ICMP in p and p[ICMP].type == 3 and p[ICMP].code == 4]
+def _frag_needed(packets: list) -> list:
+    return [p for p in packets if ICMP in p and p[ICMP].type == 3 and p[ICMP].code == 4]
 
 
 def test_path_mtu_discovery_through_the_vip_both_ways(tmp_path):
@@ -221,20 +238,13 @@ def test_path_mtu_discovery_through_the_vip_both_ways(tmp_path):
         try:
             # Upload: the client's 1500-byte segments do not fit toward the backend.
             _connected_route(lab, "10.20.0.0/24", "mtu", "lock", "1400")
-            cap = Path("/tmp") / f"xlt-pm-client-{time.monotonic_ns()}.pcap"  # tcpdump's user
-            dump = lab.popen(lab.client_ns, *_tcpdump(cap))
-            try:
-                time.sleep(1)
+            with capture(lab, lab.client_ns, "icmp") as cap:
                 out = lab.run(lab.client_ns, "sh", "-c",
                               f"head -c {n} /dev/urandom > {tmp_path}/up; sha256sum < "
                               f"{tmp_path}/up; curl -s -m 30 --data-binary @{tmp_path}/up "
                               f"'http://{VIP}/echo' | sha256sum", timeout=60).stdout.split()
-                time.sleep(0.5)
-            finally:
-                dump.terminate()
-                dump.wait(10)
             assert out[0] == out[2], out  # echoed back intact
-            errs = _frag_needed(cap)
+            errs = _frag_needed(cap.packets)
             assert errs, "no fragmentation needed reached the client"
             for e in errs:
                 inner = e[ICMP].payload
@@ -247,20 +257,12 @@ def test_path_mtu_discovery_through_the_vip_both_ways(tmp_path):
             # Forget the MTU learned above, or the client advertises an MSS that already fits.
             for ns in (lab.client_ns, be_ns):
                 lab.run(ns, "ip", "route", "flush", "cache")
-            cap.unlink()
-            cap = Path("/tmp") / f"xlt-pm-backend-{time.monotonic_ns()}.pcap"
-            dump = lab.popen(be_ns, *_tcpdump(cap))
-            try:
-                time.sleep(1)
+            with capture(lab, be_ns, "icmp") as cap:
                 got = lab.run(lab.client_ns, "sh", "-c",
                               f"curl -s -m 30 'http://{VIP}/bytes?n={n}' | sha256sum",
                               timeout=60).stdout.split()[0]
-                time.sleep(0.5)
-            finally:
-                dump.terminate()
-                dump.wait(10)
             assert got == pattern_sha256(n)
-            errs = _frag_needed(cap)
+            errs = _frag_needed(cap.packets)
             assert errs, "no fragmentation needed reached the backend"
             for e in errs:
                 inner = e[ICMP].payload
@@ -269,7 +271,6 @@ def test_path_mtu_discovery_through_the_vip_both_ways(tmp_path):
                 assert (inner.src, inner.dst) == (be_addr, lab.client_addr), e.show(dump=True)
             assert [checksum_errors(bytes(e)) for e in errs] == [[]] * len(errs)
             assert status(lab)["groups"][0]["counters"]["frag_needed"] >= 2
-            cap.unlink()
         finally:
             assert agent.stop() == 0, agent.log_text()
 
@@ -322,18 +323,10 @@ def test_icmp_errors_reach_the_sockets_they_are_about(tmp_path):
             assert out == ["refused"], out
             # A flow to the echo VIP, then an error about its reply sent to the VIP.
             lab.udp_request(lab.client_ns, VIP, 5000, b"hello", sport=42000)
-            cap = Path("/tmp") / f"xlt-ie-backend-{time.monotonic_ns()}.pcap"
-            dump = lab.popen(lab.backend_ns[0], *_tcpdump(cap))
-            try:
-                time.sleep(1)
+            with capture(lab, lab.backend_ns[0], "icmp") as cap:
                 lab.run(lab.client_ns, sys.executable, "-c", ERROR_TO_VIP.format(vip=VIP),
                         lab.client_addr, "5000", "42000", timeout=20)
-                time.sleep(1)
-            finally:
-                dump.terminate()
-                dump.wait(10)
-            errs = [p for p in rdpcap(str(cap)) if ICMP in p and p[ICMP].type == 3]
-            cap.unlink()
+            errs = [p for p in cap.packets if ICMP in p and p[ICMP].type == 3]
             assert len(errs) == 1, errs
             e = errs[0]
             inner = e[ICMP].payload
