@@ -151,12 +151,6 @@ def mutate(frame: bytes, names: list[str], rnd: random.Random) -> bytes:
 # --- configs ------------------------------------------------------------------------------------
 
 
-# The next-hop cache is off in the fuzz: whether a cached hop is still fresh depends on
-# when each engine reads its clock (the kernel's, Python's), microseconds apart, so near its
-# expiry one engine could use the hop while the other looks up again, and with TOS-dependent
-# routes in the bench the answers differ. Its rules have deterministic tests of their own
-# (tests/test_datapath.py), with clocks that cannot straddle an expiry.
-_FLOWS = {"next_hop_cache_ms": 0}
 
 
 def random_config(rnd: random.Random, flow_max: int = FLOW_MAX) -> Config:
@@ -173,7 +167,7 @@ def random_config(rnd: random.Random, flow_max: int = FLOW_MAX) -> Config:
             bes.append(Backend(a, port=rnd.choice(TARGET_PORTS), weight=weight))
         vips.append(Vip(f"s{i}", port, tuple(bes), protocol=proto, address=addr))
     return Config.model_validate(pool_data(*vips, table_size=RING_SIZE, seed=rnd.randrange(2),
-                                           flows=_FLOWS | {"max_entries": flow_max}))
+                                           flows={"max_entries": flow_max}))
 
 
 def reconfigure(engines: tuple[Engine, ...], rnd: random.Random, down_share: float = 0.15
@@ -193,7 +187,7 @@ def base_config(flow_max: int = FLOW_MAX) -> Config:
     return Config.model_validate(pool_data(
         *(Vip(f"s{i}", p, BACKENDS, protocol=proto, address=a)
           for i, (a, p, proto) in enumerate(SERVICES)),
-        table_size=RING_SIZE, seed=1, flows=_FLOWS | {"max_entries": flow_max}))
+        table_size=RING_SIZE, seed=1, flows={"max_entries": flow_max}))
 
 
 # --- the generator ------------------------------------------------------------------------------

@@ -129,8 +129,9 @@ class FlowKey(_Struct):
 
 class NextHop(_Struct):
     """A flow's cached bpf_fib_lookup result for one direction. Valid while ``ns`` is younger
-    than Meta.next_hop_ttl_ns, the packet arrived on ``in_ifindex`` and is no longer than
-    ``max_len`` (the longest IPv4 total length the lookup's MTU check has passed)."""
+    than Meta.next_hop_ttl_ns, the packet arrived on ``in_ifindex``, is no longer than
+    ``max_len`` (the longest IPv4 total length the lookup's MTU check has passed) and has the
+    TOS the lookup had (routes may depend on it)."""
 
     c_name = "xl_next_hop"
     _fields_ = [
@@ -141,7 +142,8 @@ class NextHop(_Struct):
         ("max_len", U16),
         ("dmac", U8 * 6),
         ("smac", U8 * 6),
-        ("pad", U8 * 6),
+        ("tos", U8),
+        ("pad", U8 * 5),
     ]
 
 
