@@ -11,6 +11,17 @@ static __always_inline __u16 xl_csum_fold(__u32 s)
     return (__u16)s;
 }
 
+/* The Internet checksum of ``n`` 16-bit words (a constant): over words just written with a
+ * checksum field of 0 it is the value to store; over words that carry a right checksum, 0. */
+static __always_inline __u16 xl_csum_words(__u16 *w, const int n)
+{
+    __u32 s = 0;
+#pragma unroll
+    for (int i = 0; i < n; i++)
+        s += w[i];
+    return (__u16)~xl_csum_fold(s);
+}
+
 static __always_inline __u16 xl_csum_replace2(__u16 check, __u16 old, __u16 new)
 {
     __u32 s = (__u16)~check + (__u16)~old + (__u32)new;

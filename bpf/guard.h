@@ -6,15 +6,10 @@
 #pragma once
 
 /* The IPv4 header checksum of a header without options (20 bytes) is right. Headers with
- * options are never rewritten (see xdplb.c), so they need no check here. */
+ * options are dropped when they are to a VIP, and checked on the reply path (reply.h). */
 static __always_inline int xl_ip_csum_ok(struct iphdr *ip)
 {
-    __u16 *w = (__u16 *)ip;
-    __u32 s = 0;
-#pragma unroll
-    for (int i = 0; i < 10; i++)
-        s += w[i];
-    return xl_csum_fold(s) == 0xffff;
+    return xl_csum_words((__u16 *)ip, sizeof(*ip) / 2) == 0;
 }
 
 /* The rule a frame that may be ours breaks, as the counter of its outcome; 0: none. */

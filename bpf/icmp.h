@@ -25,16 +25,6 @@ static __always_inline __u16 xl_icmp_fixup(__u16 check)
     return check ? check : 0xffff;
 }
 
-/* The Internet checksum of ``n`` 16-bit words we just wrote (their checksum field 0). */
-static __always_inline __u16 xl_csum_words(__u16 *w, const int n)
-{
-    __u32 s = 0;
-#pragma unroll
-    for (int i = 0; i < n; i++)
-        s += w[i];
-    return (__u16)~xl_csum_fold(s);
-}
-
 /* Turn the echo request in place into its reply: MACs and addresses swapped (the IPv4
  * checksum does not change with the order of its words), a fresh TTL, type 0. */
 static __always_inline int xl_icmp_echo(struct xl_pkt *p)

@@ -32,6 +32,13 @@ def udp_fixup(old_check: int, new_check: int) -> int:
     return 0xFFFF if new_check == 0 else new_check
 
 
+def words(b: bytes | bytearray) -> int:
+    """xl_csum_words: the Internet checksum of ``b`` (16-bit words, as the program loads
+    them): over words just written with a checksum field of 0 the value to store; over words
+    that carry a right checksum, 0."""
+    return ~fold(sum(load16(b, i) for i in range(0, len(b), 2))) & 0xFFFF
+
+
 def load16(buf: bytes | bytearray, off: int) -> int:
     """A 16-bit word as the BPF program loads it from the packet (little-endian host)."""
     return buf[off] | (buf[off + 1] << 8)

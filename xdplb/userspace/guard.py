@@ -11,8 +11,7 @@ from xdplb.userspace.parse import Pkt
 
 def ip_csum_ok(buf: bytes | bytearray, ip: int) -> bool:
     """xl_ip_csum_ok: the checksum of a 20-byte IPv4 header (no options) is right."""
-    s = sum(buf[ip + i] | (buf[ip + i + 1] << 8) for i in range(0, 20, 2))
-    return csum.fold(s) == 0xFFFF
+    return csum.words(buf[ip : ip + 20]) == 0
 
 
 def guard(buf: bytes | bytearray, p: Pkt) -> Counter | None:

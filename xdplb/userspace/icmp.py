@@ -36,12 +36,6 @@ def echo_reply(buf: bytearray, p: Pkt) -> None:
     csum.store16(buf, ic + 2, csum.icmp_fixup(csum.load16(buf, ic + 2)))
 
 
-def csum_words(b: bytes | bytearray) -> int:
-    """xl_csum_words: the Internet checksum of words just written (checksum field 0), as the
-    program stores it (little-endian loads)."""
-    return ~csum.fold(sum(csum.load16(b, i) for i in range(0, len(b), 2))) & 0xFFFF
-
-
 def _error(buf: bytearray, p: Pkt, icmp_type: int, code: int, rest: int) -> None:
     """xl_icmp_error: the frame becomes the ICMP error that quotes it (its IPv4 header and 8
     bytes), from its destination to its sender; ``rest``: the header's second word."""
@@ -49,9 +43,9 @@ def _error(buf: bytearray, p: Pkt, icmp_type: int, code: int, rest: int) -> None
     quote = bytes(buf[ip : ip + QUOTE])
     hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + 8 + QUOTE, 0, 0, ICMP_TTL, 1, 0,
                                 quote[16:20], quote[12:16]))
-    csum.store16(hdr, 10, csum_words(hdr))
+    csum.store16(hdr, 10, csum.words(hdr))
     msg = bytearray(struct.pack("!BBHI", icmp_type, code, 0, rest)) + quote
-    csum.store16(msg, 2, csum_words(msg))
+    csum.store16(msg, 2, csum.words(msg))
     buf[:] = buf[6:12] + buf[0:6] + b"\x08\x00" + hdr + msg
 
 

@@ -44,8 +44,7 @@ def reply_flow(flows: Any, rn: RevNat, client: bytes, cport: bytes, proto: int
 
 def ip_csum_ok_opts(buf: bytes | bytearray, ip: int) -> bool:
     """xl_ip_csum_ok_opts: the checksum of an IPv4 header with options is right."""
-    ihl = (buf[ip] & 0x0F) * 4
-    return csum.fold(sum(csum.load16(buf, ip + i) for i in range(0, ihl, 2))) == 0xFFFF
+    return csum.words(buf[ip : ip + (buf[ip] & 0x0F) * 4]) == 0
 
 
 def is_first_fragment(buf: bytes | bytearray, ip: int) -> bool:
