@@ -82,13 +82,10 @@ static __always_inline int xl_icmp_to_backend(struct xdp_md *ctx, struct xl_pkt 
     struct xl_backend *be = f ? backends.lookup(&bid) : NULL;
     if (!be || !(be->flags & XL_BACKEND_VALID) || *(__u32 *)be->vip_addr != in->saddr ||
         be->vip_port != q->source || be->vip_proto != in->protocol) {
-        xl_count(XL_C_PASS_NOT_VIP);
-        return XDP_PASS;
+        return xl_pass(XL_C_PASS_NOT_VIP);
     }
-    if (xl_ttl_expired(p->ip)) {
-        xl_count(XL_C_PASS_TTL);
-        return XDP_PASS;
-    }
+    if (xl_ttl_expired(p->ip))
+        return xl_pass(XL_C_PASS_TTL);
     __be32 to = *(__u32 *)be->addr;
     struct xl_next_hop tmp;
     __u16 too_big = 0; /* an error has no transport header: never bounced */
@@ -110,14 +107,10 @@ static __always_inline int xl_icmp_to_client(struct xdp_md *ctx, struct xl_pkt *
                             xl_rev_lookup(in->daddr, q->dest, in->protocol) : NULL;
     struct xl_rev_target *t = NULL;
     struct xl_flow *f = rn ? xl_reply_flow(in->saddr, q->source, in->protocol, rn, &t) : NULL;
-    if (!f || !t) {
-        xl_count(XL_C_PASS_NOT_VIP);
-        return XDP_PASS;
-    }
-    if (xl_ttl_expired(p->ip)) {
-        xl_count(XL_C_PASS_TTL);
-        return XDP_PASS;
-    }
+    if (!f || !t)
+        return xl_pass(XL_C_PASS_NOT_VIP);
+    if (xl_ttl_expired(p->ip))
+        return xl_pass(XL_C_PASS_TTL);
     __be32 vip = *(__u32 *)t->vip_addr;
     int from_backend = p->ip->saddr == in->daddr;
     struct xl_next_hop tmp;

@@ -11,6 +11,13 @@ static __always_inline void xl_count(__u32 idx)
         *v += 1;
 }
 
+/* Hand the packet to the kernel untouched, counted as ``idx`` (its outcome). */
+static __always_inline int xl_pass(__u32 idx)
+{
+    xl_count(idx);
+    return XDP_PASS;
+}
+
 /* The IPv4 address at *addr (saddr or daddr) and the header checksum: all that a fragment
  * without the L4 header needs. */
 static __always_inline void xl_set_addr(struct iphdr *ip, __be32 *addr, __be32 new_addr)

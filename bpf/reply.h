@@ -79,10 +79,8 @@ static __always_inline int xl_ip_csum_ok_opts(struct xdp_md *ctx, struct iphdr *
 static __always_inline int xl_reply(struct xdp_md *ctx, struct xl_pkt *p, struct xl_flow *f,
                                     struct xl_rev_target *t)
 {
-    if (xl_ttl_expired(p->ip)) {
-        xl_count(XL_C_PASS_TTL);
-        return XDP_PASS;
-    }
+    if (xl_ttl_expired(p->ip))
+        return xl_pass(XL_C_PASS_TTL);
     __u64 now = bpf_ktime_get_coarse_ns();
     struct xl_next_hop *nh = xl_flow_seen(f, p, now, 1);
     xl_count(XL_C_REPLY);
@@ -125,10 +123,8 @@ static __always_inline int xl_reply_fragment(struct xdp_md *ctx, struct xl_pkt *
 {
     struct iphdr *ip = p->ip;
     struct xl_rev_nat *an = xl_rev_lookup(ip->saddr, XL_REV_ANY_PORT, p->proto);
-    if (!an) {
-        xl_count(XL_C_PASS_NOT_VIP);
-        return XDP_PASS;
-    }
+    if (!an)
+        return xl_pass(XL_C_PASS_NOT_VIP);
     __be32 vip = *(__u32 *)an->targets[0].vip_addr;
     struct xl_rev_nat *en = NULL;
     int first = !(ip->frag_off & bpf_htons(XL_IP_OFFMASK));
@@ -139,10 +135,8 @@ static __always_inline int xl_reply_fragment(struct xdp_md *ctx, struct xl_pkt *
         xl_count(XL_C_DROP_REPLY_FRAGMENT);
         return XDP_DROP;
     }
-    if (xl_ttl_expired(ip)) {
-        xl_count(XL_C_PASS_TTL);
-        return XDP_PASS;
-    }
+    if (xl_ttl_expired(ip))
+        return xl_pass(XL_C_PASS_TTL);
     xl_count(XL_C_REPLY_FRAGMENT);
     if (en) /* the first fragment: its L4 checksum covers the whole datagram; incremental */
         xl_rewrite(p, &ip->saddr, vip, p->sport, en->targets[0].vip_port);
@@ -160,10 +154,8 @@ static __always_inline int xl_reply_fragment(struct xdp_md *ctx, struct xl_pkt *
  * fragment, or none of ours (passed untouched). */
 static __always_inline int xl_from_backend(struct xdp_md *ctx, struct xl_pkt *p)
 {
-    if (p->options && !xl_ip_csum_ok_opts(ctx, p->ip)) {
-        xl_count(XL_C_PASS_BAD_IP_CSUM);
-        return XDP_PASS;
-    }
+    if (p->options && !xl_ip_csum_ok_opts(ctx, p->ip))
+        return xl_pass(XL_C_PASS_BAD_IP_CSUM);
     if (p->frag && (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP))
         return xl_reply_fragment(ctx, p);
     if (p->sport) {
@@ -174,6 +166,5 @@ static __always_inline int xl_from_backend(struct xdp_md *ctx, struct xl_pkt *p)
         if (f && t)
             return xl_reply(ctx, p, f, t);
     }
-    xl_count(XL_C_PASS_NOT_VIP);
-    return XDP_PASS;
+    return xl_pass(XL_C_PASS_NOT_VIP);
 }

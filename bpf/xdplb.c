@@ -122,14 +122,10 @@ int xdplb_main(struct xdp_md *ctx)
 {
     struct xl_pkt p; /* not zeroed: the parsers set every field they leave valid */
     int rc = xl_parse_l3(ctx, &p);
-    if (rc == XL_P_NOT_IPV4) {
-        xl_count(XL_C_PASS_NOT_IPV4);
-        return XDP_PASS;
-    }
-    if (rc != XL_P_OK) {
-        xl_count(XL_C_PASS_MALFORMED);
-        return XDP_PASS;
-    }
+    if (rc == XL_P_NOT_IPV4)
+        return xl_pass(XL_C_PASS_NOT_IPV4);
+    if (rc != XL_P_OK)
+        return xl_pass(XL_C_PASS_MALFORMED);
     struct iphdr *ip = p.ip;
 
     /* Prefilter (inlined array loads): most traffic is neither to a VIP address nor from a
@@ -139,20 +135,15 @@ int xdplb_main(struct xdp_md *ctx)
     /* The source's bit waits for VIP candidates: an established flow never needs it. */
     int maybe_backend = !maybe_vip && xl_maybe(ip->saddr, XL_ADDR_MAYBE_BACKEND);
     /* ICMP may be an error about a flow from anywhere (a router): rare, so looked at. */
-    if (!maybe_vip && !maybe_backend && ip->protocol != IPPROTO_ICMP) {
-        xl_count(XL_C_PASS_NOT_VIP);
-        return XDP_PASS;
-    }
+    if (!maybe_vip && !maybe_backend && ip->protocol != IPPROTO_ICMP)
+        return xl_pass(XL_C_PASS_NOT_VIP);
     __u32 rule = xl_guard(&p);
-    if (rule) {
-        xl_count(rule);
-        return XDP_PASS;
-    }
+    if (rule)
+        return xl_pass(rule);
     if (xl_parse_l4(ctx, &p) != XL_P_OK) {
         /* Malformed only if it was ours to judge: a VIP address's (a prefilter collision
          * must not decide which counter moves). */
-        xl_count(maybe_vip && xl_vip_addr(ip->daddr) ? XL_C_PASS_MALFORMED : XL_C_PASS_NOT_VIP);
-        return XDP_PASS;
+        return xl_pass(maybe_vip && xl_vip_addr(ip->daddr) ? XL_C_PASS_MALFORMED : XL_C_PASS_NOT_VIP);
     }
 
     if (maybe_vip) {
@@ -194,8 +185,7 @@ int xdplb_main(struct xdp_md *ctx)
             struct iphdr *quoted = xl_icmp_quote(ctx, &p);
             if (quoted)
                 return xl_icmp_to_backend(ctx, &p, quoted);
-            xl_count(XL_C_PASS_NOT_VIP);
-            return XDP_PASS;
+            return xl_pass(XL_C_PASS_NOT_VIP);
         }
     }
 
@@ -204,6 +194,5 @@ int xdplb_main(struct xdp_md *ctx)
         return xl_icmp_to_client(ctx, &p, quoted);
     if (maybe_backend || xl_maybe(ip->saddr, XL_ADDR_MAYBE_BACKEND))
         return xl_from_backend(ctx, &p);
-    xl_count(XL_C_PASS_NOT_VIP);
-    return XDP_PASS;
+    return xl_pass(XL_C_PASS_NOT_VIP);
 }

@@ -181,6 +181,11 @@ class PyDatapath:
     def _count(self, c: Counter) -> None:
         self.counters.ref(_COUNTER_KEYS[c]).value += 1
 
+    def _pass(self, c: Counter) -> tuple[int, int]:
+        """xl_pass: to the kernel untouched, counted as ``c`` (its outcome)."""
+        self._count(c)
+        return XDP_PASS, 0
+
     @staticmethod
     def _ttl_expired(buf: bytearray, p: Pkt) -> bool:
         """xl_ttl_expired: TTL 1 or less; the sender gets Time Exceeded (to a VIP: from the
@@ -209,11 +214,9 @@ class PyDatapath:
     def _main(self, buf: bytearray, ingress: int) -> tuple[int, int]:
         rc, p = parse_l3(buf)
         if rc == NOT_IPV4:
-            self._count(Counter.PASS_NOT_IPV4)
-            return XDP_PASS, 0
+            return self._pass(Counter.PASS_NOT_IPV4)
         if rc == MALFORMED:
-            self._count(Counter.PASS_MALFORMED)
-            return XDP_PASS, 0
+            return self._pass(Counter.PASS_MALFORMED)
         ip = p.ip
         saddr, daddr = bytes(buf[ip + 12 : ip + 16]), bytes(buf[ip + 16 : ip + 20])
         # Most traffic is neither to a VIP address nor from a backend: passed without a look
@@ -223,17 +226,14 @@ class PyDatapath:
         maybe_backend = not maybe_vip and bool(self._maybe(saddr) & ADDR_MAYBE_BACKEND)
         # ICMP may be an error about a flow from anywhere (a router): rare, so looked at.
         if not maybe_vip and not maybe_backend and p.proto != IPPROTO_ICMP:
-            self._count(Counter.PASS_NOT_VIP)
-            return XDP_PASS, 0
+            return self._pass(Counter.PASS_NOT_VIP)
         rule = guard(buf, p)
         if rule is not None:
-            self._count(rule)
-            return XDP_PASS, 0
+            return self._pass(rule)
         if parse_l4(buf, p) != OK:
             # Malformed only if it was ours to judge: a prefilter collision must not decide.
             ours = maybe_vip and self._vip_addr(daddr)
-            self._count(Counter.PASS_MALFORMED if ours else Counter.PASS_NOT_VIP)
-            return XDP_PASS, 0
+            return self._pass(Counter.PASS_MALFORMED if ours else Counter.PASS_NOT_VIP)
         if maybe_vip:
             if p.sport >= 0 and not p.frag and not p.options:
                 sport, dport = bytes(buf[p.sport : p.sport + 2]), bytes(buf[p.dport : p.dport + 2])
@@ -264,15 +264,13 @@ class PyDatapath:
                 q = icmp_quote(buf, p)
                 if q >= 0:
                     return self._icmp_to_backend(buf, p, q, ingress)
-                self._count(Counter.PASS_NOT_VIP)
-                return XDP_PASS, 0
+                return self._pass(Counter.PASS_NOT_VIP)
         q = icmp_quote(buf, p)
         if q >= 0:
             return self._icmp_to_client(buf, p, q, ingress)
         if maybe_backend or self._maybe(saddr) & ADDR_MAYBE_BACKEND:
             return self._from_backend(buf, p, ingress)
-        self._count(Counter.PASS_NOT_VIP)
-        return XDP_PASS, 0
+        return self._pass(Counter.PASS_NOT_VIP)
 
     def _icmp_to_backend(self, buf: bytearray, p: Pkt, q: int, ingress: int
                          ) -> tuple[int, int]:
@@ -287,11 +285,9 @@ class PyDatapath:
             be = self.backends.ref(key_bytes(f.backend_id)) if f is not None else None
         if be is None or not be.flags & _VALID or bytes(be.vip_addr)[:4] != buf[q + 12 : q + 16] \
                 or be.vip_port != csum.load16(buf, qp) or be.vip_proto != buf[q + 9]:
-            self._count(Counter.PASS_NOT_VIP)
-            return XDP_PASS, 0
+            return self._pass(Counter.PASS_NOT_VIP)
         if self._ttl_expired(buf, p):
-            self._count(Counter.PASS_TTL)
-            return XDP_PASS, 0
+            return self._pass(Counter.PASS_TTL)
         to = bytes(be.addr)[:4]
         h, _ = self._route(buf, p, ingress, None, self.clock(), bytes(buf[ip + 12 : ip + 16]), to)
         csum.set_addr(buf, ip, ip + 16, to)
@@ -312,11 +308,9 @@ class PyDatapath:
                 f, t = reply_flow(self.flows, rn, bytes(buf[q + 12 : q + 16]),
                                   bytes(buf[qp : qp + 2]), buf[q + 9])
         if f is None or t is None:
-            self._count(Counter.PASS_NOT_VIP)
-            return XDP_PASS, 0
+            return self._pass(Counter.PASS_NOT_VIP)
         if self._ttl_expired(buf, p):
-            self._count(Counter.PASS_TTL)
-            return XDP_PASS, 0
+            return self._pass(Counter.PASS_TTL)
         vip = bytes(t.vip_addr)
         from_backend = buf[ip + 12 : ip + 16] == buf[q + 16 : q + 20]
         h, _ = self._route(buf, p, ingress, None, self.clock(),
@@ -391,8 +385,7 @@ class PyDatapath:
         """xl_from_backend: a reply, a reply's fragment, or none of ours (untouched)."""
         ip = p.ip
         if p.options and not ip_csum_ok_opts(buf, ip):
-            self._count(Counter.PASS_BAD_IP_CSUM)
-            return XDP_PASS, 0
+            return self._pass(Counter.PASS_BAD_IP_CSUM)
         if p.frag and p.proto in (IPPROTO_TCP, IPPROTO_UDP):
             return self._reply_fragment(buf, p, ingress)
         if p.sport >= 0:
@@ -403,15 +396,13 @@ class PyDatapath:
                                   bytes(buf[p.dport : p.dport + 2]), p.proto)
                 if f is not None:
                     return self._reply(buf, p, f, t, ingress)
-        self._count(Counter.PASS_NOT_VIP)
-        return XDP_PASS, 0
+        return self._pass(Counter.PASS_NOT_VIP)
 
     def _reply(self, buf: bytearray, p: Pkt, f: Flow, t: RevTarget, ingress: int
                ) -> tuple[int, int]:
         """xl_reply: backend -> client reply of a tracked flow, the source back to the VIP."""
         if self._ttl_expired(buf, p):
-            self._count(Counter.PASS_TTL)
-            return XDP_PASS, 0
+            return self._pass(Counter.PASS_TTL)
         now = self.clock()
         nh = _flow_seen(f, buf, p, now, True)
         self._count(Counter.REPLY)
@@ -431,8 +422,7 @@ class PyDatapath:
         saddr = bytes(buf[ip + 12 : ip + 16])
         an = self.rev_nat.ref(address_key(saddr, p.proto))
         if an is None:
-            self._count(Counter.PASS_NOT_VIP)
-            return XDP_PASS, 0
+            return self._pass(Counter.PASS_NOT_VIP)
         vip = bytes(an.targets[0].vip_addr)
         en = None
         first = is_first_fragment(buf, ip)
@@ -443,8 +433,7 @@ class PyDatapath:
             self._count(Counter.DROP_REPLY_FRAGMENT)
             return XDP_DROP, 0
         if self._ttl_expired(buf, p):
-            self._count(Counter.PASS_TTL)
-            return XDP_PASS, 0
+            return self._pass(Counter.PASS_TTL)
         self._count(Counter.REPLY_FRAGMENT)
         if en is not None:  # the first fragment: its L4 checksum covers the whole datagram
             _rewrite(buf, p, ip + 12, vip, p.sport, en.targets[0].vip_port)
