@@ -126,6 +126,7 @@ static __always_inline struct xl_next_hop *xl_resolve(struct xdp_md *ctx, struct
     h->in_ifindex = in;
     h->out_ifindex = egress;
     h->tx_slot = tx_slot;
+    __builtin_memcpy(h->daddr, &daddr, 4);
     h->max_len = bpf_ntohs(ip->tot_len);
     h->tos = ip->tos;
     __builtin_memcpy(h->dmac, fib.dmac, ETH_ALEN);
@@ -135,9 +136,10 @@ static __always_inline struct xl_next_hop *xl_resolve(struct xdp_md *ctx, struct
 
 /* The next hop of a packet about to be rewritten to (saddr, daddr): the flow's cached one
  * (``nh``, NULL when the packet has no flow entry) while it is fresh, else by
- * bpf_fib_lookup. The cache is used only for packets from the same ingress, with the same
- * TOS (routes may depend on it) and no longer than the one whose lookup filled it, so the
- * lookup's MTU check still holds. NULL: see xl_resolve. */
+ * bpf_fib_lookup. The cache is used only for packets from the same ingress, to the same
+ * destination (a flow's backend id may now name another address), with the same TOS (routes
+ * may depend on it) and no longer than the one whose lookup filled it, so the lookup's MTU
+ * check still holds. NULL: see xl_resolve. */
 static __always_inline struct xl_next_hop *xl_route(struct xdp_md *ctx, struct xl_pkt *p,
                                                     struct xl_next_hop *nh,
                                                     struct xl_next_hop *tmp, __u64 now,
@@ -150,7 +152,7 @@ static __always_inline struct xl_next_hop *xl_route(struct xdp_md *ctx, struct x
     if (nh && nh->ns) /* only a filled cache needs its TTL: new flows skip the load */
         m = meta.lookup(&zero);
     if (!m || now - nh->ns >= m->next_hop_ttl_ns || nh->in_ifindex != ctx->ingress_ifindex ||
-        bpf_ntohs(p->ip->tot_len) > nh->max_len || p->ip->tos != nh->tos)
+        *(__be32 *)nh->daddr != daddr || bpf_ntohs(p->ip->tot_len) > nh->max_len || p->ip->tos != nh->tos)
         return xl_resolve(ctx, p, nh, tmp, now, saddr, daddr, 0, too_big);
     return nh;
 }

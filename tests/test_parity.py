@@ -487,6 +487,35 @@ def test_rebalance_after_backend_removed(fresh):
     assert "rebalanced" in effects and "hit" in effects
 
 
+def test_cached_next_hop_holds_only_for_its_destination(fresh):
+    """A backend removed in one change gives up its id, a backend added in the next may get
+    it, and the removed one's flows follow the id. Their cached next hop (the old backend's
+    MAC) must not be used for the new address: here the new one's neighbour has failed, so
+    a fresh lookup hands the packet to the kernel (which resolves ARP). With a cache TTL of
+    10 s only the destination check can make that happen."""
+    a, b = fresh
+    old, new = WEB_8080, Backend("10.20.0.15", port=8080)  # bench: .12 permanent, .15 failed
+
+    def web(*backends: Backend) -> None:
+        for e in (a, b):
+            e.configure(config(corpus_pool(web=backends, next_hop_cache_ms=10_000)))
+
+    def bid(backend: Backend) -> int | None:
+        ids = {(addr, port): i for (_, addr, port), i in a.sync.read_current().backend_ids.items()}
+        return ids.get((backend.address, backend.port))
+
+    web(old)
+    first = run_both(a, b, build(CLIENT, VIP, 6, 31000, 80, flags="S"), 0)
+    assert (first.reason, first.backend) == ("redirect", "10.20.0.12:8080")
+    assert run_both(a, b, build(CLIENT, VIP, 6, 31000, 80, flags="A"), 0).reason == "redirect"
+    was = bid(old)
+    web(Backend(BE1))  # the old one goes; its id is free
+    web(Backend(BE1), new)
+    assert bid(new) == was  # the precondition: the id was handed on
+    r = run_both(a, b, build(CLIENT, VIP, 6, 31000, 80, flags="A"), 0)
+    assert (r.effect, r.backend, r.reason) == ("hit", "10.20.0.15:8080", "pass_fib")
+
+
 def test_reused_tuple_after_drain_is_balanced_anew(fresh):
     """A pure SYN on a tracked 5-tuple opens a new connection (the client reused its port):
     it is balanced anew, so a drained backend gets none, whether the old connection was seen

@@ -129,7 +129,8 @@ class FlowKey(_Struct):
 
 class NextHop(_Struct):
     """A flow's cached bpf_fib_lookup result for one direction. Valid while ``ns`` is younger
-    than Meta.next_hop_ttl_ns, the packet arrived on ``in_ifindex``, is no longer than
+    than Meta.next_hop_ttl_ns, the packet arrived on ``in_ifindex``, goes to ``daddr`` (a
+    flow's backend id may have been given to another address since), is no longer than
     ``max_len`` (the longest IPv4 total length the lookup's MTU check has passed) and has the
     TOS the lookup had (routes may depend on it)."""
 
@@ -139,11 +140,12 @@ class NextHop(_Struct):
         ("in_ifindex", U32),
         ("out_ifindex", U32),
         ("tx_slot", U32),  # devmap slot to redirect to; NO_TX_SLOT: XDP_TX (out = in)
+        ("daddr", U8 * 4),  # the destination looked up (aligned here: compared as a word)
         ("max_len", U16),
         ("dmac", U8 * 6),
         ("smac", U8 * 6),
         ("tos", U8),
-        ("pad", U8 * 5),
+        ("pad", U8),
     ]
 
 

@@ -474,6 +474,7 @@ class PyDatapath:
             tx_slot = slot.value
         h = nh if nh is not None else NextHop()
         h.ns, h.in_ifindex, h.out_ifindex, h.tx_slot = now, ingress, res.ifindex, tx_slot
+        h.daddr[:] = daddr
         h.max_len, h.tos = tot_len, buf[ip + 1]
         h.dmac[:] = res.dmac
         h.smac[:] = res.smac
@@ -481,11 +482,12 @@ class PyDatapath:
 
     def _route(self, buf: bytearray, p: Pkt, ingress: int, nh: NextHop | None, now: int,
                saddr: bytes, daddr: bytes) -> tuple[NextHop | None, int]:
-        """xl_route: the flow's fresh cached next hop (same ingress and TOS, no longer than
-        the packet that filled it), else xl_resolve's answer."""
+        """xl_route: the flow's fresh cached next hop (same ingress, destination and TOS, no
+        longer than the packet that filled it), else xl_resolve's answer."""
         ip = p.ip
         if (nh is None or not nh.ns or now - nh.ns >= self.meta.ref(_ZERO).next_hop_ttl_ns
-                or nh.in_ifindex != ingress or ((buf[ip + 2] << 8) | buf[ip + 3]) > nh.max_len
+                or nh.in_ifindex != ingress or bytes(nh.daddr) != daddr
+                or ((buf[ip + 2] << 8) | buf[ip + 3]) > nh.max_len
                 or buf[ip + 1] != nh.tos):
             return self._resolve(buf, p, ingress, nh, now, saddr, daddr)
         return nh, 0
