@@ -1,5 +1,6 @@
-"""The network-namespace lab (scripts/netns): both topologies with plain kernel forwarding only
-(no xdplb data path), the backend services, and teardown in every way a lab can end."""
+"""The network-namespace lab (scripts/netns): the three topologies with plain kernel forwarding
+(no xdplb data path, except to show why the routed lab needs more than NAT), the backend
+services, the router's counters, DSR backends, and teardown in every way a lab can end."""
 
 from __future__ import annotations
 
@@ -244,7 +245,7 @@ def test_teardown_prefix_partial_state_and_isolation() -> None:
     """A half-built or crashed lab goes; a namespace that only shares the prefix stays."""
     prefix = "xlt-lab-part"
     foreign = f"{prefix}-x-client"  # another lab's namespace, with prefix "xlt-lab-part-x"
-    made = [f"{prefix}-lb", f"{prefix}-be7", foreign]
+    made = [f"{prefix}-lb", f"{prefix}-rt", f"{prefix}-be7", foreign]
     proc = None
     try:
         for n in made:
@@ -348,3 +349,225 @@ def test_xdp_tx_on_lb_interface_reaches_client(topology: str) -> None:
                 xdp_link.xdp_detach("eth0", netns=lab.lb_ns)
     finally:
         bpf.cleanup()
+
+
+# --- the routed lab: a router between client and switch, backends answer past the LB ----------
+
+ZERO = {"packets": 0, "bytes": 0}
+
+
+def check_routed_plumbing(lab: Lab) -> None:
+    """Addresses, routes, MACs, sysctls, offloads, XDP_PASS and counters of the routed lab."""
+    rt = lab.router_ns
+    assert rt == f"{lab.prefix}-rt"
+    for ns in lab.namespaces:
+        for dev in lab._ifaces(ns):
+            assert ethtool_features(lab, ns, dev)["tx-checksumming"] == "off", (ns, dev)
+            assert sysctl(lab, ns, f"net.ipv6.conf.{dev}.disable_ipv6") == "1", (ns, dev)
+        assert "inet6" not in lab.run(ns, "ip", "-6", "addr", "show", "scope", "link").stdout
+
+    def addrs(ns: str, dev: str) -> list[str]:
+        return re.findall(r"inet ([\d.]+/\d+)", lab.run(ns, "ip", "-4", "addr", "show", dev).stdout)
+
+    def link_mac(ns: str, dev: str) -> str:
+        return re.search(r"link/ether (\S+)", lab.run(ns, "ip", "link", "show", dev).stdout)[1]
+
+    def route(ns: str, dst: str) -> str:
+        return lab.run(ns, "ip", "route", "get", dst).stdout
+
+    assert addrs(rt, "eth0") == ["10.10.0.1/24"] and addrs(rt, "eth1") == ["10.20.0.254/24"]
+    assert link_mac(rt, "eth0") == lab.router_macs["eth0"] == "02:00:00:00:03:00"
+    assert link_mac(rt, "eth1") == lab.router_macs["eth1"] == "02:00:00:00:03:01"
+    assert link_mac(lab.sw_ns, "p-rt") == "02:00:00:00:fe:03"
+    assert lab.lb_ifaces == ["eth0"] and addrs(lab.lb_ns, "eth0") == ["10.20.0.1/24"]
+    assert link_mac(lab.lb_ns, "eth0") == lab.lb_macs["eth0"] == "02:00:00:00:02:00"
+    assert addrs(lab.client_ns, "eth0") == ["10.10.0.2/24"]
+
+    assert "via 10.10.0.1 dev eth0" in route(lab.client_ns, "10.200.0.7")
+    assert "via 10.10.0.1 dev eth0" in route(lab.client_ns, "10.20.0.11")  # default route
+    assert "via 10.20.0.1 dev eth1" in route(rt, "10.200.0.7")  # the VIP net: to the LB
+    assert "via 10.20.0.254 dev eth0" in route(lab.lb_ns, lab.client_addr)
+    # The LB itself has no route to the VIP net (no loop back through the router).
+    assert lab.run(lab.lb_ns, "ip", "route", "get", "10.200.0.7", check=False).returncode != 0
+    for ns in lab.backend_ns:
+        # Replies to the client go to the router, not the LB.
+        assert "via 10.20.0.254 dev eth0" in route(ns, lab.client_addr)
+
+    for ns in (rt, lab.lb_ns):
+        assert sysctl(lab, ns, "net.ipv4.ip_forward") == "1"
+        for conf in ("all", "default", *lab._ifaces(ns)):
+            assert sysctl(lab, ns, f"net.ipv4.conf.{conf}.rp_filter") == "0", (ns, conf)
+            assert sysctl(lab, ns, f"net.ipv4.conf.{conf}.send_redirects") == "0", (ns, conf)
+
+    # XDP_PASS (native) and GRO on the switch port facing the LB only.
+    assert lab.xdp_peers == [(lab.sw_ns, "p-lb")]
+    for ns in lab.namespaces:
+        for dev in lab._ifaces(ns):
+            st = labmod.xdp_state(ns, dev)
+            if (ns, dev) in lab.xdp_peers:
+                assert st is not None and st.mode == "native" and st.prog_id == (
+                    lab.xdp_prog_ids[(ns, dev)]
+                )
+                assert ethtool_features(lab, ns, dev)["generic-receive-offload"] == "on"
+            else:
+                assert st is None, (ns, dev, st)
+    assert lab.router_counts() == {"via_lb": ZERO, "from_backends": ZERO, "other": ZERO}
+
+
+def test_routed_topology_paths_counters_and_teardown() -> None:
+    prefix = "xlt-lab-rtd"
+    with Lab("routed", backends=2, prefix=prefix) as lab:
+        assert lab.namespaces == [
+            f"{prefix}-{r}" for r in ("client", "rt", "lb", "sw", "be1", "be2")
+        ]
+        assert sorted(labmod.lab_namespaces(prefix)) == sorted(lab.namespaces)
+        check_routed_plumbing(lab)
+        assert "router  xlt-lab-rtd-rt" in lab.describe()
+
+        assert lab.ping(lab.client_ns, lab.router_client_addr)
+        for ns in lab.backend_ns:
+            assert lab.ping(ns, lab.router_backend_addr)
+        for i, addr in enumerate(lab.backend_addrs):
+            assert BE_LINE.fullmatch(body := lab.curl(lab.lb_ns, f"http://{addr}/"))
+            assert body.startswith(f"backend=be{i + 1} ")
+        # None of that was forwarded toward the client.
+        assert lab.router_counts() == {"via_lb": ZERO, "from_backends": ZERO, "other": ZERO}
+
+        # The LB answers the client's ping through the router: one 44-byte IP packet.
+        one_ping = {"packets": 1, "bytes": 44}
+        assert lab.ping(lab.client_ns, lab.lb_backend_addr)
+        assert lab.router_counts() == {"via_lb": one_ping, "from_backends": ZERO, "other": ZERO}
+        # A backend's echo request to the client, from a backend MAC.
+        lab.reset_router_counts()
+        assert lab.ping(lab.backend_ns[1], lab.client_addr)
+        assert lab.router_counts() == {"via_lb": ZERO, "from_backends": one_ping, "other": ZERO}
+        # A UDP answer from a backend: counted with its IP length.
+        lab.reset_router_counts()
+        reply = lab.udp_request(lab.client_ns, lab.backend_addrs[0], 5000, b"hi", sport=4242)
+        assert reply == b"be1 10.10.0.2:4242 hi"
+        udp = {"packets": 1, "bytes": 20 + 8 + len(reply)}
+        assert lab.router_counts() == {"via_lb": ZERO, "from_backends": udp, "other": ZERO}
+        # What the LB namespace itself sends to the client counts as via_lb.
+        lab.reset_router_counts()
+        assert lab.ping(lab.lb_ns, lab.client_addr)
+        assert lab.router_counts() == {"via_lb": one_ping, "from_backends": ZERO, "other": ZERO}
+        lab.reset_router_counts()
+        assert lab.router_counts()["via_lb"] == ZERO
+
+        pids = list(lab.backend_pids.values())
+        prog_ids = list(lab.xdp_prog_ids.values())
+        assert len(pids) == 2 and all(labmod._alive(p) for p in pids)
+    assert_gone(prefix, pids, prog_ids)
+    with pytest.raises(ValueError, match="no router"):
+        Lab("one-armed", prefix=prefix).router_counts()
+
+
+UDP_FROM = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.bind(("0.0.0.0", 4343))
+s.sendto(b"dsr", (sys.argv[1], 5000))
+data, peer = s.recvfrom(2048)
+print(peer[0], data.decode())
+"""
+
+
+def test_routed_dsr_backend_vips() -> None:
+    """A backend with the VIP on lo takes packets to the VIP, answers from the VIP straight to
+    the sender (past the LB), and does not answer ARP for it."""
+    vip = "10.200.0.10"
+    with Lab("routed", backends=2, prefix="xlt-lab-dsr", backend_vips=(vip,)) as lab:
+        be1, be2 = lab.backend_ns
+        for ns in lab.backend_ns:
+            assert f"inet {vip}/32 scope global lo" in lab.run(ns, "ip", "-4", "addr", "show",
+                                                                "lo").stdout  # fmt: skip
+            for conf in ("all", "eth0"):
+                assert sysctl(lab, ns, f"net.ipv4.conf.{conf}.arp_ignore") == "1"
+                assert sysctl(lab, ns, f"net.ipv4.conf.{conf}.arp_announce") == "2"
+                assert sysctl(lab, ns, f"net.ipv4.conf.{conf}.rp_filter") == "0"
+        assert "lo 10.200.0.10 (no ARP)" in lab.describe()
+
+        # The LB sends to the VIP with be1 as the next hop (what a DSR balancer does in XDP).
+        lab.run(lab.lb_ns, "ip", "route", "add", f"{vip}/32", "via", lab.backend_addrs[0])
+        out = lab.run(lab.lb_ns, sys.executable, "-c", UDP_FROM, vip).stdout
+        assert out == f"{vip} be1 10.20.0.1:4343 dsr\n"  # answered from the VIP
+        log = lab.backend_log(0)[-1]
+        assert (log["local"], log["lport"], log["client"]) == (vip, 5000, lab.lb_backend_addr)
+        # TCP too: the HTTP service listens on every address, the VIP included.
+        assert lab.curl(lab.lb_ns, f"http://{vip}:8080/").startswith("backend=be1 ")
+        log = lab.backend_log(0)[-1]
+        assert (log["local"], log["lport"], log["status"]) == (vip, 8080, 200)
+
+        # The client's datagram to the VIP: router -> LB (kernel-forwarded to be1 here) -> be1,
+        # whose answer from the VIP goes to the router directly, never through the LB.
+        lab.reset_router_counts()
+        out = lab.run(lab.client_ns, sys.executable, "-c", UDP_FROM, vip).stdout
+        assert out == f"{vip} be1 10.10.0.2:4343 dsr\n"
+        counts = lab.router_counts()
+        assert counts["from_backends"]["packets"] == 1 and counts["via_lb"] == ZERO, counts
+
+        # Nobody answers ARP for the VIP; the same probe does get the backends' own addresses,
+        # and be2 answers for the VIP once arp_ignore is off (the setting is what hides it).
+        assert lab.arp_who_has(lab.lb_ns, vip, timeout=0.5) is None
+        assert lab.arp_who_has(lab.lb_ns, lab.backend_addrs[1]) == lab.backend_macs[1]
+        lab.run(be2, "sysctl", "-q", "-w", "net.ipv4.conf.all.arp_ignore=0",
+                "net.ipv4.conf.eth0.arp_ignore=0")  # fmt: skip
+        assert lab.arp_who_has(lab.lb_ns, vip) == lab.backend_macs[1]
+        assert be1 != be2
+
+
+def test_cli_up_routed_status_down() -> None:
+    prefix = "xlt-lab-rcli"
+
+    def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(LAB_PY), *args], capture_output=True,
+                              text=True, check=check, timeout=120)  # fmt: skip
+
+    pids: list[int] = []
+    try:
+        out = cli("up", "routed", "--prefix", prefix, "--backends", "1",
+                  "--backend-vips", "10.200.0.10").stdout  # fmt: skip
+        assert f"{prefix}-rt" in out and "10.20.0.254/24" in out and "(no ARP)" in out
+        pids += list(labmod.netns_pids([f"{prefix}-be1"])[f"{prefix}-be1"])
+        assert len(pids) == 1
+        st = cli("status", "--prefix", prefix).stdout
+        assert "routed, 1 backends" in st and f"netns {prefix}-rt" in st and "DOWN" not in st
+    finally:
+        cli("down", "--prefix", prefix, check=False)
+    assert_gone(prefix, pids)
+
+
+def test_routed_nat_mode_replies_bypass_the_balancer(tmp_path: Path) -> None:
+    """Why fullnat and DSR are needed: with xdplb in NAT mode, the routed lab's backends answer
+    the client from their own address straight through the router, and the client, which
+    talked to the VIP, drops the answer. The same lab with the backend's default route back on
+    the LB works: the data path is fine, the return path is what NAT needs."""
+    pytest.importorskip("bcc")
+    from agent_process import AgentProcess, status
+    from pools import VIP, WEB, pool_yaml
+
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(pool_yaml(WEB, table_size=65537, seed=0))
+    with Lab("routed", backends=2, prefix="xlt-lab-rnat") as lab, AgentProcess(
+        lab, pool, "--mode", "native"
+    ) as agent:
+        lab.reset_router_counts()
+        cmd = ["curl", "-sS", "--noproxy", "*", "-m", "2", f"http://{VIP}/"]
+        failed = lab.run(lab.client_ns, *cmd, check=False)
+        assert failed.returncode != 0 and "backend=" not in failed.stdout, failed
+        counts = lab.router_counts()
+        # The balancer did steer the SYN; the SYN-ACK came back past it, from a backend.
+        assert status(lab)["groups"][0]["counters"]["new_flow"] >= 1
+        assert counts["from_backends"]["packets"] >= 1 and counts["via_lb"] == ZERO, counts
+        assert not any(lab.backend_log(i) for i in range(2))  # no request ever arrived
+
+        # Control: replies routed through the LB again, as in the other labs.
+        for ns in lab.backend_ns:
+            lab.run(ns, "ip", "route", "replace", "default", "via", lab.lb_backend_addr)
+        lab.reset_router_counts()
+        body = lab.run(lab.client_ns, *cmd).stdout
+        assert BE_LINE.fullmatch(body) and "client=10.10.0.2:" in body, body
+        counts = lab.router_counts()
+        assert counts["via_lb"]["packets"] >= 2 and counts["from_backends"] == ZERO, counts
+        assert agent.stop() == 0, agent.log_text()

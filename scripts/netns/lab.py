@@ -3,12 +3,14 @@
 
 Importable (``from lab import Lab``) and a CLI::
 
-    python scripts/netns/lab.py up one-armed|two-armed [--prefix P] [--backends N]
+    python scripts/netns/lab.py up one-armed|two-armed|routed [--prefix P] [--backends N]
+                                   [--backend-vips VIP,...]
     python scripts/netns/lab.py down [--prefix P]
     python scripts/netns/lab.py status [--prefix P]
 
 See scripts/netns/README.md for the topologies. Everything the lab makes lives in namespaces
-named ``{prefix}-client``, ``{prefix}-lb``, ``{prefix}-sw`` and ``{prefix}-be<N>`` and in
+named ``{prefix}-client``, ``{prefix}-lb``, ``{prefix}-sw``, ``{prefix}-be<N>`` (and
+``{prefix}-rt``, the router of the routed topology) and in
 ``/run/xdplb-lab/{prefix}``; nothing is created in the caller's namespace, so labs with
 different prefixes can run side by side.
 """
@@ -39,14 +41,17 @@ RUN_ROOT = Path("/run/xdplb-lab")
 NETNS_DIR = Path("/run/netns")
 BACKEND_SERVER = HERE / "backend_server.py"
 
-TOPOLOGIES = ("one-armed", "two-armed")
+TOPOLOGIES = ("one-armed", "two-armed", "routed")
 MAX_BACKENDS = 64
 HTTP_PORTS = (80, 8080)
 UDP_PORTS = (5000, 5001)
 ECHO_PORTS = (7000,)
 PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 # Only these role suffixes belong to a lab: prefix "xl" must never match "xl-other-client".
-ROLE_RE = r"(?:client|lb|sw|be[0-9]+)"
+ROLE_RE = r"(?:client|lb|sw|rt|be[0-9]+)"
+# The router's nftables table (routed topology): counts what it forwards toward the client.
+NFT_TABLE = "xdplb_lab"
+ROUTER_COUNTERS = ("via_lb", "from_backends", "other")
 
 
 class CommandError(subprocess.CalledProcessError):
@@ -76,7 +81,7 @@ def mac(ns_no: int, if_no: int) -> str:
 
 
 # ns# of each role; the bridge namespace is 0xfe and its ports take the ns# of their peer.
-NS_NO = {"client": 0x01, "lb": 0x02, "sw": 0xFE}
+NS_NO = {"client": 0x01, "lb": 0x02, "rt": 0x03, "sw": 0xFE}
 
 
 def _be_no(i: int) -> int:
@@ -179,7 +184,7 @@ def teardown_prefix(prefix: str) -> None:
     """Remove the lab with this prefix: kill its processes, delete its namespaces and runtime dir.
 
     Works on any partial state (nothing there, half-built, or left by a crashed run) and never
-    raises for what is already gone. Only namespaces named ``{prefix}-{client,lb,sw,beN}`` are
+    raises for what is already gone. Only namespaces named ``{prefix}-{client,lb,sw,rt,beN}`` are
     touched.
     """
     _check_prefix(prefix)
@@ -327,6 +332,29 @@ sys.exit(1)
 """
 
 
+# Broadcasts one ARP request on a device and prints the MAC of the first reply for the address.
+_ARP_CODE = """
+import socket, struct, sys, time
+dev, src, target, timeout = "{dev}", "{src}", "{addr}", {timeout}
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+s.bind((dev, 0x0806))
+me = bytes.fromhex(open(f"/sys/class/net/{{dev}}/address").read().strip().replace(":", ""))
+arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + me + socket.inet_aton(src)
+s.send(b"\\xff" * 6 + me + b"\\x08\\x06" + arp + b"\\0" * 6 + socket.inet_aton(target))
+end = time.monotonic() + timeout
+while (left := end - time.monotonic()) > 0:
+    s.settimeout(left)
+    try:
+        f = s.recv(2048)
+    except TimeoutError:
+        break
+    if f[20:22] == b"\\0\\x02" and f[28:32] == socket.inet_aton(target):
+        print(f[22:28].hex(":"))
+        sys.exit(0)
+sys.exit(1)
+"""
+
+
 # --- the lab -------------------------------------------------------------------------------------
 
 
@@ -338,8 +366,11 @@ class Lab:
     """
 
     client_addr = "10.10.0.2"
-    lb_client_addr = "10.10.0.1"
+    client_gw = "10.10.0.1"  # the LB's eth0, or in the routed lab the router's
+    lb_client_addr = "10.10.0.1"  # routed: the LB's only address, 10.20.0.1 (set in __init__)
     lb_backend_addr = "10.20.0.1"
+    router_client_addr = "10.10.0.1"  # routed topology only
+    router_backend_addr = "10.20.0.254"
     client_net = "10.10.0.0/24"
     backend_net = "10.20.0.0/24"
     vip_net = "10.200.0.0/24"  # routed from the client via the LB; the LB has no route to it
@@ -348,13 +379,17 @@ class Lab:
     echo_ports = ECHO_PORTS
 
     def __init__(self, topology: str = "one-armed", backends: int = 2, prefix: str = "xl",
-                 tx_offload: bool = False) -> None:
+                 tx_offload: bool = False, backend_vips: Sequence[str] = ()) -> None:
         if topology not in TOPOLOGIES:
             raise ValueError(f"topology must be one of {TOPOLOGIES}, not {topology!r}")
         if not 1 <= backends <= MAX_BACKENDS:
             raise ValueError(f"backends must be 1..{MAX_BACKENDS}, not {backends}")
         _check_prefix(prefix)
         self.topology = topology
+        self.routed = topology == "routed"
+        # DSR-style backends: these addresses go on every backend's lo, which accepts packets
+        # to them but does not answer ARP for them (the VIP's MAC is the LB's).
+        self.backend_vips = [str(ipaddress.IPv4Address(v)) for v in backend_vips]
         self.prefix = prefix
         # False: every end computes its own checksums (the lab's tuned setting); True: veth's
         # default TX checksum offload, as in a namespace lab built by hand.
@@ -367,6 +402,10 @@ class Lab:
         self.backend_addrs = [f"10.20.0.{10 + i}" for i in range(1, backends + 1)]
         self.backend_macs = [mac(_be_no(i), 0) for i in range(1, backends + 1)]
         self.client_mac = mac(NS_NO["client"], 0)
+        self.router_ns = f"{prefix}-rt" if self.routed else None
+        self.router_macs = {f"eth{i}": mac(NS_NO["rt"], i) for i in (0, 1)} if self.routed else {}
+        if self.routed:
+            self.lb_client_addr = self.lb_backend_addr  # reached through the router
         two = topology == "two-armed"
         self.lb_ifaces = ["eth0", "eth1"] if two else ["eth0"]
         self.lb_client_iface = "eth0"
@@ -392,7 +431,13 @@ class Lab:
     @property
     def namespaces(self) -> list[str]:
         """Every namespace of this lab."""
-        return [self.client_ns, self.lb_ns, self.sw_ns, *self.backend_ns]
+        rt = [self.router_ns] if self.router_ns else []
+        return [self.client_ns, *rt, self.lb_ns, self.sw_ns, *self.backend_ns]
+
+    @property
+    def backend_gw(self) -> str:
+        """The backends' default gateway: the LB, or in the routed lab the router."""
+        return self.router_backend_addr if self.routed else self.lb_backend_addr
 
     def resolve_ns(self, ns: str) -> str:
         """A namespace of this lab, by full name ("xl-lb") or role ("lb", "be1")."""
@@ -479,6 +524,19 @@ class Lab:
         code = _PING_CODE.format(addr=ipaddress.IPv4Address(addr), timeout=float(timeout))
         p = self.run(ns, sys.executable, "-c", code, check=False, timeout=timeout + 10)
         return p.returncode == 0
+
+    def arp_who_has(self, ns: str, addr: str, dev: str = "eth0", timeout: float = 1) -> str | None:
+        """The MAC that answers an ARP request for addr broadcast from ns's dev, or None.
+
+        Raw frames rather than the neighbour table: whether a host answers ARP for an address
+        (a DSR VIP on lo must not be answered) is what is asked, not what ns has cached.
+        """
+        out = self.run(ns, "ip", "-4", "-o", "addr", "show", "dev", dev).stdout
+        src = re.search(r"inet ([\d.]+)", out)
+        code = _ARP_CODE.format(dev=dev, src=src[1] if src else "0.0.0.0",
+                                addr=ipaddress.IPv4Address(addr), timeout=float(timeout))
+        p = self.run(ns, sys.executable, "-c", code, check=False, timeout=timeout + 10)
+        return p.stdout.strip() if p.returncode == 0 else None
 
     def curl(self, ns: str, url: str, *args: str, timeout: float = 10) -> str:
         """Body of a curl request made from ns (fails on HTTP errors)."""
@@ -583,6 +641,12 @@ class Lab:
         if self.topology == "one-armed":
             v.append(Veth(self.client_ns, "eth0", self.client_mac, sw, "p-client", mac(0xFE, c)))
             v.append(Veth(self.lb_ns, "eth0", lb_mac["eth0"], sw, "p-lb", mac(0xFE, lb)))
+        elif self.routed:
+            assert self.router_ns is not None
+            rt, rmac = self.router_ns, self.router_macs
+            v.append(Veth(self.client_ns, "eth0", self.client_mac, rt, "eth0", rmac["eth0"]))
+            v.append(Veth(rt, "eth1", rmac["eth1"], sw, "p-rt", mac(0xFE, NS_NO["rt"])))
+            v.append(Veth(self.lb_ns, "eth0", lb_mac["eth0"], sw, "p-lb", mac(0xFE, lb)))
         else:
             lb0 = lb_mac["eth0"]
             v.append(Veth(self.client_ns, "eth0", self.client_mac, self.lb_ns, "eth0", lb0))
@@ -596,10 +660,10 @@ class Lab:
         out = [v.if_a for v in self.veths if v.ns_a == ns]
         return out + [v.if_b for v in self.veths if v.ns_b == ns]
 
-    def _sh(self, ns: str, cmds: list[list[str]]) -> None:
+    def _sh(self, ns: str, cmds: list[list[str]], stdin: str | None = None) -> None:
         """Run a list of commands in ns in one shell (one fork per namespace, not per command)."""
         script = "set -e\n" + "\n".join(shlex.join(c) for c in cmds)
-        self.run(ns, "sh", "-c", script, timeout=60)
+        self.run(ns, "sh", "-c", script, timeout=60, input=stdin)
 
     def _build(self) -> None:
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
@@ -618,7 +682,8 @@ class Lab:
             run_command(["ip", "-n", v.ns_a, "link", "add", *link.split(), "netns", v.ns_b])
         lb_peers = set(self.xdp_peers)
         for ns in self.namespaces:
-            self._sh(ns, self._configure(ns, lb_peers))
+            self._sh(ns, self._configure(ns, lb_peers),
+                     stdin=self._nft_script() if ns == self.router_ns else None)
         self._attach_xdp()
         self._start_backends()
         self._save_state()
@@ -629,6 +694,20 @@ class Lab:
         cmds: list[list[str]] = []
         if ns == self.sw_ns:
             sysctls.append("net.ipv6.conf.br0.disable_ipv6=1")
+        if ns == self.router_ns:
+            sysctls.append("net.ipv4.ip_forward=1")
+            for i in ("all", "default", *ifaces):
+                # rp_filter: DSR/fullnat replies may come from sources the router would not
+                # route back the same way; send_redirects: a backend talking to the VIP is
+                # routed back out of eth1 to the LB, which must not earn it an ICMP redirect.
+                sysctls += [f"net.ipv4.conf.{i}.rp_filter=0", f"net.ipv4.conf.{i}.send_redirects=0"]
+        if ns in self.backend_ns and self.backend_vips:
+            for i in ("all", "eth0"):
+                # arp_ignore=1: answer ARP only for addresses on the interface asked (not the
+                # VIPs on lo); arp_announce=2: never use a VIP as the source of an ARP request;
+                # rp_filter=0: packets to a VIP arrive on eth0, not on lo where it lives.
+                sysctls += [f"net.ipv4.conf.{i}.arp_ignore=1", f"net.ipv4.conf.{i}.arp_announce=2",
+                            f"net.ipv4.conf.{i}.rp_filter=0"]  # fmt: skip
         if ns == self.lb_ns:
             sysctls.append("net.ipv4.ip_forward=1")
             for i in ("all", "default", *ifaces):
@@ -650,20 +729,80 @@ class Lab:
             cmds.append(["ip", "link", "set", "br0", "up"])
         elif ns == self.client_ns:
             cmds.append(["ip", "addr", "add", f"{self.client_addr}/24", "dev", "eth0"])
+        elif ns == self.router_ns:
+            cmds.append(["ip", "addr", "add", f"{self.router_client_addr}/24", "dev", "eth0"])
+            cmds.append(["ip", "addr", "add", f"{self.router_backend_addr}/24", "dev", "eth1"])
         elif ns == self.lb_ns:
-            cmds.append(["ip", "addr", "add", f"{self.lb_client_addr}/24", "dev", "eth0"])
+            if not self.routed:
+                cmds.append(["ip", "addr", "add", f"{self.lb_client_addr}/24", "dev", "eth0"])
             dev = self.lb_backend_iface
             cmds.append(["ip", "addr", "add", f"{self.lb_backend_addr}/24", "dev", dev])
         else:
             addr = self.backend_addrs[self.backend_ns.index(ns)]
             cmds.append(["ip", "addr", "add", f"{addr}/24", "dev", "eth0"])
+            cmds += [["ip", "addr", "add", f"{v}/32", "dev", "lo"] for v in self.backend_vips]
         cmds += [["ip", "link", "set", i, "up"] for i in ifaces]
         if ns == self.client_ns:
-            cmds.append(["ip", "route", "add", self.vip_net, "via", self.lb_client_addr])
+            cmds.append(["ip", "route", "add", self.vip_net, "via", self.client_gw])
+            if self.routed:
+                cmds.append(["ip", "route", "add", "default", "via", self.client_gw])
+        elif ns == self.router_ns:
+            cmds.append(["ip", "route", "add", self.vip_net, "via", self.lb_backend_addr])
+            cmds.append(["nft", "-f", "-"])  # the counters; the script comes on stdin
+        elif ns == self.lb_ns and self.routed:
+            cmds.append(["ip", "route", "add", "default", "via", self.router_backend_addr])
+            # Without it a packet to a VIP that XDP passes up would loop LB -> router -> LB
+            # until its TTL ran out; like the other labs, the LB itself has no route there.
+            cmds.append(["ip", "route", "add", "unreachable", self.vip_net])
         elif ns in self.backend_ns:
-            # Replies to the client go back through the LB.
-            cmds.append(["ip", "route", "add", "default", "via", self.lb_backend_addr])
+            # Replies to the client go back through the LB (routed: straight to the router).
+            cmds.append(["ip", "route", "add", "default", "via", self.backend_gw])
         return cmds
+
+    def _nft_script(self) -> str:
+        """The router's counters of packets forwarded toward the client, by L2 source."""
+        lb_mac = self.lb_macs[self.lb_backend_iface]
+        bes = ", ".join(self.backend_macs)
+        # The forward hook still sees the Ethernet header a frame arrived with, so "who put
+        # it on the wire" is its source MAC, whatever its IP source says.
+        return f"""
+table ip {NFT_TABLE} {{
+    counter via_lb {{ }}
+    counter from_backends {{ }}
+    counter other {{ }}
+    chain forward {{
+        type filter hook forward priority 0; policy accept;
+        oifname "eth0" ether saddr {lb_mac} counter name via_lb accept
+        oifname "eth0" ether saddr {{ {bes} }} counter name from_backends accept
+        oifname "eth0" counter name other accept
+    }}
+}}
+"""
+
+    def router_counts(self) -> dict[str, dict[str, int]]:
+        """Packets and bytes (IP lengths) the router forwarded toward the client, by sender.
+
+        ``via_lb``: frames from the LB's MAC; ``from_backends``: from any backend's MAC;
+        ``other``: from anything else. Routed topology only.
+        """
+        ns = self._router()
+        out = self.run(ns, "nft", "-j", "list", "counters", "table", "ip", NFT_TABLE).stdout
+        counts = {}
+        for item in json.loads(out)["nftables"]:
+            c = item.get("counter")
+            if c and c.get("table") == NFT_TABLE:
+                counts[c["name"]] = {"packets": int(c["packets"]), "bytes": int(c["bytes"])}
+        return {name: counts[name] for name in ROUTER_COUNTERS}
+
+    def reset_router_counts(self) -> None:
+        """Zero the router's counters (see router_counts)."""
+        ns = self._router()
+        self._sh(ns, [["nft", "reset", "counter", "ip", NFT_TABLE, n] for n in ROUTER_COUNTERS])
+
+    def _router(self) -> str:
+        if self.router_ns is None:
+            raise ValueError(f"the {self.topology} lab has no router (topology 'routed' has)")
+        return self.router_ns
 
     def _attach_xdp(self) -> None:
         self.xdp_prog_ids = xdp_attach_pass(self.xdp_peers)
@@ -718,6 +857,7 @@ class Lab:
             "prefix": self.prefix,
             "topology": self.topology,
             "backends": len(self.backend_names),
+            "backend_vips": self.backend_vips,
             "namespaces": self.namespaces,
             "pids": self.backend_pids,
             "xdp": [[ns, i, pid] for (ns, i), pid in self.xdp_prog_ids.items()],
@@ -734,20 +874,32 @@ class Lab:
         lines = [
             f"lab {self.prefix!r} ({self.topology}, {len(self.backend_names)} backends)",
             f"  client  {self.client_ns:<14} eth0 {self.client_addr}/24 {self.client_mac}"
-            f"  route {self.vip_net} via {self.lb_client_addr}",
+            f"  route {self.vip_net}{' and default' if self.routed else ''} via {self.client_gw}",
         ]
+        if self.router_ns:
+            rm = self.router_macs
+            lines += [
+                f"  router  {self.router_ns:<14} eth0 {self.router_client_addr}/24 {rm['eth0']}"
+                f"  route {self.vip_net} via {self.lb_backend_addr}",
+                f"  router  {self.router_ns:<14} eth1 {self.router_backend_addr}/24 {rm['eth1']}"
+                f"  nft counters {NFT_TABLE}: {', '.join(ROUTER_COUNTERS)}",
+            ]
         for i in self.lb_ifaces:
             addrs = []
-            if i == self.lb_client_iface:
+            if i == self.lb_client_iface and not self.routed:
                 addrs.append(f"{self.lb_client_addr}/24")
             if i == self.lb_backend_iface:
                 addrs.append(f"{self.lb_backend_addr}/24")
-            lines.append(f"  lb      {self.lb_ns:<14} {i} {' '.join(addrs)} {self.lb_macs[i]}")
-        gw = self.lb_backend_addr
+            route = f"  default via {self.router_backend_addr}" if self.routed else ""
+            lines.append(
+                f"  lb      {self.lb_ns:<14} {i} {' '.join(addrs)} {self.lb_macs[i]}{route}"
+            )
+        gw = self.backend_gw
+        vips = f"  lo {', '.join(self.backend_vips)} (no ARP)" if self.backend_vips else ""
         for name, ns, addr, m in zip(
             self.backend_names, self.backend_ns, self.backend_addrs, self.backend_macs, strict=True
         ):
-            lines.append(f"  {name:<7} {ns:<14} eth0 {addr}/24 {m}  default via {gw}")
+            lines.append(f"  {name:<7} {ns:<14} eth0 {addr}/24 {m}  default via {gw}{vips}")
         lines.append(f"  switch  {self.sw_ns:<14} br0")
         peers = ", ".join(f"{ns}/{i}" for ns, i in self.xdp_peers)
         lines.append(f"  XDP_PASS on LB peers: {peers}")
@@ -809,6 +961,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("topology", choices=TOPOLOGIES)
     up.add_argument("--prefix", default="xl")
     up.add_argument("--backends", type=int, default=2)
+    up.add_argument("--backend-vips", default="", metavar="VIP,...",
+                    help="addresses for every backend's lo, not answered by ARP (DSR)")
     down = sub.add_parser("down", help="remove a lab and its processes")
     down.add_argument("--prefix", default="xl")
     st = sub.add_parser("status", help="show labs (all, or one prefix)")
@@ -818,7 +972,8 @@ def main(argv: list[str] | None = None) -> int:
         print("lab: must run as root", file=sys.stderr)
         return 1
     if args.cmd == "up":
-        lab = Lab(args.topology, args.backends, args.prefix)
+        vips = [v for v in args.backend_vips.split(",") if v]
+        lab = Lab(args.topology, args.backends, args.prefix, backend_vips=vips)
         lab.up()  # the backends run in their own sessions and outlive this process
         print(lab.describe())
         return 0
