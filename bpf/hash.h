@@ -40,3 +40,11 @@ static __always_inline __u32 xl_addr_slot(__u32 addr)
 {
     return (addr * 0x9e3779b1u) >> (32 - XL_ADDR_FILTER_BITS);
 }
+
+/* The prefilter's ``bit`` for ``addr``: 0 means certainly not, 1 only "maybe". */
+static __always_inline int xl_maybe(__be32 addr, __u8 bit)
+{
+    __u32 slot = xl_addr_slot(addr);
+    __u8 *bits = addr_filter.lookup(&slot);
+    return bits && (*bits & bit);
+}

@@ -80,7 +80,9 @@ static __always_inline int xl_icmp_to_backend(struct xdp_md *ctx, struct xl_pkt 
     struct xl_flow *f = in->saddr == p->ip->daddr ? flows.lookup(&fk) : NULL;
     __u32 bid = f ? f->backend_id : 0;
     struct xl_backend *be = f ? backends.lookup(&bid) : NULL;
-    if (!be || !(be->flags & XL_BACKEND_VALID) || *(__u32 *)be->vip_addr != in->saddr ||
+    /* nat flows only: a fullnat or dsr backend's packets did not leave as the quote shows */
+    if (!be || f->mode != XL_MODE_NAT || !(be->flags & XL_BACKEND_VALID) ||
+        *(__u32 *)be->vip_addr != in->saddr ||
         be->vip_port != q->source || be->vip_proto != in->protocol) {
         return xl_pass(XL_C_PASS_NOT_VIP);
     }

@@ -158,6 +158,12 @@ static __always_inline int xl_from_backend(struct xdp_md *ctx, struct xl_pkt *p)
         return xl_pass(XL_C_PASS_BAD_IP_CSUM);
     if (p->frag && (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP))
         return xl_reply_fragment(ctx, p);
+    if (p->sport && xl_maybe(p->ip->daddr, XL_ADDR_MAYBE_LB_SOURCE)) {
+        struct xl_flow_key fk;
+        struct xl_flow *f = xl_fnat_flow(p, &fk);
+        if (f)
+            return xl_fnat_reply(ctx, p, f, &fk);
+    }
     if (p->sport) {
         struct xl_rev_nat *rn = xl_rev_lookup(p->ip->saddr, *p->sport, p->proto);
         struct xl_rev_target *t = NULL;

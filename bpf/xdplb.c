@@ -27,25 +27,46 @@
 #include "guard.h"
 #include "flow.h"
 #include "icmp.h"
+#include "fullnat.h"
 #include "reply.h"
 #include "icmperr.h"
 
-/* Client -> backend, the part every forwarded packet shares: flow accounting, DNAT, next
- * hop. ``f`` is the tracked entry, or a new one not inserted yet. */
+/* Client -> backend, the part every forwarded packet shares: flow accounting, next hop,
+ * and the flow's mode: nat rewrites the destination, fullnat the source too, dsr/l2 only
+ * the MACs, dsr/ipip wraps the packet. ``f`` is the tracked entry, or a new one not
+ * inserted yet. */
 static __always_inline int xl_to_backend(struct xdp_md *ctx, struct xl_pkt *p,
                                          struct xl_flow *f, struct xl_backend *be,
                                          __u32 bid, __u32 vip_id, __u64 now, __u64 created)
 {
+    __u8 mode = f->mode;
     struct xl_next_hop *nh = xl_flow_seen(f, p, now, 0);
     xl_stat_add(vip_stats.lookup(&vip_id), p->len, created);
     xl_stat_add(backend_stats.lookup(&bid), p->len, created);
     struct xl_next_hop tmp;
     __u16 too_big = 0;
-    struct xl_next_hop *h = xl_route(ctx, p, nh, &tmp, now, p->ip->saddr, *(__u32 *)be->addr,
-                                     &too_big);
+    __be32 to = *(__u32 *)be->addr;
+    /* The source of the packet that leaves: the lookup is for it */
+    __be32 from = mode == XL_MODE_FULLNAT   ? *(__u32 *)f->nat_addr
+                  : mode == XL_MODE_DSR_IPIP ? *(__u32 *)be->src
+                                            : p->ip->saddr;
+    __u16 overhead = mode == XL_MODE_DSR_IPIP ? XL_IPIP_OVERHEAD : 0;
+    struct xl_next_hop *h = xl_route_mode(ctx, p, nh, &tmp, now, from, to, overhead, mode,
+                                          &too_big);
     if (too_big)
         return xl_icmp_frag_needed(ctx, p, too_big);
-    xl_rewrite(p, &p->ip->daddr, *(__u32 *)be->addr, p->dport, be->port);
+    if (mode == XL_MODE_NAT) {
+        xl_rewrite(p, &p->ip->daddr, to, p->dport, be->port);
+        return xl_send(p, h);
+    }
+    if (!h)
+        return XDP_DROP; /* counted by xl_resolve */
+    if (mode == XL_MODE_DSR_IPIP)
+        return xl_send_ipip(ctx, p, h, from, to);
+    if (mode == XL_MODE_FULLNAT) {
+        xl_rewrite(p, &p->ip->daddr, to, p->dport, be->port);
+        xl_rewrite(p, &p->ip->saddr, from, p->sport, f->nat_port);
+    }
     return xl_send(p, h);
 }
 
@@ -87,6 +108,11 @@ static __always_inline int xl_new_flow(struct xdp_md *ctx, struct xl_pkt *p,
         xl_count(XL_C_DROP_NO_BACKEND);
         return XDP_DROP;
     }
+    if ((vip->mode == XL_MODE_FULLNAT || vip->mode == XL_MODE_DSR_IPIP) && !*(__u32 *)be->src) {
+        /* The agent found no route, so no address of ours, toward the backend */
+        xl_count(XL_C_DROP_NEXT_HOP);
+        return XDP_DROP;
+    }
     __u64 now = bpf_ktime_get_coarse_ns();
     /* Built here, sent on its way (counters, next hop filled in), then inserted: the one LRU
      * insert of a new flow (its replies need no entry of their own, see reply.h), and no
@@ -96,18 +122,18 @@ static __always_inline int xl_new_flow(struct xdp_md *ctx, struct xl_pkt *p,
     nf.backend_id = bid;
     nf.vip_id = vip_id;
     nf.first_ns = now;
+    nf.mode = vip->mode;
+    if (nf.mode == XL_MODE_FULLNAT) {
+        __be32 src = *(__u32 *)be->src;
+        nf.nat_port = xl_fnat_port(vip, be, fk, h, src);
+        if (!nf.nat_port)
+            return XDP_DROP;
+        __builtin_memcpy(nf.nat_addr, &src, 4);
+    }
     xl_count(XL_C_NEW_FLOW);
     int verdict = xl_to_backend(ctx, p, &nf, be, bid, vip_id, now, 1);
     flows.update(fk, &nf);
     return verdict;
-}
-
-/* The prefilter's ``bit`` for ``addr``: 0 means certainly not, 1 only "maybe". */
-static __always_inline int xl_maybe(__be32 addr, __u8 bit)
-{
-    __u32 slot = xl_addr_slot(addr);
-    __u8 *bits = addr_filter.lookup(&slot);
-    return bits && (*bits & bit);
 }
 
 /* Is ``daddr`` a VIP address (any port, any protocol)? */

@@ -53,7 +53,8 @@ pytestmark = pytest.mark.root
 
 FUZZ_FRAMES = 100_000
 CLIENT = "10.10.0.2"
-VIP2, VIP3 = "10.200.0.20", "10.200.0.30"
+VIP2, VIP3, VIP4 = "10.200.0.20", "10.200.0.30", "10.200.0.40"
+LB_SRC = "10.20.0.1"  # the bench's address toward its backends: fullnat's and ipip's source
 
 WEB_8080 = Backend(BE2, port=8080)
 
@@ -71,6 +72,14 @@ def corpus_pool(web: tuple[Backend | str, ...] = (WEB_8080,),
         Vip("blackhole", 81, ("10.60.0.5",), address=VIP3),
         Vip("drained", 82, (Backend(BE1, weight=0),), address=VIP3),
         Vip("gateway", 83, ("10.70.0.5",), protocol="udp", address=VIP3),
+        # One VIP address per mode besides nat (VIP4), every next-hop outcome they add. The
+        # fullnat range has one port: a second flow to the backend finds none.
+        Vip("fnat", 80, (BE1,), address=VIP4, forwarding="fullnat",
+            source_ports="20000-20000"),
+        Vip("fnat-noneigh", 84, ("10.20.0.99",), address=VIP4, forwarding="fullnat"),
+        Vip("dsr-l2", 81, (BE1,), address=VIP4, forwarding="dsr", encap="l2"),
+        Vip("dsr-l2-routed", 82, ("10.70.0.5",), address=VIP4, forwarding="dsr", encap="l2"),
+        Vip("dsr-ipip", 83, (BE1,), address=VIP4, forwarding="dsr"),
         table_size=251, seed=3, flows={"max_entries": 4096, **flows})
 
 
@@ -356,10 +365,46 @@ def corpus_reverse() -> Iterator[Case]:
     yield Case("ICMP fragment from a backend", icmp, "pass_not_vip")
 
 
+def corpus_modes() -> Iterator[Case]:
+    """fullnat, dsr/l2 and dsr/ipip (VIP4): new flow, established, fullnat's reply, port
+    exhaustion, ipip near the MTU, and the next hops that cannot be handed to the kernel."""
+    syn = build(CLIENT, VIP4, 6, 40100, 80, flags="S", payload=b"hi")
+    yield Case("fullnat: new flow, source and destination rewritten", syn, "tx", "created",
+               rewritten=True)
+    yield Case("fullnat: established", build(CLIENT, VIP4, 6, 40100, 80, flags="A"), "tx",
+               "hit", rewritten=True)
+    yield Case("fullnat: the backend's reply to the balancer's port, back to VIP -> client",
+               build(BE1, LB_SRC, 6, 80, 20000, flags="SA"), "tx", "reply", rewritten=True)
+    yield Case("fullnat: a reply to a port no flow holds", build(BE1, LB_SRC, 6, 80, 20001),
+               "pass_not_vip")
+    yield Case("fullnat: the range's only port is taken", build(CLIENT, VIP4, 6, 40101, 80,
+                                                                flags="S"), "drop_source_ports")
+    yield Case("fullnat: no neighbour: dropped (the kernel cannot take it over)",
+               build(CLIENT, VIP4, 6, 40102, 84, flags="S"), "drop_next_hop", "created")
+    yield Case("dsr/l2: new flow, only the MACs (and TTL) change",
+               build(CLIENT, VIP4, 6, 40200, 81, flags="S"), "tx", "created", rewritten=True)
+    yield Case("dsr/l2: established", build(CLIENT, VIP4, 6, 40200, 81, flags="A"), "tx", "hit",
+               rewritten=True)
+    yield Case("dsr/l2: a backend behind a gateway", build(CLIENT, VIP4, 6, 40201, 82,
+                                                           flags="S"), "drop_not_on_link",
+               "created")
+    yield Case("dsr/ipip: new flow, wrapped", build(CLIENT, VIP4, 6, 40300, 83, flags="S",
+                                                    df=True), "tx", "created", rewritten=True)
+    yield Case("dsr/ipip: established, 1480 bytes with DF: fits with the outer header",
+               build(CLIENT, VIP4, 6, 40300, 83, flags="A", payload=bytes(1440), df=True), "tx",
+               "hit", rewritten=True)
+    yield Case("dsr/ipip: 1481 bytes with DF: fragmentation needed (MTU 1480)",
+               build(CLIENT, VIP4, 6, 40300, 83, flags="A", payload=bytes(1441), df=True), "tx",
+               "hit", rewritten=True)
+    yield Case("dsr/ipip: 1481 bytes without DF: dropped (the kernel cannot fragment it)",
+               build(CLIENT, VIP4, 6, 40300, 83, flags="A", payload=bytes(1441)),
+               "drop_next_hop", "hit")
+
+
 def test_corpus_same_fate_in_both(bench, fresh):
     a, b = fresh
     seen = set()
-    for case in (*corpus(), *corpus_reverse()):
+    for case in (*corpus(), *corpus_reverse(), *corpus_modes()):
         ingress = bench.ifindex[case.ingress] if case.ingress != "lo" else 0
         r = run_both(a, b, case.frame, ingress)
         assert (r.reason, r.effect) == (case.reason, case.effect), case.name

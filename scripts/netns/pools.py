@@ -55,6 +55,10 @@ class Vip:
     protocol: str = "tcp"
     address: str = VIP
     health_check: HealthCheck | None = None
+    forwarding: str | None = None  # None: the default (nat)
+    encap: str | None = None  # dsr only
+    source: str | None = None  # fullnat only
+    source_ports: str | None = None  # fullnat only: "FIRST-LAST"
 
 
 # What several pools share: the lab's backends serve HTTP on 80 and 8080, UDP echo on 5000 and
@@ -88,6 +92,8 @@ def _set(d: Mapping[str, Any]) -> dict[str, Any]:
 def _vip(v: Vip) -> dict[str, Any]:
     d: dict[str, Any] = {"name": v.name, "address": v.address, "port": v.port,
                          "protocol": v.protocol}
+    d |= _set({"forwarding": v.forwarding, "encap": v.encap, "source": v.source,
+               "source_ports": v.source_ports})
     if v.health_check is not None:
         d["health_check"] = _set(asdict(v.health_check))
     d["backends"] = [_set(asdict(Backend(b) if isinstance(b, str) else b)) for b in v.backends]

@@ -42,7 +42,18 @@ FLOW_MAX = 131072  # never fills in a run, so the kernel's approximate LRU never
 CLIENT_MAC = "02:00:00:00:0a:02"
 # (VIP address, port, protocol): balanced services; the generator also hits other ports
 SERVICES = ((VIPS[0], 80, "tcp"), (VIPS[0], 53, "udp"), (VIPS[1], 443, "tcp"),
-            (VIPS[2], 80, "udp"), (VIPS[2], 80, "tcp"))
+            (VIPS[2], 80, "udp"), (VIPS[2], 80, "tcp"),
+            (VIPS[3], 80, "tcp"), (VIPS[3], 53, "udp"), (VIPS[3], 81, "tcp"),
+            (VIPS[3], 82, "udp"), (VIPS[3], 83, "tcp"))
+# Forwarding of the services above that are not nat (by index). One fullnat range is a few
+# ports only, so that flows run out of them.
+MODES: dict[int, dict[str, str]] = {
+    5: {"forwarding": "fullnat", "source_ports": "30000-30007"},
+    6: {"forwarding": "fullnat"},
+    7: {"forwarding": "dsr", "encap": "l2"},
+    8: {"forwarding": "dsr"},
+    9: {"forwarding": "dsr", "encap": "ipip"},
+}
 TCP_FLAGS = ("S", "A", "PA", "FA", "R", "RA", "SA", "F", "", "SF", "U")
 TARGET_PORTS = (None, 8080, 53, 5353)
 TCP_FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x20}
@@ -161,11 +172,15 @@ def random_config(rnd: random.Random, flow_max: int = FLOW_MAX) -> Config:
         if vips and rnd.random() < 0.15:
             continue
         bes = []
+        mode = MODES.get(i, {})
         for a in rnd.sample(BACKENDS, rnd.randint(1, 6)):
             # Weight, then port: a seed's configs depend on the order of the draws.
             weight = rnd.choice((0, 1, 1, 2, 3))
-            bes.append(Backend(a, port=rnd.choice(TARGET_PORTS), weight=weight))
-        vips.append(Vip(f"s{i}", port, tuple(bes), protocol=proto, address=addr))
+            target = rnd.choice(TARGET_PORTS)
+            # dsr keeps the VIP's port: the backend answers the client itself
+            bes.append(Backend(a, port=None if mode.get("forwarding") == "dsr" else target,
+                               weight=weight))
+        vips.append(Vip(f"s{i}", port, tuple(bes), protocol=proto, address=addr, **mode))
     return Config.model_validate(pool_data(*vips, table_size=RING_SIZE, seed=rnd.randrange(2),
                                            flows={"max_entries": flow_max}))
 
@@ -185,7 +200,7 @@ def reconfigure(engines: tuple[Engine, ...], rnd: random.Random, down_share: flo
 def base_config(flow_max: int = FLOW_MAX) -> Config:
     """Every service, every backend: the first epoch's config."""
     return Config.model_validate(pool_data(
-        *(Vip(f"s{i}", p, BACKENDS, protocol=proto, address=a)
+        *(Vip(f"s{i}", p, BACKENDS, protocol=proto, address=a, **MODES.get(i, {}))
           for i, (a, p, proto) in enumerate(SERVICES)),
         table_size=RING_SIZE, seed=1, flows={"max_entries": flow_max}))
 

@@ -30,7 +30,12 @@ MAX_TX_PORTS = 64
 NO_BACKEND = 0xFFFFFFFF  # Maglev slot value for "no backend"
 NO_TX_SLOT = 0xFFFFFFFF  # NextHop.tx_slot: leave by XDP_TX
 ADDR_FILTER_BITS = 16
-ADDR_MAYBE_VIP, ADDR_MAYBE_BACKEND = 1, 2
+ADDR_MAYBE_VIP, ADDR_MAYBE_BACKEND, ADDR_MAYBE_LB_SOURCE = 1, 2, 4
+# fullnat: source ports a new flow tries (its hash's, then the VIP's next) before it is
+# dropped; see bpf/fullnat.h for why no more.
+FNAT_TRIES = 2
+IPIP_OVERHEAD = 20  # the outer IPv4 header of dsr/ipip
+OUTER_TTL = 64
 # Reverse NAT: VIPs one backend endpoint (address, port, protocol) may serve and be told apart
 # by (the data path tries each one's flow key); entries for backends, their addresses, and
 # those of backends that left the config (kept for their late replies).
@@ -65,20 +70,29 @@ class Counter(enum.IntEnum):
     # several VIP addresses (for its protocol), or a first fragment whose port maps to no or
     # several VIP ports, or whose TCP/UDP header is not all in it. Never sent as it is.
     DROP_REPLY_FRAGMENT = 13
-    TX = 14  # sent back out of the ingress interface
-    REDIRECT = 15  # sent out of another attached interface
-    NEW_FLOW = 16  # flow created from the Maglev table
-    FLOW_HIT = 17  # forward packet matched a tracked flow
-    REPLY = 18  # reply of a tracked flow, reverse-NATed
-    FIB_MISS = 19  # bpf_fib_lookup did not return success
-    FIB_LOOKUP = 20  # bpf_fib_lookup calls; other forwards used their flow's cached next hop
-    ICMP_ECHO = 21  # echo request to a VIP address, answered by the program (outcome: tx)
-    TTL_EXCEEDED = 22  # TTL <= 1 to a VIP: Time Exceeded sent from the VIP (outcome: tx)
-    REPLY_FRAGMENT = 23  # fragment of a reply, source rewritten to the VIP without a flow
-    FRAG_NEEDED = 24  # DF set, too long for the next hop: "fragmentation needed" sent back
-    ICMP_TO_BACKEND = 25  # ICMP error to a VIP about a reply, sent on to the flow's backend
-    ICMP_TO_CLIENT = 26  # ICMP error about a client's packet to a backend, translated to the VIP
-    MAX = 27
+    # fullnat: every source port the new flow tried is taken (or the port table is full)
+    DROP_SOURCE_PORTS = 14
+    # fullnat/dsr: no usable next hop (no neighbour, no route, too long without DF, egress not
+    # attached). The kernel cannot take these over: it knows nothing of the mode, and a
+    # packet from the balancer's own address arriving on a port is a martian to it.
+    DROP_NEXT_HOP = 15
+    DROP_NOT_ON_LINK = 16  # dsr/l2: the backend is behind a gateway, not on a local segment
+    TX = 17  # sent back out of the ingress interface
+    REDIRECT = 18  # sent out of another attached interface
+    NEW_FLOW = 19  # flow created from the Maglev table
+    FLOW_HIT = 20  # forward packet matched a tracked flow
+    REPLY = 21  # reply of a tracked flow, reverse-NATed
+    FIB_MISS = 22  # bpf_fib_lookup did not return success
+    FIB_LOOKUP = 23  # bpf_fib_lookup calls; other forwards used their flow's cached next hop
+    ICMP_ECHO = 24  # echo request to a VIP address, answered by the program (outcome: tx)
+    TTL_EXCEEDED = 25  # TTL <= 1 to a VIP: Time Exceeded sent from the VIP (outcome: tx)
+    REPLY_FRAGMENT = 26  # fragment of a reply, source rewritten to the VIP without a flow
+    FRAG_NEEDED = 27  # DF set, too long for the next hop: "fragmentation needed" sent back
+    ICMP_TO_BACKEND = 28  # ICMP error to a VIP about a reply, sent on to the flow's backend
+    ICMP_TO_CLIENT = 29  # ICMP error about a client's packet to a backend, translated to the VIP
+    FNAT_PORT_TAKEN = 30  # fullnat: a source port tried for a new flow was in use
+    IPIP_ENCAP = 31  # dsr/ipip: packet wrapped in an outer IPv4 header to its backend
+    MAX = 32
 
 
 OUTCOMES = tuple(c for c in Counter if c < Counter.NEW_FLOW)
@@ -87,6 +101,16 @@ OUTCOMES = tuple(c for c in Counter if c < Counter.NEW_FLOW)
 class BackendFlag(enum.IntFlag):
     VALID = 1  # slot in the backends array is in use
     DOWN = 2  # failed health checks: its flows are re-balanced
+
+
+class Forwarding(enum.IntEnum):
+    """How a VIP's packets reach its backends (``forwarding`` and ``encap`` in pool.yaml).
+    A flow keeps the mode it started in (Flow.mode)."""
+
+    NAT = 0  # destination rewritten; replies must route back through the balancer
+    FULLNAT = 1  # source rewritten too, to the balancer's address and a port per flow
+    DSR_L2 = 2  # frame to the backend's MAC, IP packet as sent; replies go direct
+    DSR_IPIP = 3  # wrapped in IPv4 to the backend (outer source: the balancer); direct replies
 
 
 class TcpState(enum.IntEnum):
@@ -164,7 +188,9 @@ class Flow(_Struct):
         ("rev_packets", U64),
         ("rev_bytes", U64),
         ("tcp_state", U8),
-        ("pad", U8 * 7),
+        ("mode", U8),  # Forwarding: the VIP's mode when the flow started
+        ("nat_port", U16),  # fullnat: the flow's source port (network order)
+        ("nat_addr", Addr4),  # fullnat: the flow's source address
         ("fwd_nh", NextHop),  # client -> backend
         ("rev_nh", NextHop),  # backend -> client
     ]
@@ -184,6 +210,24 @@ def coarse_ns() -> int:
 
 
 CLOCK_COUNTERS = frozenset({"fib_lookup"})
+
+
+class FnatKey(_Struct):
+    """fullnat: a reply's 5-tuple as it arrives (backend -> the balancer's address and the
+    flow's port), the key of the flow it answers. Written by the data path with the flow; an
+    entry whose flow is gone (evicted, or moved to another port) is stale and taken over by
+    the next flow that picks its port, and removed by the agent's sweep."""
+
+    c_name = "xl_fnat_key"
+    _fields_ = [
+        ("lb_addr", Addr4),
+        ("be_addr", Addr4),
+        ("lb_port", U16),  # network order
+        ("be_port", U16),  # network order
+        ("proto", U8),
+        ("family", U8),
+        ("pad", U16),
+    ]
 
 
 class RevKey(_Struct):
@@ -245,6 +289,10 @@ class VipInfo(_Struct):
     _fields_ = [
         ("vip_id", U32),  # index of the VIP's ring in the Maglev array
         ("flags", U32),
+        ("mode", U8),  # Forwarding of the VIP's new flows
+        ("pad", U8),
+        ("port_min", U16),  # fullnat: first source port (host order)
+        ("port_count", U32),  # fullnat: how many source ports from port_min
     ]
 
 
@@ -270,6 +318,9 @@ class Backend(_Struct):
         ("vip_port", U16),  # network order
         ("vip_proto", U8),
         ("pad", U8),
+        # The balancer's own address toward this backend: fullnat's source, dsr/ipip's outer
+        # source (so that ICMP errors about the packets it sends come back to it).
+        ("src", Addr),
     ]
 
 
@@ -326,6 +377,10 @@ MAPS: tuple[MapSpec, ...] = (
     # Reverse NAT by backend endpoint, written by the agent: a new flow inserts into `flows`
     # only, and a reply's translation lives as long as its flow (no entry of its own to lose).
     MapSpec("rev_nat", "hash", RevKey, RevNat, "XL_MAX_REV_NAT"),
+    # fullnat replies by their 5-tuple: a plain hash (never evicted under a live flow, as an
+    # LRU would); stale entries are taken over or swept (see FnatKey).
+    MapSpec("fnat_ports", "hash", FnatKey, FlowKey, "XL_FLOW_MAX", "datapath"),
+    MapSpec("fnat_cursor", "array", U32, U32, "XL_MAX_VIPS", "datapath"),  # next port, per VIP
     # Prefilter: slot addr_slot(addr) has ADDR_MAYBE_VIP / ADDR_MAYBE_BACKEND set when some
     # VIP / backend address hashes there. An array lookup is inlined by the verifier, so
     # traffic that is neither skips both hash lookups. A superset: it never decides alone.
@@ -341,8 +396,8 @@ MAP_BY_NAME = {m.name: m for m in MAPS}
 
 _C_SCALARS = {U8: "__u8", U16: "__u16", U32: "__u32", U64: "__u64"}
 _STRUCTS: tuple[type[_Struct], ...] = (  # in dependency order
-    FlowKey, NextHop, Flow, RevKey, RevTarget, RevNat, VipKey, VipInfo, AddrKey, Backend, Stat,
-    Meta,
+    FlowKey, NextHop, Flow, FnatKey, RevKey, RevTarget, RevNat, VipKey, VipInfo, AddrKey,
+    Backend, Stat, Meta,
 )
 
 
@@ -389,6 +444,8 @@ def render_structs() -> str:
         out.append(f"#define XL_BACKEND_{f.name} {int(f)}")
     for s in TcpState:
         out.append(f"#define XL_TCP_{s.name} {int(s)}")
+    for m in Forwarding:
+        out.append(f"#define XL_MODE_{m.name} {int(m)}")
     out += [
         f"#define XL_MAX_VIPS {MAX_VIPS}",
         f"#define XL_MAX_BACKENDS {MAX_BACKENDS}",
@@ -400,6 +457,10 @@ def render_structs() -> str:
         f"#define XL_ADDR_FILTER_SIZE {1 << ADDR_FILTER_BITS}",
         f"#define XL_ADDR_MAYBE_VIP {ADDR_MAYBE_VIP}",
         f"#define XL_ADDR_MAYBE_BACKEND {ADDR_MAYBE_BACKEND}",
+        f"#define XL_ADDR_MAYBE_LB_SOURCE {ADDR_MAYBE_LB_SOURCE}",
+        f"#define XL_FNAT_TRIES {FNAT_TRIES}",
+        f"#define XL_IPIP_OVERHEAD {IPIP_OVERHEAD}",
+        f"#define XL_OUTER_TTL {OUTER_TTL}",
         f"#define XL_REV_TARGETS {REV_TARGETS}",
         f"#define XL_MAX_REV_NAT {MAX_REV_NAT}",
         f"#define XL_REV_ANY_PORT {REV_ANY_PORT}",

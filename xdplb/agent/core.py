@@ -36,7 +36,7 @@ from xdplb.agent.notify import notify
 from xdplb.config import Config, ConfigError, check_backends_not_local, load_config
 from xdplb.instance import locks, pins, runfiles
 from xdplb.kernel import bpfsys, offload, xdp_link
-from xdplb.kernel.localaddrs import local_addresses
+from xdplb.kernel.localaddrs import local_addresses, local_port_range
 from xdplb.kernel.maps import KernelMaps
 from xdplb.kernel.pinned import PinnedProgram, build_pinned
 from xdplb.model.desired import backend_label, desired_state
@@ -125,7 +125,8 @@ class Agent:
 
     def start(self) -> None:
         try:  # the balancer's own addresses are known only here, in its network namespace
-            check_backends_not_local(self.cfg, local_addresses(), self.config_path)
+            check_backends_not_local(self.cfg, local_addresses(), self.config_path,
+                                     local_port_range())
         except ConfigError as e:
             raise UsageError(f"invalid config, nothing changed:\n{e}") from None
         self._own_interfaces()
@@ -408,7 +409,8 @@ class Agent:
             return self._done("reload", False, "no config file to reload")
         faults.fire("reload")
         try:
-            cfg = load_config(self.config_path, local_addresses=local_addresses())
+            cfg = load_config(self.config_path, local_addresses=local_addresses(),
+                              local_port_range=local_port_range())
         except ConfigError as e:
             log.error("reload rejected, nothing changed:\n%s", e)
             return self._done("reload", False, str(e))

@@ -6,6 +6,8 @@ invalidated (their tracked flows then re-balance instead of being blackholed).""
 from __future__ import annotations
 
 import ipaddress
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +16,7 @@ from xdplb.abi.codec import be16, from_be16, ipv4_of, vip_key
 from xdplb.abi.layout import (
     ADDR_FILTER_BITS,
     ADDR_MAYBE_BACKEND,
+    ADDR_MAYBE_LB_SOURCE,
     ADDR_MAYBE_VIP,
     FAMILY_IPV4,
     NO_BACKEND,
@@ -29,8 +32,16 @@ from xdplb.abi.layout import (
     addr16,
     layout_version,
 )
-from xdplb.model.desired import Current, DesiredState, DesiredVip, RevTargetSpec
+from xdplb.kernel.localaddrs import source_toward
+from xdplb.model.desired import (
+    Current,
+    DesiredState,
+    DesiredVip,
+    RevTargetSpec,
+)
 from xdplb.model.hashing import addr_slot
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,8 +57,11 @@ class SyncReport:
 class MapSync:
     """Keeps a maps object (kernel or userspace) equal to the desired state."""
 
-    def __init__(self, maps) -> None:
+    def __init__(self, maps, source_of: Callable[[str], str | None] = source_toward) -> None:
         self.maps = maps
+        # The balancer's address toward a backend, for fullnat and dsr/ipip (the kernel's
+        # route, unless the config names a source)
+        self.source_of = source_of
         self.ring_size = 0
         self.rings: dict[int, np.ndarray] = {}  # vip id -> ring as last written
 
@@ -83,13 +97,16 @@ class MapSync:
                 rep.vips_removed += 1
 
         # 2. backends (new ones become valid before any slot points at them)
+        sources = self._sources(desired)
         for v in desired.vips:
             vip = vip_key(*v.key)  # a backend names its VIP: the data path checks flows by it
             for b in v.backends:
                 flags = BackendFlag.VALID | (BackendFlag.DOWN if b.down else 0)
+                src = sources.get((v.vip_id, b.address))
                 new = Backend(addr16(ipaddress.IPv4Address(b.address).packed),
                               be16(b.port), FAMILY_IPV4, int(flags), v.vip_id, b.weight,
-                              vip.addr, vip.port, vip.proto)
+                              vip.addr, vip.port, vip.proto, 0,
+                              addr16(ipaddress.IPv4Address(src).packed) if src else addr16(b""))
                 old = m.lookup("backends", b.backend_id)
                 if old is None or bytes(old) != bytes(new):
                     m.update("backends", b.backend_id, new)
@@ -98,7 +115,7 @@ class MapSync:
         # 3. reverse NAT and prefilter bits for every backend and VIP address, before the
         # VIPs appear: a flow's first reply finds its translation
         rep.reverse_written = self._write_reverse(desired)
-        self._mark_addresses(desired)
+        self._mark_addresses(desired, set(sources.values()))
 
         # 4. rings, slot by slot where they differ
         for v in desired.vips:
@@ -106,8 +123,10 @@ class MapSync:
 
         # 5. VIPs (now that their rings are complete) and their addresses
         for key, v in wanted.items():
-            if current.vip_ids.get(key) != v.vip_id or m.lookup("vips", vip_key(*key)) is None:
-                m.update("vips", vip_key(*key), VipInfo(v.vip_id, 0))
+            have = m.lookup("vips", vip_key(*key))
+            if current.vip_ids.get(key) != v.vip_id or have is None \
+                    or bytes(have) != bytes(vip_info(v)):
+                m.update("vips", vip_key(*key), vip_info(v))
                 rep.vips_added += 1
         addrs = {k[0] for k in wanted}
         for k, _ in list(m.items("vip_addrs")):
@@ -126,6 +145,30 @@ class MapSync:
             self._clear_ring(vid, M)
         return rep
 
+    def _sources(self, desired: DesiredState) -> dict[tuple[int, str], str]:
+        """(vip id, backend address) -> the balancer's address toward it, for the VIPs whose
+        mode needs one. One route lookup per backend address."""
+        out: dict[tuple[int, str], str] = {}
+        looked: dict[str, str | None] = {}
+        for v in desired.vips:
+            if not v.needs_source:
+                continue
+            for b in v.backends:
+                src = v.source
+                if src is None:
+                    if b.address not in looked:
+                        looked[b.address] = self.source_of(b.address)
+                    src = looked[b.address]
+                if src is None:
+                    # Its new flows are dropped (drop_next_hop) until a route appears and
+                    # the next apply finds one
+                    log.warning("VIP %s: no route toward backend %s, so no address to send "
+                                "to it from: its new flows are dropped (add a route, or set "
+                                "`source`)", v.name, b.address)
+                    continue
+                out[(v.vip_id, b.address)] = src
+        return out
+
     def _write_reverse(self, desired: DesiredState) -> int:
         """``rev_nat`` from the desired state, writing only changed entries. Entries of
         endpoints and addresses that left the config stay, as their prefilter bits do: the
@@ -142,11 +185,15 @@ class MapSync:
         self.maps.update_many("rev_nat", changed)
         return len(changed)
 
-    def _mark_addresses(self, desired: DesiredState) -> None:
-        """Set the prefilter bits of every VIP and backend address. Bits are never cleared:
-        a removed backend's reverse entries outlive it, and its late replies must still be
-        rewritten; a stale bit only costs the hash lookups the filter would have saved."""
+    def _mark_addresses(self, desired: DesiredState, sources: set[str]) -> None:
+        """Set the prefilter bits of every VIP and backend address, and of the balancer's
+        own addresses that fullnat replies come back to. Bits are never cleared: a removed
+        backend's reverse entries outlive it, and its late replies must still be rewritten;
+        a stale bit only costs the hash lookups the filter would have saved."""
         want: dict[int, int] = {}
+        for a in sources:
+            slot = addr_slot(ipaddress.IPv4Address(a).packed, ADDR_FILTER_BITS)
+            want[slot] = want.get(slot, 0) | ADDR_MAYBE_LB_SOURCE
         for v in desired.vips:
             addrs = [(v.address, ADDR_MAYBE_VIP)] + [(b.address, ADDR_MAYBE_BACKEND)
                                                       for b in v.backends]
@@ -179,6 +226,12 @@ class MapSync:
         for slot, idx in enumerate(ifindexes):
             self.maps.update("tx_devs", slot, idx)
             self.maps.update("tx_ports", idx, slot)
+
+
+def vip_info(v: DesiredVip) -> VipInfo:
+    """A VIP's ``vips`` value: its ring and how its new flows are forwarded."""
+    lo, hi = v.ports
+    return VipInfo(v.vip_id, 0, int(v.mode), 0, lo, hi - lo + 1 if hi else 0)
 
 
 def rev_key(address: str, port: int, proto: int) -> RevKey:

@@ -86,9 +86,10 @@ def _load(path: str, here: bool = False) -> Config:
 
     try:
         if here:
-            from xdplb.kernel.localaddrs import local_addresses
+            from xdplb.kernel.localaddrs import local_addresses, local_port_range
 
-            return load_config(path, local_addresses=local_addresses())
+            return load_config(path, local_addresses=local_addresses(),
+                               local_port_range=local_port_range())
         return load_config(path)
     except ConfigError as e:
         fail(f"invalid config, nothing changed:\n{e}", EXIT_USAGE)

@@ -28,6 +28,7 @@ from xdplb.config.errors import (
 )
 from xdplb.config.schema import (
     LOCAL_ADDRESSES,
+    LOCAL_PORT_RANGE,
     MAGLEV,
     Backend,
     Config,
@@ -39,6 +40,7 @@ from xdplb.config.schema import (
     backend_address_problems,
     capacity_problems,
     none_as_empty,
+    source_port_problems,
     table_fit_problems,
     uniqueness_problems,
     valid_or_none,
@@ -49,16 +51,19 @@ from xdplb.config.yamlread import load_tree, read_text
 
 
 def load_config(
-    path: str | os.PathLike[str], *, local_addresses: Collection[IPv4Address] = frozenset()
+    path: str | os.PathLike[str], *, local_addresses: Collection[IPv4Address] = frozenset(),
+    local_port_range: tuple[int, int] | None = None,
 ) -> Config:
     """Read and validate a pool.yaml file; raise :class:`ConfigError` listing every problem.
 
     ``local_addresses`` are the balancer's own addresses (of the network namespace it runs
     in): a backend at one of them is refused too. Only the agent knows them; ``check-config``
-    may run elsewhere.
+    may run elsewhere. ``local_port_range`` (its ip_local_port_range) likewise: fullnat source
+    ports must not overlap it.
     """
     filename = os.fspath(path)
-    return parse_config(read_text(filename), filename, local_addresses=local_addresses)
+    return parse_config(read_text(filename), filename, local_addresses=local_addresses,
+                        local_port_range=local_port_range)
 
 
 def parse_config(
@@ -66,6 +71,7 @@ def parse_config(
     filename: str = "<string>",
     *,
     local_addresses: Collection[IPv4Address] = frozenset(),
+    local_port_range: tuple[int, int] | None = None,
 ) -> Config:
     """Parse and validate pool.yaml text; ``filename`` is only used in error messages."""
     tree = load_tree(text, filename)
@@ -75,7 +81,8 @@ def parse_config(
     data = _to_plain(tree)
     local = frozenset(local_addresses)
     try:
-        return Config.model_validate(data, context={LOCAL_ADDRESSES: local})
+        return Config.model_validate(data, context={LOCAL_ADDRESSES: local,
+                                                    LOCAL_PORT_RANGE: local_port_range})
     except ValidationError as e:
         found = [*_problems(e, tree, filename), *_partial_problems(data, tree, filename, local)]
         # The partial checks may repeat what pydantic already reported; keep the first of each.
@@ -84,18 +91,22 @@ def parse_config(
 
 
 def check_backends_not_local(
-    cfg: Config, local_addresses: Collection[IPv4Address], path: str | None = None
+    cfg: Config, local_addresses: Collection[IPv4Address], path: str | None = None,
+    local_port_range: tuple[int, int] | None = None,
 ) -> None:
     """Raise :class:`ConfigError` if a backend of ``cfg`` is at one of the balancer's own
-    addresses; lines come from ``path``, the file ``cfg`` was loaded from (read again only
-    when there is a problem: the common case costs no parse)."""
+    addresses, or fullnat source ports overlap the host's ``local_port_range``; lines come
+    from ``path``, the file ``cfg`` was loaded from (read again only when there is a
+    problem: the common case costs no parse)."""
     local = frozenset(local_addresses)
-    problems = backend_address_problems([VipFacts.of(i, v) for i, v in enumerate(cfg.vips)],
-                                        local)
+    problems = [*backend_address_problems([VipFacts.of(i, v) for i, v in enumerate(cfg.vips)],
+                                          local),
+                *source_port_problems(cfg.vips, local, local_port_range)]
     if not problems:
         return
     if path is not None:
-        load_config(path, local_addresses=local)  # raises, with lines, unless the file changed
+        # raises, with lines, unless the file changed
+        load_config(path, local_addresses=local, local_port_range=local_port_range)
     raise ConfigError([ConfigProblem(path or "<config>", None, "vips" + format_loc(loc), msg)
                        for loc, msg, _ in problems])
 

@@ -32,6 +32,11 @@ from xdplb.abi.layout import MAX_BACKENDS, MAX_REV_NAT, MAX_VIPS, REV_TARGETS
 from xdplb.config.errors import Loc, Problem, describe, fail
 
 Protocol = Literal["tcp", "udp"]
+Forwarding = Literal["nat", "fullnat", "dsr"]
+Encap = Literal["ipip", "l2"]
+# fullnat's default source ports: below Linux's default ip_local_port_range (32768-60999), so
+# that the balancer's own connections (health checks) never pick one of a flow's.
+DEFAULT_SOURCE_PORTS = (1024, 32767)
 HealthCheckType = Literal["tcp", "http", "none"]
 
 TABLE_SIZE_MIN, TABLE_SIZE_MAX = 3, 1_000_003
@@ -42,6 +47,8 @@ _THIS_NETWORK = IPv4Network("0.0.0.0/8")  # "this host on this network": never a
 _U32_MAX = 2**32 - 1
 # Validation context key: the balancer's own addresses, when the caller knows them.
 LOCAL_ADDRESSES = "xdplb_local_addresses"
+# ... and the range the host's own sockets take ephemeral ports from (ip_local_port_range).
+LOCAL_PORT_RANGE = "xdplb_local_port_range"
 
 
 # --- field types ---------------------------------------------------------------------------------
@@ -107,7 +114,7 @@ Name = Annotated[StrictStr, AfterValidator(_check_name)]
 _VIP_FAMILY: ContextVar[int | None] = ContextVar("xdplb_vip_family", default=None)
 
 
-def _parse_address(value: Any, role: Literal["VIP", "backend"]) -> IPv4Address:
+def _parse_address(value: Any, role: Literal["VIP", "backend", "source"]) -> IPv4Address:
     if isinstance(value, IPv4Address):
         return value
     if not isinstance(value, str):
@@ -129,6 +136,23 @@ def _parse_address(value: Any, role: Literal["VIP", "backend"]) -> IPv4Address:
 
 
 VipAddress = Annotated[IPv4Address, BeforeValidator(lambda v: _parse_address(v, "VIP"))]
+SourceAddress = Annotated[IPv4Address, BeforeValidator(lambda v: _parse_address(v, "source"))]
+
+
+def _parse_port_range(value: Any) -> tuple[int, int]:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        fail(f"expected a port range such as '1024-32767', got {describe(value)}")
+    text = str(value).strip()
+    match = re.fullmatch(r"(\d{1,5})(?:\s*-\s*(\d{1,5}))?", text)
+    if not match:
+        fail(f"{value!r} is not a port range (use e.g. '1024-32767')")
+    lo, hi = int(match[1]), int(match[2] or match[1])
+    if not 1 <= lo <= hi <= 65535:
+        fail(f"{value!r} is not a port range within 1-65535 (first <= last)")
+    return (lo, hi)
+
+
+PortRange = Annotated[tuple[int, int], BeforeValidator(_parse_port_range)]
 BackendAddress = Annotated[IPv4Address, BeforeValidator(lambda v: _parse_address(v, "backend"))]
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m)")
@@ -269,6 +293,42 @@ class Vip(_Model):
     health_check: Annotated[HealthCheck, BeforeValidator(none_as_empty)] = Field(
         default_factory=HealthCheck
     )
+    forwarding: Forwarding = "nat"
+    encap: Encap | None = None  # dsr only; None: ipip
+    source: SourceAddress | None = None  # fullnat only; None: the address toward each backend
+    source_ports: PortRange | None = None  # fullnat only; None: DEFAULT_SOURCE_PORTS
+
+    @property
+    def mode(self) -> str:
+        """The data path's mode: nat, fullnat, dsr-l2 or dsr-ipip."""
+        if self.forwarding == "dsr":
+            return f"dsr-{self.encap or 'ipip'}"
+        return self.forwarding
+
+    @property
+    def port_range(self) -> tuple[int, int]:
+        return self.source_ports or DEFAULT_SOURCE_PORTS
+
+    @model_validator(mode="after")
+    def _check_mode_keys(self) -> Vip:
+        problems: list[Problem] = []
+        only = {"encap": "dsr", "source": "fullnat", "source_ports": "fullnat"}
+        for key, mode in only.items():
+            if key in self.model_fields_set and self.forwarding != mode:
+                problems.append(((key,), f"{key} is only used with forwarding: {mode} "
+                                         f"(this VIP's forwarding is {self.forwarding})", None))
+        if self.forwarding == "dsr":
+            # The backend answers the client itself, from the VIP and the VIP's port: a
+            # rewritten port would reach a socket the reply cannot come from.
+            problems += [(("backends", i, "port"),
+                          f"port {b.port} differs from the VIP's port {self.port}: dsr "
+                          "cannot rewrite ports (the backend answers the client directly)",
+                          None)
+                         for i, b in enumerate(self.backends)
+                         if b.port is not None and b.port != self.port]
+        if problems:
+            fail(*problems)
+        return self
 
     @property
     def key(self) -> tuple[IPv4Address, int, Protocol]:
@@ -355,7 +415,9 @@ class Config(_Model):
     def _check_unique(cls, vips: tuple[Vip, ...], info: ValidationInfo) -> tuple[Vip, ...]:
         facts = [VipFacts.of(i, v) for i, v in enumerate(vips)]
         local = (info.context or {}).get(LOCAL_ADDRESSES, frozenset())
-        if problems := [*uniqueness_problems(facts), *backend_address_problems(facts, local)]:
+        ports = (info.context or {}).get(LOCAL_PORT_RANGE)
+        if problems := [*uniqueness_problems(facts), *backend_address_problems(facts, local),
+                        *source_port_problems(vips, local, ports)]:
             fail(*problems)
         return vips
 
@@ -488,6 +550,31 @@ def backend_address_problems(
                 msg = (f"{address} is an address of this balancer (of an interface in its "
                        "network namespace): packets sent to it would not leave it")
                 problems.append((loc, msg, None))
+    return problems
+
+
+def source_port_problems(
+    vips: Sequence[Vip], local: frozenset[IPv4Address], ephemeral: tuple[int, int] | None
+) -> list[Problem]:
+    """fullnat source ports that the host's own sockets may also pick (``ephemeral``, the
+    host's ip_local_port_range, known only where the agent runs): when the source is an
+    address of the host (as the default one always is), a health check's connection and a
+    flow could share an address and port, and the check's answers would be taken for the
+    flow's. Locs relative to ``vips``."""
+    if ephemeral is None:
+        return []
+    problems: list[Problem] = []
+    for i, vip in enumerate(vips):
+        if vip.forwarding != "fullnat" or (vip.source is not None and vip.source not in local):
+            continue
+        lo, hi = vip.port_range
+        if lo <= ephemeral[1] and ephemeral[0] <= hi:
+            whose = "the default source (an address of this host)" if vip.source is None \
+                else f"source {vip.source} (an address of this host)"
+            key = "source_ports" if vip.source_ports is not None else "forwarding"
+            problems.append(((i, key), f"source ports {lo}-{hi} overlap the host's "
+                             f"ip_local_port_range {ephemeral[0]}-{ephemeral[1]}, which "
+                             f"{whose} also uses: choose ports outside it", None))
     return problems
 
 

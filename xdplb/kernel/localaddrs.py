@@ -17,3 +17,25 @@ def local_addresses() -> frozenset[IPv4Address]:
         # point-to-point link and the same as IFA_LOCAL elsewhere.
         return frozenset(IPv4Address(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS"))
                          for m in ipr.get_addr(family=socket.AF_INET))
+
+
+def local_port_range() -> tuple[int, int]:
+    """The ephemeral ports the host's own sockets take (net.ipv4.ip_local_port_range of the
+    calling thread's network namespace: /proc/sys follows it)."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        lo, hi = f.read().split()
+    return int(lo), int(hi)
+
+
+def source_toward(address: str) -> str | None:
+    """The address this host sends from toward ``address`` (the route's preferred source,
+    as `ip route get` shows it), or None without a route."""
+    with IPRoute() as ipr:
+        try:
+            routes = ipr.route("get", dst=address)
+        except Exception:  # noqa: BLE001 - pyroute2 raises NetlinkError (ENETUNREACH...)
+            return None
+    for r in routes:
+        if src := r.get_attr("RTA_PREFSRC"):
+            return str(src)
+    return None

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from xdplb.abi.codec import PROTO_NAMES, PROTOCOLS
-from xdplb.abi.layout import MAX_BACKENDS, MAX_VIPS, NO_BACKEND, REV_ANY_PORT, REV_TARGETS
+from xdplb.abi.layout import (
+    MAX_BACKENDS,
+    MAX_VIPS,
+    NO_BACKEND,
+    REV_ANY_PORT,
+    REV_TARGETS,
+    Forwarding,
+)
 from xdplb.config import Config
 from xdplb.model import maglev
 
@@ -49,6 +56,14 @@ class DesiredVip:
     proto: int
     backends: tuple[DesiredBackend, ...]
     ring: np.ndarray = field(compare=False, repr=False)  # backend id per slot
+    mode: Forwarding = Forwarding.NAT
+    source: str | None = None  # fullnat: the configured source; None: toward each backend
+    ports: tuple[int, int] = (0, 0)  # fullnat: first and last source port
+
+    @property
+    def needs_source(self) -> bool:
+        """Does the data path need the balancer's own address toward each backend?"""
+        return self.mode in (Forwarding.FULLNAT, Forwarding.DSR_IPIP)
 
     @property
     def key(self) -> Service:
@@ -70,9 +85,12 @@ class DesiredState:
         """The ``rev_nat`` entries this state needs. An endpoint (port given) lists the VIPs
         it serves, by vip id; an address (port REV_ANY_PORT) lists the VIP addresses it
         serves for the protocol, once each (port and ids 0). Down and drained backends are
-        included: their flows still get replies."""
+        included: their flows still get replies. Only nat VIPs: fullnat replies are found by
+        their own port (fnat_ports), dsr replies never pass the balancer."""
         out: dict[Endpoint, set[RevTargetSpec]] = {}
         for v in self.vips:
+            if v.mode != Forwarding.NAT:
+                continue
             for b in v.backends:
                 out.setdefault((b.address, b.port, v.proto), set()).add(
                     (v.address, v.port, v.vip_id, b.backend_id))
@@ -109,6 +127,11 @@ def _allocate(wanted: list, taken: dict, limit: int, what: str) -> dict:
             except StopIteration:
                 raise CapacityError(f"too many {what} (the data path holds {limit})") from None
     return out
+
+
+MODES = {"nat": Forwarding.NAT, "fullnat": Forwarding.FULLNAT, "dsr-l2": Forwarding.DSR_L2,
+         "dsr-ipip": Forwarding.DSR_IPIP}
+MODE_NAMES = {m: name for name, m in MODES.items()}
 
 
 def backend_label(vip_name: str, address: str, port: int) -> str:
@@ -149,7 +172,9 @@ def desired_state(
         )
         ids = np.array([b.backend_id for b in bes] + [NO_BACKEND], dtype=np.uint32)
         ring = ids[np.where(table < 0, len(bes), table)]
-        vips.append(DesiredVip(vid, v.name, vk[0], vk[1], vk[2], tuple(bes), ring))
+        vips.append(DesiredVip(vid, v.name, vk[0], vk[1], vk[2], tuple(bes), ring,
+                               MODES[v.mode], None if v.source is None else str(v.source),
+                               v.port_range if v.forwarding == "fullnat" else (0, 0)))
     state = DesiredState(tuple(vips), M, seed, cfg.flows.next_hop_cache_ms * 1_000_000,
                          round(cfg.flows.udp_idle_timeout * 1e9))
     _check_reverse(state)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from xdplb.abi.codec import from_be16, ipv4_of
 from xdplb.abi.layout import (
     CLOCK_COUNTERS,
     CLOCK_FIELDS,
@@ -81,11 +82,12 @@ class FlowTable:
     flows: dict[bytes, bytes]
     vip_stats: dict[int, bytes]
     backend_stats: dict[int, bytes]
+    fnat_ports: dict[bytes, bytes] = field(default_factory=dict)  # fullnat's reply table
 
     def diff(self, other: FlowTable) -> list[str]:
         """Human-readable differences, empty when equal."""
         out = []
-        for name in ("flows", "vip_stats", "backend_stats"):
+        for name in ("flows", "vip_stats", "backend_stats", "fnat_ports"):
             a, b = getattr(self, name), getattr(other, name)
             for k in sorted(set(a) | set(b), key=repr):
                 if a.get(k) != b.get(k):
@@ -168,14 +170,24 @@ class Engine:
             effect, backend = "reply", _endpoint(frame, src=True)
         elif "new_flow" in delta or "flow_hit" in delta:
             effect = "hit" if "flow_hit" in delta else "rebalanced" if existed else "created"
-            backend = _endpoint(data, src=False)
+            backend = self._flow_backend(key)
         else:
             effect, backend = "none", None
         return RunResult(verdict, data, delta, reason, effect, backend)
 
+    def _flow_backend(self, key: bytes | None) -> str | None:
+        """addr:port of the backend the tracked flow ``key`` names (in dsr the frame that
+        leaves does not show it: its destination stays the VIP, or is wrapped)."""
+        f = self.maps.lookup("flows", key) if key is not None else None
+        be = self.maps.lookup("backends", f.backend_id) if f is not None else None
+        if be is None:
+            return None
+        return f"{ipv4_of(be.addr)}:{from_be16(be.port)}"
+
     def flow_table(self, stats: bool = True) -> FlowTable:
         """The state to compare (``stats=False``: flow entries only, which is cheaper)."""
         flows = {k: without_clock(v) for k, v in self.maps.raw_items("flows")}
+        fnat = dict(self.maps.raw_items("fnat_ports"))
 
         def sums(name: str) -> dict[int, bytes]:
             m = MAP_BY_NAME[name]
@@ -183,12 +195,13 @@ class Engine:
                     for k, v in self.maps.raw_items(name) if v.strip(b"\0")}
 
         if not stats:
-            return FlowTable(flows, {}, {})
-        return FlowTable(flows, sums("vip_stats"), sums("backend_stats"))
+            return FlowTable(flows, {}, {}, fnat)
+        return FlowTable(flows, sums("vip_stats"), sums("backend_stats"), fnat)
 
     def clear_flows(self) -> None:
-        for k, _ in list(self.maps.raw_items("flows")):
-            self.maps.delete("flows", k)
+        for name in ("flows", "fnat_ports"):
+            for k, _ in list(self.maps.raw_items(name)):
+                self.maps.delete(name, k)
 
     def close(self) -> None:
         self.maps.close()

@@ -16,23 +16,31 @@ from typing import NamedTuple
 from xdplb.abi.layout import (
     ADDR_FILTER_BITS,
     ADDR_MAYBE_BACKEND,
+    ADDR_MAYBE_LB_SOURCE,
     ADDR_MAYBE_VIP,
     FAMILY_IPV4,
+    FNAT_TRIES,
+    IPIP_OVERHEAD,
     NO_BACKEND,
     NO_TX_SLOT,
+    OUTER_TTL,
     Backend,
     BackendFlag,
     Counter,
     Flow,
+    FlowKey,
+    Forwarding,
     NextHop,
     RevTarget,
     Stat,
     TcpState,
+    VipInfo,
     coarse_ns,
 )
 from xdplb.model.hashing import addr_slot, flow_hash
 from xdplb.userspace import csum
 from xdplb.userspace.fib import FRAG_NEEDED, LOOPBACK_IFINDEX, SUCCESS, Fib
+from xdplb.userspace.fullnat import fnat_key, htons, same_holder
 from xdplb.userspace.guard import guard
 from xdplb.userspace.icmp import (
     IcmpError,
@@ -76,6 +84,9 @@ _VALID, _DOWN = int(BackendFlag.VALID), int(BackendFlag.DOWN)
 _ZERO = key_bytes(0)
 _COUNTER_KEYS = [key_bytes(c) for c in range(int(Counter.MAX))]
 _FAMILY = bytes((FAMILY_IPV4,))
+_NAT, _FULLNAT = Forwarding.NAT, Forwarding.FULLNAT
+_DSR_L2, _DSR_IPIP = Forwarding.DSR_L2, Forwarding.DSR_IPIP
+_IPPROTO_IPIP = 4
 
 
 class Outcome(NamedTuple):
@@ -164,6 +175,7 @@ class PyDatapath:
         t = maps.tables
         self.vips, self.vip_addrs, self.backends = t["vips"], t["vip_addrs"], t["backends"]
         self.maglev, self.flows, self.rev_nat = t["maglev"], t["flows"], t["rev_nat"]
+        self.fnat_ports, self.fnat_cursor = t["fnat_ports"], t["fnat_cursor"]
         self.tx_ports, self.tx_devs, self.meta = t["tx_ports"], t["tx_devs"], t["meta"]
         self.counters, self.vip_stats = t["counters"], t["vip_stats"]
         self.backend_stats, self.addr_filter = t["backend_stats"], t["addr_filter"]
@@ -247,7 +259,7 @@ class PyDatapath:
                         return self._established(buf, p, f, be, ingress, now)
                 vip = self.vips.ref(daddr + ADDR_PAD + dport + bytes((p.proto,)) + _FAMILY)
                 if vip is not None:
-                    return self._new_flow(buf, p, fk, vip.vip_id, ingress)
+                    return self._new_flow(buf, p, fk, vip, ingress)
             if self._vip_addr(daddr):
                 # Rules for VIP addresses: fragments and IP options are never balanced.
                 if p.frag:
@@ -283,7 +295,9 @@ class PyDatapath:
                           bytes(buf[qp + 2 : qp + 4]), bytes(buf[qp : qp + 2]), buf[q + 9])
             f = self.flows.ref(fk)
             be = self.backends.ref(key_bytes(f.backend_id)) if f is not None else None
-        if be is None or not be.flags & _VALID or bytes(be.vip_addr)[:4] != buf[q + 12 : q + 16] \
+        # nat flows only: a fullnat or dsr backend's packets did not leave as the quote shows
+        if be is None or f.mode != _NAT or not be.flags & _VALID \
+                or bytes(be.vip_addr)[:4] != buf[q + 12 : q + 16] \
                 or be.vip_port != csum.load16(buf, qp) or be.vip_proto != buf[q + 9]:
             return self._pass(Counter.PASS_NOT_VIP)
         if self._ttl_expired(buf, p):
@@ -340,7 +354,7 @@ class PyDatapath:
         self._count(Counter.FLOW_HIT)
         return self._to_backend(buf, p, f, be, f.backend_id, f.vip_id, now, 0, ingress)
 
-    def _new_flow(self, buf: bytearray, p: Pkt, fk: bytes, vip_id: int, ingress: int
+    def _new_flow(self, buf: bytearray, p: Pkt, fk: bytes, vip: VipInfo, ingress: int
                   ) -> tuple[int, int]:
         """Client -> VIP without a flow that can take it: the Maglev ring picks."""
         if self._ttl_expired(buf, p):
@@ -348,7 +362,7 @@ class PyDatapath:
         saddr, daddr, sport, dport = fk[:4], fk[4:8], fk[8:10], fk[10:12]
         h = flow_hash(saddr, daddr, int.from_bytes(sport, "big"), int.from_bytes(dport, "big"),
                       p.proto, self.meta.ref(_ZERO).seed)
-        owner = self.maglev.ref(key_bytes(vip_id * self.ring_size + h % self.ring_size))
+        owner = self.maglev.ref(key_bytes(vip.vip_id * self.ring_size + h % self.ring_size))
         if owner is None or owner.value == NO_BACKEND:
             self._count(Counter.DROP_NO_BACKEND)
             return XDP_DROP, 0
@@ -357,29 +371,134 @@ class PyDatapath:
         if not _serves(be, daddr, dport, p.proto):
             self._count(Counter.DROP_NO_BACKEND)
             return XDP_DROP, 0
+        if vip.mode in (_FULLNAT, _DSR_IPIP) and not any(bytes(be.src)[:4]):
+            self._count(Counter.DROP_NEXT_HOP)  # no route, so no address of ours, toward it
+            return XDP_DROP, 0
         now = self.clock()
         # Sent on its way (counters, next hop filled in), then inserted: one LRU insert.
         nf = Flow()
-        nf.backend_id, nf.vip_id, nf.first_ns = bid, vip_id, now
+        nf.backend_id, nf.vip_id, nf.first_ns = bid, vip.vip_id, now
+        nf.mode = vip.mode
+        if nf.mode == _FULLNAT:
+            src = bytes(be.src)[:4]
+            nf.nat_port = self._fnat_port(vip, be, fk, h, src)
+            if not nf.nat_port:
+                return XDP_DROP, 0
+            nf.nat_addr[:] = src
         self._count(Counter.NEW_FLOW)
-        verdict = self._to_backend(buf, p, nf, be, bid, vip_id, now, 1, ingress)
+        verdict = self._to_backend(buf, p, nf, be, bid, vip.vip_id, now, 1, ingress)
         self.flows.put(fk, nf)
         return verdict
 
     def _to_backend(self, buf: bytearray, p: Pkt, f: Flow, be: Backend, bid: int,
                     vip_id: int, now: int, created: int, ingress: int) -> tuple[int, int]:
-        """xl_to_backend: flow accounting, DNAT, next hop. ``f`` is the tracked entry, or a
-        new one not inserted yet."""
+        """xl_to_backend: flow accounting, next hop, and the flow's mode: nat rewrites the
+        destination, fullnat the source too, dsr/l2 only the MACs, dsr/ipip wraps the
+        packet. ``f`` is the tracked entry, or a new one not inserted yet."""
+        mode = f.mode
         nh = _flow_seen(f, buf, p, now, False)
         _stat_add(self.vip_stats.ref(key_bytes(vip_id)), len(buf), created)
         _stat_add(self.backend_stats.ref(key_bytes(bid)), len(buf), created)
         ip = p.ip
-        h, too_big = self._route(buf, p, ingress, nh, now, bytes(buf[ip + 12 : ip + 16]),
-                                 bytes(be.addr)[:4])
+        to = bytes(be.addr)[:4]
+        frm = bytes(f.nat_addr) if mode == _FULLNAT else bytes(be.src)[:4] \
+            if mode == _DSR_IPIP else bytes(buf[ip + 12 : ip + 16])
+        overhead = IPIP_OVERHEAD if mode == _DSR_IPIP else 0
+        h, too_big = self._route(buf, p, ingress, nh, now, frm, to, overhead, mode)
         if too_big:
             return self._icmp_error(buf, p, ingress, frag_needed, too_big)
-        _rewrite(buf, p, ip + 16, bytes(be.addr)[:4], p.dport, be.port)
+        if mode == _NAT:
+            _rewrite(buf, p, ip + 16, to, p.dport, be.port)
+            return self._send(buf, p, ingress, h)
+        if h is None:
+            return XDP_DROP, 0  # counted by _resolve
+        if mode == _DSR_IPIP:
+            return self._send_ipip(buf, p, ingress, h, frm, to)
+        if mode == _FULLNAT:
+            _rewrite(buf, p, ip + 16, to, p.dport, be.port)
+            _rewrite(buf, p, ip + 12, frm, p.sport, f.nat_port)
         return self._send(buf, p, ingress, h)
+
+    def _fnat_port(self, vip: VipInfo, be: Backend, fk: bytes, h: int, src: bytes) -> int:
+        """xl_fnat_port: a source port for the new flow ``fk``: the one its hash picks, then
+        the VIP's next in turn; a port whose entry names a live flow (not this one) is
+        taken. The port (network order) with its entry written, or 0: exhausted (counted)."""
+        count = vip.port_count
+        cursor = self.fnat_cursor.ref(key_bytes(vip.vip_id))
+        if count and cursor is not None:
+            for i in range(FNAT_TRIES):
+                idx = h % count
+                if i:
+                    idx = cursor.value % count
+                    cursor.value += 1
+                port = htons(vip.port_min + idx)
+                k = fnat_key(src, port, bytes(be.addr)[:4], be.port, fk[12])
+                owner = self.fnat_ports.ref(k)
+                if owner is not None and bytes(owner) != fk \
+                        and self._fnat_holder(bytes(owner), k) is not None:
+                    self._count(Counter.FNAT_PORT_TAKEN)
+                    continue
+                try:
+                    self.fnat_ports.put(k, FlowKey.from_buffer_copy(fk))
+                except OSError:  # full: the agent's sweep makes room
+                    continue
+                return port
+        self._count(Counter.DROP_SOURCE_PORTS)
+        return 0
+
+    def _fnat_holder(self, fk: bytes, k: bytes) -> Flow | None:
+        """xl_fnat_holder: the flow keyed ``fk`` if it still holds entry ``k``'s port."""
+        f = self.flows.ref(fk)
+        return f if f is not None and same_holder(f, k) else None
+
+    def _fnat_flow(self, buf: bytearray, p: Pkt) -> tuple[Flow | None, bytes]:
+        """xl_fnat_flow: the fullnat flow a packet from a backend answers, and its key."""
+        ip = p.ip
+        k = fnat_key(bytes(buf[ip + 16 : ip + 20]), csum.load16(buf, p.dport),
+                     bytes(buf[ip + 12 : ip + 16]), csum.load16(buf, p.sport), p.proto)
+        owner = self.fnat_ports.ref(k)
+        if owner is None:
+            return None, b""
+        fk = bytes(owner)
+        return self._fnat_holder(fk, k), fk
+
+    def _fnat_reply(self, buf: bytearray, p: Pkt, f: Flow, fk: bytes, ingress: int
+                    ) -> tuple[int, int]:
+        """xl_fnat_reply: backend -> the flow's source address and port, rewritten to VIP ->
+        client and routed toward the client."""
+        if self._ttl_expired(buf, p):  # to our own address: the kernel would not forward it
+            return self._time_exceeded(buf, p, ingress)
+        now = self.clock()
+        nh = _flow_seen(f, buf, p, now, True)
+        self._count(Counter.REPLY)
+        ip = p.ip
+        vip, client = fk[4:8], fk[0:4]
+        h, too_big = self._route(buf, p, ingress, nh, now, vip, client)
+        if too_big:
+            return self._icmp_error(buf, p, ingress, frag_needed, too_big)
+        _rewrite(buf, p, ip + 16, client, p.dport, int.from_bytes(fk[8:10], "little"))
+        _rewrite(buf, p, ip + 12, vip, p.sport, int.from_bytes(fk[10:12], "little"))
+        return self._send(buf, p, ingress, h)
+
+    def _send_ipip(self, buf: bytearray, p: Pkt, ingress: int, h: NextHop, src: bytes,
+                   dst: bytes) -> tuple[int, int]:
+        """xl_send_ipip: TTL decremented, then wrapped in an outer IPv4 header from ``src``
+        to ``dst`` (TOS and DF copied, id copied) and sent by ``h``."""
+        ip = p.ip
+        decrement_ttl(buf, ip)
+        length = ((buf[ip + 2] << 8) | buf[ip + 3]) + IPIP_OVERHEAD
+        outer = bytearray(IPIP_OVERHEAD)
+        outer[0], outer[1] = 0x45, buf[ip + 1]
+        outer[2:4] = length.to_bytes(2, "big")
+        outer[4:6] = buf[ip + 4 : ip + 6]
+        outer[6], outer[7] = buf[ip + 6] & 0x40, 0
+        outer[8], outer[9] = OUTER_TTL, _IPPROTO_IPIP
+        outer[12:16], outer[16:20] = src, dst
+        csum.store16(outer, 10, csum.words(outer))
+        buf[ip:ip] = outer
+        buf[12:14] = b"\x08\x00"
+        self._count(Counter.IPIP_ENCAP)
+        return self._out(buf, ingress, h)
 
     def _from_backend(self, buf: bytearray, p: Pkt, ingress: int) -> tuple[int, int]:
         """xl_from_backend: a reply, a reply's fragment, or none of ours (untouched)."""
@@ -388,6 +507,10 @@ class PyDatapath:
             return self._pass(Counter.PASS_BAD_IP_CSUM)
         if p.frag and p.proto in (IPPROTO_TCP, IPPROTO_UDP):
             return self._reply_fragment(buf, p, ingress)
+        if p.sport >= 0 and self._maybe(bytes(buf[ip + 16 : ip + 20])) & ADDR_MAYBE_LB_SOURCE:
+            f, fk = self._fnat_flow(buf, p)
+            if f is not None:
+                return self._fnat_reply(buf, p, f, fk, ingress)
         if p.sport >= 0:
             saddr, sport = bytes(buf[ip + 12 : ip + 16]), bytes(buf[p.sport : p.sport + 2])
             rn = self.rev_nat.ref(rev_key(saddr, sport, p.proto))
@@ -446,11 +569,13 @@ class PyDatapath:
         return self._send(buf, p, ingress, h)
 
     def _resolve(self, buf: bytearray, p: Pkt, ingress: int, nh: NextHop | None, now: int,
-                 saddr: bytes, daddr: bytes, overhead: int = 0) -> tuple[NextHop | None, int]:
+                 saddr: bytes, daddr: bytes, overhead: int = 0, mode: int = _NAT
+                 ) -> tuple[NextHop | None, int]:
         """xl_resolve: bpf_fib_lookup for the packet once rewritten to (saddr, daddr),
         remembered in ``nh`` when the flow has one. (hop, 0), or (None, 0) when the kernel
-        must take the packet (counted), or (None, mtu) when the sender gets "fragmentation
-        needed" with that MTU."""
+        must take the packet (nat) or it is dropped (the other modes: the kernel cannot take
+        them over; dsr/l2 also needs the backend on a local segment), counted, or (None, mtu)
+        when the sender gets "fragmentation needed" with that MTU."""
         ip = p.ip
         tot_len = (buf[ip + 2] << 8) | buf[ip + 3]
         res = self.fib.lookup(daddr, saddr, buf[ip + 1], p.proto, tot_len + overhead, ingress)
@@ -461,7 +586,12 @@ class PyDatapath:
             self._count(Counter.FIB_MISS)
             if res.rc == FRAG_NEEDED and may_bounce(buf, p) and res.mtu > overhead:
                 return None, res.mtu - overhead
-            self._count(Counter.PASS_FIB)
+            self._count(Counter.PASS_FIB if mode == _NAT else Counter.DROP_NEXT_HOP)
+            return None, 0
+        if mode == _DSR_L2 and res.nexthop != daddr:
+            if nh is not None:
+                nh.ns = 0
+            self._count(Counter.DROP_NOT_ON_LINK)
             return None, 0
         tx_slot = NO_TX_SLOT
         if res.ifindex != ingress:
@@ -469,7 +599,8 @@ class PyDatapath:
             if slot is None:
                 if nh is not None:
                     nh.ns = 0
-                self._count(Counter.PASS_FOREIGN_EGRESS)
+                self._count(Counter.PASS_FOREIGN_EGRESS if mode == _NAT
+                            else Counter.DROP_NEXT_HOP)
                 return None, 0
             tx_slot = slot.value
         h = nh if nh is not None else NextHop()
@@ -481,7 +612,8 @@ class PyDatapath:
         return h, 0
 
     def _route(self, buf: bytearray, p: Pkt, ingress: int, nh: NextHop | None, now: int,
-               saddr: bytes, daddr: bytes) -> tuple[NextHop | None, int]:
+               saddr: bytes, daddr: bytes, overhead: int = 0, mode: int = _NAT
+               ) -> tuple[NextHop | None, int]:
         """xl_route: the flow's fresh cached next hop (same ingress, destination and TOS, no
         longer than the packet that filled it), else xl_resolve's answer."""
         ip = p.ip
@@ -489,7 +621,7 @@ class PyDatapath:
                 or nh.in_ifindex != ingress or bytes(nh.daddr) != daddr
                 or ((buf[ip + 2] << 8) | buf[ip + 3]) > nh.max_len
                 or buf[ip + 1] != nh.tos):
-            return self._resolve(buf, p, ingress, nh, now, saddr, daddr)
+            return self._resolve(buf, p, ingress, nh, now, saddr, daddr, overhead, mode)
         return nh, 0
 
     def _send(self, buf: bytearray, p: Pkt, ingress: int, h: NextHop | None
@@ -499,6 +631,10 @@ class PyDatapath:
         if h is None:
             return XDP_PASS, 0
         decrement_ttl(buf, p.ip)
+        return self._out(buf, ingress, h)
+
+    def _out(self, buf: bytearray, ingress: int, h: NextHop) -> tuple[int, int]:
+        """xl_out: the next hop's MACs, and out by XDP_TX or the devmap."""
         buf[0:6] = bytes(h.dmac)
         buf[6:12] = bytes(h.smac)
         if h.tx_slot == NO_TX_SLOT:

@@ -65,6 +65,9 @@ class FibResult:
     smac: bytes = b""
     dmac: bytes = b""
     mtu: int = 0  # FRAG_NEEDED: the path's MTU (the helper's mtu_result), else 0
+    # SUCCESS: the next hop's address, which the helper leaves in ipv4_dst (the gateway, or
+    # the destination itself when it is on a local segment)
+    nexthop: bytes = b""
 
     @property
     def name(self) -> str:
@@ -318,7 +321,8 @@ class Fib:
         state, lladdr = s.neigh.get((hop.oif, nh), (0, b""))
         if not state & NUD_VALID:
             return FibResult(NO_NEIGH, hop.oif), mtu
-        return FibResult(SUCCESS, hop.oif, out.mac, lladdr), mtu
+        return FibResult(SUCCESS, hop.oif, out.mac, lladdr,
+                         nexthop=hop.gateway or fl.daddr.to_bytes(4, "big")), mtu
 
     def _fib_lookup(self, s: _Snapshot, fl: _Flow) -> tuple[int, _Route, _Nexthop]:
         """fib_rules_lookup: (0, route, next hop) or (negative errno, ...)."""
