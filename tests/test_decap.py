@@ -425,6 +425,7 @@ def test_backend_decapsulates(pair, way):
         (row,) = status(pair, way)["interfaces"]
         assert row["attached"] and row["mode"] == "native" and row["pin_dir"] == str(where.path)
         assert {ME, VIP} <= set(row["addresses"]) and row["addresses_current"]
+        assert "127.0.0.1" not in row["addresses"]  # martian from the wire: the kernel's
 
         # UDP to the VIP: the server sees the client's address and answers from the VIP.
         server = start(pair, UDP_SERVER, VIP, "5353")
@@ -496,6 +497,29 @@ def test_refuses_another_program(pair):
         finally:
             group.remove()
             xdp_link.xdp_detach("eth0", netns=pair.backend)
+
+
+def test_older_version_is_named_and_detached(pair):
+    """A decap program pinned by another xdplb version (another map layout) is not taken for
+    this one's: attach refuses naming it, detach removes it and its pins."""
+    from xdplb.instance import decap as places
+    from xdplb.kernel import decap as kdecap
+    from xdplb.kernel import xdp_link
+
+    old = places.DecapPins(places.ns_dir(pair.backend, "0" * 12) / "eth0")
+    program = kdecap.compile_decap()
+    try:
+        kdecap.pin(program, old.path)
+        xdp_link.xdp_attach("eth0", program.prog_fd, "native", netns=pair.backend)
+        p = pair.xdplb("--netns", "decap", "attach", "eth0", check=False)
+        assert p.returncode == 2 and "another xdplb version" in p.stderr, p.stderr
+        p = pair.xdplb("--netns", "decap", "detach", "eth0")
+        assert "detached decap program" in p.stdout and str(old.path) in p.stdout, p.stdout
+        assert xdp_prog(pair) is None and not old.exists()
+    finally:
+        program.close()
+        xdp_link.xdp_detach("eth0", netns=pair.backend)
+        old.remove()
 
 
 def _decap_dir(pair: Pair) -> Path:

@@ -58,10 +58,15 @@ def _ifindex(iface: str) -> int:
 
 def _owner(iface: str, prog_id: int) -> str:
     """Who the XDP program ``prog_id`` on ``iface`` belongs to, for a refusal."""
+    from xdplb.instance import decap as places
     from xdplb.instance import pins
+    from xdplb.kernel import decap as kdecap
 
     if any(pins.prog_id(g) == prog_id for g in pins.groups_with(iface)):
         return f"xdplb's balancer (program {prog_id}; `xdplb detach {iface}` removes it)"
+    if any(kdecap.pinned_prog_id(d.path) == prog_id for d in places.every_version(iface)):
+        return (f"the decap program of another xdplb version (program {prog_id}; "
+                f"`xdplb decap detach {iface}` removes it)")
     return f"XDP program {prog_id}, which is not xdplb's (`ip link set {iface} xdp off`)"
 
 
@@ -74,6 +79,14 @@ def _addr_lines(added: list[IPv4Address], removed: list[IPv4Address],
     return out
 
 
+def decap_addresses() -> list[IPv4Address]:
+    """The outer destinations to decapsulate for: this namespace's IPv4 addresses, without
+    loopback ones (from the wire they are martians: the kernel drops them, let it)."""
+    from xdplb.kernel.localaddrs import local_addresses
+
+    return sorted(a for a in local_addresses() if not a.is_loopback)
+
+
 def do_attach(iface: str, mode: str) -> list[str]:
     """Attach (or, when it is attached already, refresh its addresses). Returns the lines to
     print; raises Refused for a foreign XDP program."""
@@ -81,14 +94,13 @@ def do_attach(iface: str, mode: str) -> list[str]:
     from xdplb.instance import pins
     from xdplb.kernel import bpfsys, xdp_link
     from xdplb.kernel import decap as kdecap
-    from xdplb.kernel.localaddrs import local_addresses
 
     index = _ifindex(iface)
     pins.ensure_bpffs()
     where = places.for_iface(iface)
     st = xdp_link.xdp_state(index)
     pinned = kdecap.pinned_prog_id(where.path) if where.complete() else None
-    local = sorted(local_addresses())
+    local = decap_addresses()
     if st is not None and st.prog_id:
         if st.prog_id != pinned:
             raise Refused(f"{iface} already carries {_owner(iface, st.prog_id)}; nothing changed")
@@ -123,7 +135,7 @@ def do_attach(iface: str, mode: str) -> list[str]:
         lines.append(f"warning: native XDP not available on {iface} ({why}); attached in "
                      "generic mode, which is much slower")
     lines.append(f"decap attached to {iface} (program {prog_id}, {used}); pins {where.path}")
-    return lines + _addr_lines(local, [], local)
+    return lines + _addr_lines([], [], local)
 
 
 def do_detach(iface: str) -> list[str]:
@@ -133,15 +145,15 @@ def do_detach(iface: str) -> list[str]:
     from xdplb.kernel import bpfsys, linkinfo
     from xdplb.kernel import decap as kdecap
 
-    where = places.for_iface(iface)
+    found = places.every_version(iface)  # an older xdplb's pins are removed too
     try:
         index: int | None = _ifindex(iface)
     except OSError:
-        if not where.exists():
+        if not found:
             raise
         index = None  # the interface is gone: its pins are all that is left
     done: list[str] = []
-    if where.exists():
+    for where in found:
         if index is not None and (where.path / kdecap.PROG_PIN).exists():
             with bpfsys.obj_get(where.path / kdecap.PROG_PIN) as fd:
                 if kdecap.detach(index, fd):
@@ -149,7 +161,7 @@ def do_detach(iface: str) -> list[str]:
                     done.append(f"detached decap program {prog_id} from {iface}")
         where.remove()
         done.append(f"removed pins {where.path}")
-    elif index is not None and (st := linkinfo.xdp_state(index)) and st.prog_id:
+    if not found and index is not None and (st := linkinfo.xdp_state(index)) and st.prog_id:
         raise Refused(f"{iface} carries {_owner(iface, st.prog_id)}, not the decap program; "
                       "nothing changed")
     if not done:
@@ -162,10 +174,9 @@ def collect(iface: str | None = None) -> list[dict[str, Any]]:
     from xdplb.instance import decap as places
     from xdplb.kernel import decap as kdecap
     from xdplb.kernel import linkinfo
-    from xdplb.kernel.localaddrs import local_addresses
 
     found = [places.for_iface(iface)] if iface else places.all_in_ns()
-    local = sorted(local_addresses())
+    local = decap_addresses()
     out = []
     for where in found:
         if not where.complete():

@@ -61,8 +61,8 @@ class DecapPins:
             parent = parent.parent
 
 
-def ns_dir(ns: str | None = None) -> Path:
-    return pins.BPFFS / ROOT_NAME / decap_version() / (ns or pins.netns_name())
+def ns_dir(ns: str | None = None, version: str | None = None) -> Path:
+    return pins.BPFFS / ROOT_NAME / (version or decap_version()) / (ns or pins.netns_name())
 
 
 def for_iface(iface: str, ns: str | None = None) -> DecapPins:
@@ -73,3 +73,13 @@ def all_in_ns(ns: str | None = None) -> list[DecapPins]:
     """Decap pin directories of this network namespace (current version), by interface."""
     d = ns_dir(ns)
     return [DecapPins(p) for p in sorted(d.iterdir()) if p.is_dir()] if d.is_dir() else []
+
+
+def every_version(iface: str, ns: str | None = None) -> list[DecapPins]:
+    """Decap pin directories of ``iface`` of every version (an older xdplb's too), the
+    current version's first."""
+    root = pins.BPFFS / ROOT_NAME
+    others = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    found = [for_iface(iface, ns)]
+    found += [DecapPins(ns_dir(ns, v) / iface) for v in others if v != decap_version()]
+    return [d for d in found if d.exists()]
