@@ -475,11 +475,13 @@ def render_structs() -> str:
     return "\n".join(out) + "\n"
 
 
-def render_maps(pin_dir: str | None, pinned: frozenset[str] | None = None) -> str:
-    """BCC map declarations. With ``pin_dir`` the maps (all, or those named in ``pinned``)
-    are pinned there, and maps already pinned there are reused; the rest are private."""
+def render_maps(pin_dir: str | None, pinned: frozenset[str] | None = None,
+                maps: tuple[MapSpec, ...] = MAPS) -> str:
+    """BCC map declarations (of ``maps``: the data path's unless another program's are
+    given). With ``pin_dir`` the maps (all, or those named in ``pinned``) are pinned there,
+    and maps already pinned there are reused; the rest are private."""
     out = []
-    for m in MAPS:
+    for m in maps:
         pin = pin_dir and (pinned is None or m.name in pinned)
         kind = f'"{m.kind}:{pin_dir}/{m.name}"' if pin else f'"{m.kind}"'
         if m.kind == "devmap":  # BCC gives redirect_map() only to this declaration form

@@ -264,8 +264,10 @@ def check_config(config_path: str) -> None:
     click.echo(f"{config_path}: OK ({len(cfg.vips)} VIPs, {n} backends)")
 
 
-from xdplb.cli import inspect as cli_inspect  # noqa: E402 (registers on `main`, defined above)
+from xdplb.cli import decap as cli_decap  # noqa: E402 (registers on `main`, defined above)
+from xdplb.cli import inspect as cli_inspect  # noqa: E402
 from xdplb.cli import offline as cli_offline  # noqa: E402
 
 for _command in (*cli_inspect.COMMANDS, *cli_offline.COMMANDS):
     main.add_command(_command)
+main.add_command(cli_decap.decap)

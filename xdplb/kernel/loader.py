@@ -74,13 +74,6 @@ def compile_program(
     restarts and program upgrades. Unpinned maps are private to this program (e.g. a trace
     that shares the live config maps but must not touch the live flow table).
     """
-    try:
-        from bcc import BPF  # Debian's python3-bpfcc
-    except ImportError as e:  # pragma: no cover - depends on the machine
-        raise CompileError(
-            "BCC is not importable (install python3-bpfcc and use a venv created with "
-            "--system-site-packages; scripts/setup.sh does both)"
-        ) from e
     dirs = [bpf_dir()]
     if isinstance(source, Path):
         dirs.insert(0, source.parent)
@@ -97,14 +90,28 @@ def compile_program(
         f"-DXL_FLOW_MAX={gen['XL_FLOW_MAX']}",
         "-Wno-unused-function",
     ]
+    return load_xdp(text, ENTRY, source, [m.name for m in MAPS], cflags)
+
+
+def load_xdp(text: str, entry: str, source: str, maps: list[str],
+             cflags: list[str] | None = None) -> Program:
+    """Compile one translation unit with BCC and load its XDP function ``entry``, with the
+    fds of the maps named in ``maps``; compiler noise is shown only when it fails."""
+    try:
+        from bcc import BPF  # Debian's python3-bpfcc
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise CompileError(
+            "BCC is not importable (install python3-bpfcc and use a venv created with "
+            "--system-site-packages; scripts/setup.sh does both)"
+        ) from e
     quiet = _quiet_stderr()
     try:
         with quiet:
-            bpf = BPF(text=text.encode(), cflags=cflags)
-            fn = bpf.load_func(ENTRY.encode(), BPF.XDP)
+            bpf = BPF(text=text.encode(), cflags=cflags or ["-Wno-unused-function"])
+            fn = bpf.load_func(entry.encode(), BPF.XDP)
     except Exception as e:
         raise CompileError(f"compiling {source} failed: {e}\n{quiet.errors()}") from e
-    map_fds = {m.name: bpf.get_table(m.name.encode()).get_fd() for m in MAPS}
+    map_fds = {name: bpf.get_table(name.encode()).get_fd() for name in maps}
     return Program(bpf=bpf, prog_fd=fn.fd, map_fds=map_fds)
 
 
