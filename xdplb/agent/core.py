@@ -32,6 +32,7 @@ from xdplb.agent.errors import AttachError, UsageError
 from xdplb.agent.health import HealthChecker, Target
 from xdplb.agent.loop import Errors, ProgramWatch, Retry
 from xdplb.agent.mapsync import MapSync
+from xdplb.agent.neigh import NeighbourKeeper
 from xdplb.agent.notify import notify
 from xdplb.config import Config, ConfigError, check_backends_not_local, load_config
 from xdplb.instance import locks, pins, runfiles
@@ -107,6 +108,7 @@ class Agent:
     _watch: ProgramWatch | None = field(init=False, default=None)
     _owner: locks.Ownership | None = field(init=False, default=None)
     _publish_failing: bool = field(init=False, default=False)
+    neighbours: NeighbourKeeper = field(init=False, default_factory=NeighbourKeeper)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -289,6 +291,7 @@ class Agent:
         current = self.sync.read_current()
         desired = desired_state(self.cfg, current, frozenset(self._down), frozenset(drained))
         rep = self.sync.apply(desired, current)
+        self.neighbours.keep(desired)
         self.generation += 1
         log.info("%s: maps updated (generation %d): %d backends and %d Maglev slots written, "
                  "%d VIPs added, %d removed, %d backends removed", why, self.generation,
@@ -502,6 +505,7 @@ class Agent:
                 (runfiles.run_dir(self.group) / name).unlink(missing_ok=True)
         else:
             self._detach_all()
+            self.neighbours.release()
             runfiles.clear(self.group, keep=(runfiles.DRAINS_FILE,))
             self.group.remove()
             log.info("detached from %s", ", ".join(self.ifaces))
