@@ -52,24 +52,24 @@ static __always_inline int xl_icmp_echo(struct xl_pkt *p)
  * quotes it, from its destination to its sender: room for an outer IPv4 and ICMP header is
  * made in front of its IPv4 header, which then sits where the quote goes, and the frame is
  * cut after the quote. ``rest``: the header's second word (the MTU of "fragmentation
- * needed"). ``counter``: the event it counts as. */
-static __always_inline int xl_icmp_error(struct xdp_md *ctx, struct xl_pkt *p, __u8 type,
-                                         __u8 code, __be32 rest, __u32 counter)
+ * needed"). 0, or -1 when the frame cannot be reshaped. */
+static __always_inline int xl_icmp_build(struct xdp_md *ctx, struct xl_pkt *p, __u8 type,
+                                         __u8 code, __be32 rest)
 {
     __be32 sender = p->ip->saddr, dest = p->ip->daddr;
     __u8 dmac[ETH_ALEN], smac[ETH_ALEN];
     __builtin_memcpy(dmac, p->eth->h_source, ETH_ALEN);
     __builtin_memcpy(smac, p->eth->h_dest, ETH_ALEN);
     if (bpf_xdp_adjust_head(ctx, -(int)XL_ICMP_ERR_ROOM))
-        return XDP_ABORTED;
+        return -1;
     /* Parsed L4 headers are 8 bytes or more, so the frame holds the whole quote. */
     int over = (int)(ctx->data_end - ctx->data) - (int)XL_ICMP_ERR_LEN;
     if (over > 0 && bpf_xdp_adjust_tail(ctx, -over))
-        return XDP_ABORTED;
+        return -1;
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
     if (data + XL_ICMP_ERR_LEN > data_end)
-        return XDP_ABORTED;
+        return -1;
     struct ethhdr *eth = data;
     __builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
     __builtin_memcpy(eth->h_source, smac, ETH_ALEN);
@@ -93,6 +93,15 @@ static __always_inline int xl_icmp_error(struct xdp_md *ctx, struct xl_pkt *p, _
     ic->checksum = 0;
     ic->un.gateway = rest;
     ic->checksum = xl_csum_words((__u16 *)ic, (sizeof(*ic) + XL_ICMP_QUOTE) / 2);
+    return 0;
+}
+
+/* xl_icmp_build, sent back by XDP_TX; ``counter``: the event it counts as. */
+static __always_inline int xl_icmp_error(struct xdp_md *ctx, struct xl_pkt *p, __u8 type,
+                                         __u8 code, __be32 rest, __u32 counter)
+{
+    if (xl_icmp_build(ctx, p, type, code, rest))
+        return XDP_ABORTED;
     xl_count(counter);
     xl_count(XL_C_TX);
     return XDP_TX;

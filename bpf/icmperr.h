@@ -99,12 +99,46 @@ static __always_inline int xl_icmp_to_backend(struct xdp_md *ctx, struct xl_pkt 
     return xl_send(p, h);
 }
 
+/* fullnat: an error about a packet of flow ``fk`` as it left (from our address and the
+ * flow's port to the backend), from a router on the way or the backend itself: to the
+ * client, quoting the client's packet as the client sent it (to VIP:port). */
+static __always_inline int xl_icmp_fnat_to_client(struct xdp_md *ctx, struct xl_pkt *p,
+                                                  struct iphdr *in, struct xl_flow_key *fk)
+{
+    struct udphdr *q = (void *)(in + 1);
+    if (xl_ttl_expired(p->ip))
+        return xl_pass(XL_C_PASS_TTL);
+    __be32 vip = *(__u32 *)fk->dst, client = *(__u32 *)fk->src;
+    int from_backend = p->ip->saddr == in->daddr;
+    struct xl_next_hop tmp;
+    __u16 too_big = 0;
+    struct xl_next_hop *h = xl_route(ctx, p, NULL, &tmp, bpf_ktime_get_coarse_ns(),
+                                     from_backend ? vip : p->ip->saddr, client, &too_big);
+    if (from_backend)
+        xl_set_addr(p->ip, &p->ip->saddr, vip);
+    xl_set_addr(p->ip, &p->ip->daddr, client);
+    xl_quote_rewrite(p->icmp, in, &in->saddr, client, &q->source, fk->sport);
+    xl_quote_rewrite(p->icmp, in, &in->daddr, vip, &q->dest, fk->dport);
+    xl_count(XL_C_ICMP_TO_CLIENT);
+    return xl_send(p, h);
+}
+
 /* Toward a client, about a packet it sent to a backend of a tracked flow: translated back
- * to the VIP. */
+ * to the VIP. fullnat's errors come to our own address instead (xl_icmp_fnat_to_client). */
 static __always_inline int xl_icmp_to_client(struct xdp_md *ctx, struct xl_pkt *p,
                                              struct iphdr *in)
 {
     struct udphdr *q = (void *)(in + 1);
+    if (in->saddr == p->ip->daddr && xl_maybe(in->saddr, XL_ADDR_MAYBE_LB_SOURCE)) {
+        struct xl_fnat_key k = {};
+        xl_fnat_key(&k, in->saddr, q->source, in->daddr, q->dest, in->protocol);
+        struct xl_flow_key *owner = fnat_ports.lookup(&k);
+        if (owner) {
+            struct xl_flow_key fk = *owner;
+            if (xl_fnat_holder(&fk, &k))
+                return xl_icmp_fnat_to_client(ctx, p, in, &fk);
+        }
+    }
     struct xl_rev_nat *rn = in->saddr == p->ip->daddr ?
                             xl_rev_lookup(in->daddr, q->dest, in->protocol) : NULL;
     struct xl_rev_target *t = NULL;
@@ -125,4 +159,89 @@ static __always_inline int xl_icmp_to_client(struct xdp_md *ctx, struct xl_pkt *
     xl_quote_rewrite(p->icmp, in, &in->daddr, vip, &q->dest, t->vip_port);
     xl_count(XL_C_ICMP_TO_CLIENT);
     return xl_send(p, h);
+}
+
+/* dsr/ipip: "fragmentation needed" from a router between us and a backend, about an outer
+ * packet we sent (from our address, protocol 4): the path to the backend is smaller than we
+ * knew. In DSR we never see the backend's SYN-ACK, so we cannot clamp the MSS: the client
+ * must learn it, so it gets "fragmentation needed" quoting its own packet (the inner one,
+ * which the router quoted after the outer header), with the MTU less the outer header,
+ * from the VIP. Is it such an error? The MTU for the client, or 0 (the caller goes on). */
+static __always_inline __u16 xl_icmp_tunnel_mtu(struct xdp_md *ctx, struct xl_pkt *p)
+{
+    struct icmphdr *ic = p->icmp;
+    if (ic->type != XL_ICMP_DEST_UNREACH || ic->code != XL_ICMP_FRAG_NEEDED)
+        return 0;
+    void *data_end = (void *)(long)ctx->data_end;
+    void *end = (void *)p->ip + bpf_ntohs(p->ip->tot_len); /* parse_l3: within the frame */
+    struct iphdr *outer = (void *)(ic + 1);
+    struct iphdr *in = outer + 1;
+    if ((void *)(in + 1) + 8 > data_end || (void *)(in + 1) + 8 > end)
+        return 0;
+    if (outer->version != 4 || outer->ihl != 5 || outer->protocol != IPPROTO_IPIP ||
+        outer->saddr != p->ip->daddr || in->version != 4 || in->ihl != 5 ||
+        (in->frag_off & bpf_htons(XL_IP_OFFMASK)) ||
+        (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP))
+        return 0;
+    __u16 mtu = bpf_ntohs(ic->un.frag.mtu);
+    if (mtu < XL_IPIP_OVERHEAD + 68) /* none given (an old router), or nonsense */
+        return 0;
+    struct udphdr *q = (void *)(in + 1);
+    struct xl_flow_key fk = {};
+    __builtin_memcpy(fk.src, &in->saddr, 4);
+    __builtin_memcpy(fk.dst, &in->daddr, 4);
+    fk.sport = q->source;
+    fk.dport = q->dest;
+    fk.proto = in->protocol;
+    fk.family = XL_FAMILY_IPV4;
+    struct xl_flow *f = flows.lookup(&fk);
+    __u32 bid = f ? f->backend_id : 0;
+    struct xl_backend *be = f && f->mode == XL_MODE_DSR_IPIP ? backends.lookup(&bid) : NULL;
+    if (!be || *(__u32 *)be->addr != outer->daddr)
+        return 0;
+    return mtu - XL_IPIP_OVERHEAD;
+}
+
+/* Send xl_icmp_tunnel_mtu's answer: the client gets "fragmentation needed" with ``mtu``. */
+static __always_inline int xl_icmp_tunnel_send(struct xdp_md *ctx, struct xl_pkt *p, __u16 mtu)
+{
+    void *data_end;
+    struct iphdr *in = (void *)(p->icmp + 1) + sizeof(struct iphdr);
+    /* The quoted client packet becomes the frame's packet (an Ethernet header in front of
+     * it, in the bytes before it), and then the error that quotes it. */
+    int strip = (int)((void *)in - (void *)p->ip);
+    __u8 ours[ETH_ALEN], theirs[ETH_ALEN];
+    __builtin_memcpy(ours, p->eth->h_dest, ETH_ALEN);
+    __builtin_memcpy(theirs, p->eth->h_source, ETH_ALEN);
+    if (bpf_xdp_adjust_head(ctx, strip))
+        return XDP_ABORTED;
+    void *data = (void *)(long)ctx->data;
+    data_end = (void *)(long)ctx->data_end;
+    struct xl_pkt e = {};
+    e.eth = data;
+    e.ip = data + ETH_HLEN;
+    if ((void *)e.ip + XL_ICMP_QUOTE > data_end)
+        return XDP_ABORTED;
+    /* The builder swaps them: the error is addressed to our MAC, as the kernel wants it if
+     * it must route it; sent by us, the next hop's MACs replace both */
+    __builtin_memcpy(e.eth->h_dest, theirs, ETH_ALEN);
+    __builtin_memcpy(e.eth->h_source, ours, ETH_ALEN);
+    e.eth->h_proto = bpf_htons(ETH_P_IP);
+    if (xl_icmp_build(ctx, &e, XL_ICMP_DEST_UNREACH, XL_ICMP_FRAG_NEEDED,
+                      bpf_htonl(mtu)))
+        return XDP_ABORTED;
+    data = (void *)(long)ctx->data;
+    data_end = (void *)(long)ctx->data_end;
+    e.eth = data;
+    e.ip = data + ETH_HLEN;
+    if ((void *)(e.ip + 1) > data_end)
+        return XDP_ABORTED;
+    struct xl_next_hop tmp;
+    __u16 too_big = 0;
+    struct xl_next_hop *h = xl_route(ctx, &e, NULL, &tmp, bpf_ktime_get_coarse_ns(),
+                                     e.ip->saddr, e.ip->daddr, &too_big);
+    xl_count(XL_C_ICMP_TO_CLIENT);
+    if (!h)
+        return XDP_PASS; /* the kernel routes it (from the VIP: no address of ours) */
+    return xl_out(e.eth, h);
 }

@@ -215,6 +215,10 @@ int xdplb_main(struct xdp_md *ctx)
         }
     }
 
+    __u16 tunnel_mtu = p.icmp && xl_maybe(ip->daddr, XL_ADDR_MAYBE_LB_SOURCE) ?
+                       xl_icmp_tunnel_mtu(ctx, &p) : 0;
+    if (tunnel_mtu)
+        return xl_icmp_tunnel_send(ctx, &p, tunnel_mtu);
     struct iphdr *quoted = xl_icmp_quote(ctx, &p);
     if (quoted)
         return xl_icmp_to_client(ctx, &p, quoted);

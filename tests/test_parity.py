@@ -399,6 +399,45 @@ def corpus_modes() -> Iterator[Case]:
     yield Case("dsr/ipip: 1481 bytes without DF: dropped (the kernel cannot fragment it)",
                build(CLIENT, VIP4, 6, 40300, 83, flags="A", payload=bytes(1441)),
                "drop_next_hop", "hit")
+    yield from icmp_modes()
+
+
+ROUTER = "10.20.0.254"  # a router on the backends' side (bench: a permanent neighbour)
+
+
+def fnat_error(src: str, icmp: ICMP, sport: int = 20000) -> bytes:
+    """An ICMP error to the balancer's address about fullnat's packet LB_SRC:sport -> BE1:80."""
+    quote = bytes(IP(src=LB_SRC, dst=BE1) / TCP(sport=sport, dport=80, flags="A"))[:28]
+    return bytes(eth() / IP(src=src, dst=LB_SRC) / icmp / quote)
+
+
+def tunnel_error(mtu: int, sport: int = 40300, outer_dst: str = BE1) -> bytes:
+    """A router's "fragmentation needed" about dsr/ipip's outer packet to BE1, quoting the
+    outer header, the client's packet header and 8 bytes (as Linux routers do, and more)."""
+    inner = IP(src=CLIENT, dst=VIP4, flags="DF") / TCP(sport=sport, dport=83, flags="A")
+    quote = bytes(IP(src=LB_SRC, dst=outer_dst, proto=4, flags="DF") / inner)[:48]
+    return bytes(eth() / IP(src=ROUTER, dst=LB_SRC) / ICMP(type=3, code=4, nexthopmtu=mtu)
+                 / quote)
+
+
+def icmp_modes() -> Iterator[Case]:
+    """ICMP errors about the packets fullnat and dsr/ipip send (after corpus_modes' flows)."""
+    yield Case("fullnat: a router's error about our packet: to the client, its packet quoted",
+               fnat_error(ROUTER, ICMP(type=3, code=4, nexthopmtu=1400)), "tx", rewritten=True)
+    yield Case("fullnat: the backend's own error: from the VIP too",
+               fnat_error(BE1, ICMP(type=3, code=3)), "tx", rewritten=True)
+    yield Case("fullnat: an error about a port no flow holds",
+               fnat_error(ROUTER, ICMP(type=3, code=4, nexthopmtu=1400), 20001),
+               "pass_not_vip")
+    yield Case("dsr/ipip: frag needed about our outer packet: the client learns MTU - 20",
+               tunnel_error(1400), "tx", rewritten=True)
+    yield Case("dsr/ipip: frag needed without an MTU (an old router)", tunnel_error(0),
+               "pass_not_vip")
+    yield Case("dsr/ipip: frag needed about an outer packet of no flow",
+               tunnel_error(1400, sport=40399), "pass_not_vip")
+    yield Case("dsr/ipip: frag needed naming another backend", tunnel_error(1400,
+                                                                          outer_dst=BE2),
+               "pass_not_vip")
 
 
 def test_corpus_same_fate_in_both(bench, fresh):
@@ -473,6 +512,66 @@ def test_fragmentation_needed_quotes_the_packet_as_sent(bench, fresh):
     no_df = build(CLIENT, VIP2, 6, 40202, 81, flags="S", payload=bytes(700))
     r = run_both(a, b, no_df, d0)
     assert (r.verdict, r.reason) == ("pass", "pass_fib") and Ether(r.data)[IP].dst == "10.50.0.5"
+
+
+def l3(frame: bytes) -> IP:
+    """A frame's IPv4 packet, to rebuild with changed fields (checksums recomputed)."""
+    return Ether(frame)[IP].copy()
+
+
+def rebuilt(pkt: IP, **fields: object) -> bytes:
+    """``pkt`` with ``fields`` changed and every checksum left to scapy."""
+    for name, value in fields.items():
+        layer, _, field = name.rpartition("_")
+        setattr(pkt[{"ip": IP, "tcp": TCP, "udp": UDP, "icmp": ICMP}[layer or "ip"]]
+                if layer else pkt, field, value)
+    for layer in (IP, TCP, UDP, ICMP):
+        if pkt.haslayer(layer):
+            del pkt[layer].chksum
+    return bytes(pkt)
+
+
+def test_modes_leave_as_scapy_builds_them(bench, fresh):
+    """Each mode's output, from the IPv4 header on, against what scapy builds from the
+    input with the fields the mode must change (checksums by scapy), and the MAC of the
+    backend where only the frame is redirected."""
+    a, b = fresh
+    d0 = bench.ifindex["d0"]
+
+    def out(frame: bytes) -> bytes:
+        return run_both(a, b, frame, d0).data
+
+    syn = build(CLIENT, VIP4, 6, 40100, 80, flags="S", payload=b"hi")
+    got = out(syn)
+    assert got[14:] == rebuilt(l3(syn), src=LB_SRC, dst=BE1, ttl=63, tcp_sport=20000)
+    reply = build(BE1, LB_SRC, 6, 80, 20000, flags="SA")
+    assert out(reply)[14:] == rebuilt(l3(reply), src=VIP4, dst=CLIENT, ttl=63, tcp_sport=80,
+                                      tcp_dport=40100)
+    err = fnat_error(ROUTER, ICMP(type=3, code=4, nexthopmtu=1400))
+    want = l3(err)
+    want[IP].dst, want[IP].ttl = CLIENT, 63
+    # fnat_error quoted IP(src=LB_SRC, dst=BE1) / TCP(sport=20000, dport=80, flags="A")
+    quoted = bytes(IP(src=CLIENT, dst=VIP4) / TCP(sport=40100, dport=80, flags="A"))[:28]
+    del want[IP].chksum, want[ICMP].chksum
+    want[ICMP].remove_payload()
+    assert out(err)[14:] == bytes(want / quoted)
+
+    l2 = build(CLIENT, VIP4, 6, 40200, 81, flags="S")
+    got = out(l2)
+    assert Ether(got).dst == "02:00:00:00:00:0b" and got[14:] == rebuilt(l3(l2), ttl=63)
+
+    ipip = build(CLIENT, VIP4, 6, 40300, 83, flags="S", tos=0xB8, df=True)
+    inner = l3(ipip)
+    want = IP(src=LB_SRC, dst=BE1, proto=4, ttl=64, tos=0xB8, id=inner.id, flags="DF") / \
+        rebuilt(inner, ttl=63)
+    assert out(ipip)[14:] == bytes(want)
+    # A router says the path to BE1 takes 1400: the client hears 1380, from the VIP, about
+    # its own packet (the one it sent, before we wrapped it).
+    want = IP(src=VIP4, dst=CLIENT, ttl=64, id=0) / ICMP(type=3, code=4, nexthopmtu=1380) / \
+        bytes(IP(bytes(tunnel_error(1400))[14 + 20 + 8 + 20:]))[:28]
+    got = out(tunnel_error(1400))
+    assert got[14:] == bytes(want)
+    assert checksum_errors(got) == [] and scapy_recomputed_errors(got) == []
 
 
 def test_icmp_errors_are_translated_like_their_flow(bench, fresh):

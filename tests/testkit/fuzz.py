@@ -40,6 +40,7 @@ from xdplb.userspace.parse import OK, parse
 RING_SIZE = 251  # small: rings rebuild fast and flows collide on slots
 FLOW_MAX = 131072  # never fills in a run, so the kernel's approximate LRU never evicts
 CLIENT_MAC = "02:00:00:00:0a:02"
+LB_SOURCE = "10.20.0.1"  # the bench's own address toward its backends (fullnat, dsr/ipip)
 # (VIP address, port, protocol): balanced services; the generator also hits other ports
 SERVICES = ((VIPS[0], 80, "tcp"), (VIPS[0], 53, "udp"), (VIPS[1], 443, "tcp"),
             (VIPS[2], 80, "udp"), (VIPS[2], 80, "tcp"),
@@ -145,6 +146,13 @@ MUTATIONS: dict[str, Callable[[bytearray, random.Random], bytearray]] = {
     "truncate": lambda f, r: f[: r.randrange(MIN_FRAME, len(f) + 1)],
     "extend": lambda f, r: f + r.randbytes(r.randrange(1, 40)),
 }
+
+
+def _ip(src: str, dst: str, proto: int, payload: bytes, df: bool = False) -> bytes:
+    """An IPv4 header (checksummed) and ``payload``."""
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 1, 0x4000 if df else 0,
+                     64, proto, 0, socket.inet_aton(src), socket.inet_aton(dst))
+    return ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:] + payload
 
 
 def _flip(f: bytearray, rnd: random.Random, i: int) -> bytearray:
@@ -317,7 +325,8 @@ class FrameGen:
         client about its packet to the backend (from a router or the backend), some about no
         flow, some quoting too little, some of a type that quotes nothing of ours."""
         r = self.rnd
-        if r.random() < 0.5:
+        to_vip = r.random() < 0.5
+        if to_vip:
             client, cport, vip, port, proto = r.choice(self.recent)
             src, dst, quoted = client, vip, (vip, port, client, cport)
         else:
@@ -327,7 +336,16 @@ class FrameGen:
         qsrc, qsport, qdst, qdport = quoted
         inner = build(qsrc, qdst, proto, qsport, qdport, payload=r.randbytes(r.randrange(16)),
                       udp_zero=r.random() < 0.1)[14 : 14 + r.choice((28, 28, 28, 24, 40))]
-        icmp = struct.pack("!BBHI", r.choice((3, 3, 11, 12, 5, 8)), r.randrange(5), 0, 0) + inner
+        kind, code, rest = r.choice((3, 3, 11, 12, 5, 8)), r.randrange(5), 0
+        if to_vip and r.random() < 0.25:
+            # dsr/ipip: a router's "fragmentation needed" about our outer packet (from the
+            # bench's address toward the backends) to some backend, quoting the client's
+            src, dst = r.choice(BACKENDS), LB_SOURCE
+            sent = build(client, vip, proto, cport, port, df=True)[14:]
+            inner = _ip(LB_SOURCE, r.choice(BACKENDS), 4, sent, df=r.random() < 0.9)[
+                : r.choice((48, 48, 40, 60))]
+            kind, code, rest = 3, r.choice((4, 4, 4, 3)), r.choice((1400, 1480, 80, 0))
+        icmp = struct.pack("!BBHI", kind, code, 0, rest) + inner
         icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 7, 0,
                          r.choice((64, 64, 64, 1)), 1, 0, socket.inet_aton(src),

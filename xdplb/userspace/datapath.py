@@ -43,6 +43,8 @@ from xdplb.userspace.fib import FRAG_NEEDED, LOOPBACK_IFINDEX, SUCCESS, Fib
 from xdplb.userspace.fullnat import fnat_key, htons, same_holder
 from xdplb.userspace.guard import guard
 from xdplb.userspace.icmp import (
+    ICMP_DEST_UNREACH,
+    ICMP_FRAG_NEEDED,
     IcmpError,
     echo_reply,
     frag_needed,
@@ -53,6 +55,7 @@ from xdplb.userspace.icmp import (
 from xdplb.userspace.icmperr import icmp_quote, quote_rewrite
 from xdplb.userspace.parse import (
     ADDR_PAD,
+    ETH_LEN,
     IPPROTO_ICMP,
     IPPROTO_TCP,
     IPPROTO_UDP,
@@ -277,6 +280,10 @@ class PyDatapath:
                 if q >= 0:
                     return self._icmp_to_backend(buf, p, q, ingress)
                 return self._pass(Counter.PASS_NOT_VIP)
+        mtu = self._icmp_tunnel_mtu(buf, p) \
+            if p.icmp >= 0 and self._maybe(daddr) & ADDR_MAYBE_LB_SOURCE else 0
+        if mtu:
+            return self._icmp_tunnel_send(buf, p, mtu, ingress)
         q = icmp_quote(buf, p)
         if q >= 0:
             return self._icmp_to_client(buf, p, q, ingress)
@@ -309,11 +316,81 @@ class PyDatapath:
         self._count(Counter.ICMP_TO_BACKEND)
         return self._send(buf, p, ingress, h)
 
+    def _icmp_fnat_to_client(self, buf: bytearray, p: Pkt, q: int, fk: bytes, ingress: int
+                             ) -> tuple[int, int]:
+        """xl_icmp_fnat_to_client: an error about a fullnat packet as it left, to the client,
+        quoting the client's packet as the client sent it."""
+        ip, qp = p.ip, q + 20
+        if self._ttl_expired(buf, p):
+            return self._pass(Counter.PASS_TTL)
+        vip, client = fk[4:8], fk[0:4]
+        from_backend = buf[ip + 12 : ip + 16] == buf[q + 16 : q + 20]
+        h, _ = self._route(buf, p, ingress, None, self.clock(),
+                           vip if from_backend else bytes(buf[ip + 12 : ip + 16]), client)
+        if from_backend:
+            csum.set_addr(buf, ip, ip + 12, vip)
+        csum.set_addr(buf, ip, ip + 16, client)
+        quote_rewrite(buf, p.icmp, q, q + 12, client, qp, int.from_bytes(fk[8:10], "little"))
+        quote_rewrite(buf, p.icmp, q, q + 16, vip, qp + 2, int.from_bytes(fk[10:12], "little"))
+        self._count(Counter.ICMP_TO_CLIENT)
+        return self._send(buf, p, ingress, h)
+
+    def _icmp_tunnel_mtu(self, buf: bytearray, p: Pkt) -> int:
+        """xl_icmp_tunnel_mtu: "fragmentation needed" about a dsr/ipip outer packet of ours;
+        the MTU for its client (less the outer header), or 0."""
+        ic, ip = p.icmp, p.ip
+        if buf[ic] != ICMP_DEST_UNREACH or buf[ic + 1] != ICMP_FRAG_NEEDED:
+            return 0
+        o, i = ic + 8, ic + 28  # the quoted outer header, the quoted client packet
+        if i + 28 > min(len(buf), ip + ((buf[ip + 2] << 8) | buf[ip + 3])):
+            return 0
+        if buf[o] != 0x45 or buf[o + 9] != _IPPROTO_IPIP or buf[o + 12 : o + 16] != \
+                buf[ip + 16 : ip + 20] or buf[i] != 0x45 or \
+                ((buf[i + 6] << 8) | buf[i + 7]) & 0x1FFF or \
+                buf[i + 9] not in (IPPROTO_TCP, IPPROTO_UDP):
+            return 0
+        mtu = (buf[ic + 6] << 8) | buf[ic + 7]
+        if mtu < IPIP_OVERHEAD + 68:
+            return 0
+        fk = flow_key(bytes(buf[i + 12 : i + 16]), bytes(buf[i + 16 : i + 20]),
+                      bytes(buf[i + 20 : i + 22]), bytes(buf[i + 22 : i + 24]), buf[i + 9])
+        f = self.flows.ref(fk)
+        be = self.backends.ref(key_bytes(f.backend_id)) \
+            if f is not None and f.mode == _DSR_IPIP else None
+        if be is None or bytes(be.addr)[:4] != buf[o + 16 : o + 20]:
+            return 0
+        return mtu - IPIP_OVERHEAD
+
+    def _icmp_tunnel_send(self, buf: bytearray, p: Pkt, mtu: int, ingress: int
+                          ) -> tuple[int, int]:
+        """xl_icmp_tunnel_send: the quoted client packet becomes the frame's packet, then
+        the "fragmentation needed" that quotes it, routed to the client from the VIP."""
+        ours, theirs = bytes(buf[0:6]), bytes(buf[6:12])
+        del buf[p.ip : p.icmp + 28]
+        buf[0:6], buf[6:12], buf[12:14] = theirs, ours, b"\x08\x00"  # the builder swaps them
+        e = Pkt(ETH_LEN, IPPROTO_ICMP, False, False)
+        frag_needed(buf, e, mtu)
+        e = Pkt(ETH_LEN, IPPROTO_ICMP, False, False, icmp=ETH_LEN + 20)
+        h, _ = self._route(buf, e, ingress, None, self.clock(), bytes(buf[26:30]),
+                           bytes(buf[30:34]))
+        self._count(Counter.ICMP_TO_CLIENT)
+        if h is None:
+            return XDP_PASS, 0
+        return self._out(buf, ingress, h)
+
     def _icmp_to_client(self, buf: bytearray, p: Pkt, q: int, ingress: int
                         ) -> tuple[int, int]:
         """xl_icmp_to_client: an ICMP error toward a client about a packet it sent to a
-        backend of a tracked flow, translated back to the VIP."""
+        backend of a tracked flow, translated back to the VIP (fullnat's: to our own
+        address, see _icmp_fnat_to_client)."""
         ip, qp = p.ip, q + 20
+        if buf[q + 12 : q + 16] == buf[ip + 16 : ip + 20] \
+                and self._maybe(bytes(buf[q + 12 : q + 16])) & ADDR_MAYBE_LB_SOURCE:
+            k = fnat_key(bytes(buf[q + 12 : q + 16]), csum.load16(buf, qp),
+                         bytes(buf[q + 16 : q + 20]), csum.load16(buf, qp + 2), buf[q + 9])
+            owner = self.fnat_ports.ref(k)
+            if owner is not None and self._fnat_holder(bytes(owner), k) is not None:
+                return self._icmp_fnat_to_client(buf, p, q, bytes(owner), ingress)
         f = t = None
         if buf[q + 12 : q + 16] == buf[ip + 16 : ip + 20]:
             rn = self.rev_nat.ref(rev_key(bytes(buf[q + 16 : q + 20]),
