@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from xdplb.abi.layout import MAX_VIPS
-from xdplb.agent import faults, migrate
+from xdplb.agent import faults, fnatsweep, migrate
 from xdplb.agent.detach import detach_if_ours
 from xdplb.agent.errors import AttachError, UsageError
 from xdplb.agent.health import HealthChecker, Target
@@ -109,6 +109,7 @@ class Agent:
     _owner: locks.Ownership | None = field(init=False, default=None)
     _publish_failing: bool = field(init=False, default=False)
     neighbours: NeighbourKeeper = field(init=False, default_factory=NeighbourKeeper)
+    _next_sweep: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -382,10 +383,24 @@ class Agent:
                 changed = True
         if self._watch is not None and self._watch.check(list(self.attached)):
             changed = True
+        self._sweep_fnat()
         if changed or self._publish_failing:
             self._publish()
         else:
             self._publish_health()
+
+    def _sweep_fnat(self) -> None:
+        """Every SWEEP_INTERVAL while a VIP is fullnat: stale reply-table entries go."""
+        now = time.monotonic()
+        if now < self._next_sweep or self.maps is None or \
+                not any(v.forwarding == "fullnat" for v in self.cfg.vips):
+            return
+        self._next_sweep = now + fnatsweep.SWEEP_INTERVAL
+        try:
+            if n := fnatsweep.sweep(self.maps):
+                log.info("fullnat: %d stale reply-table entries removed", n)
+        except OSError as e:
+            self.errors.count("sweep", e, "sweeping again later")
 
     def _handle(self, ev: tuple) -> None:
         kind = ev[0]
