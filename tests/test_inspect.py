@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 from agent_process import XDPLB, AgentProcess, xdplb
 from lab import Lab
-from pools import ECHO, VIP, WEB, HealthCheck, pool_yaml
+from pools import ECHO, VIP, WEB, Backend, HealthCheck, Vip, pool_yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from xdplb.abi.layout import OUTCOMES
@@ -26,7 +26,11 @@ PREFIX = "xlt-i1"
 METRICS = "127.0.0.1:9477"
 UDP_IDLE = 4.0  # long enough for a trace to read the tables after a datagram
 HTTP_CHECK = HealthCheck("http", path="/healthz", interval="500ms", timeout="400ms")
-POOL = pool_yaml(replace(WEB, health_check=HTTP_CHECK), ECHO, table_size=65537,
+# fullnat, its source found by the route toward each backend (no `source:`); no traffic
+# until test_fullnat_flows_show_their_source, so the tests before it see nat flows only.
+FNAT = Vip("fnat", 81, (Backend("10.20.0.11", port=80), Backend("10.20.0.12", port=80)),
+           forwarding="fullnat")
+POOL = pool_yaml(replace(WEB, health_check=HTTP_CHECK), ECHO, FNAT, table_size=65537,
                  flows={"max_entries": 100_000, "udp_idle_timeout": f"{UDP_IDLE:g}s"})
 ETH_IP_UDP = 14 + 20 + 8  # what a UDP frame adds to its payload (the data path counts frames)
 
@@ -68,11 +72,11 @@ def stats(lab: Lab) -> dict:
     return json.loads(xdplb(lab, "stats", "--json", "--interval", "0").stdout)
 
 
-def curl_from(lab: Lab, sport: int) -> str:
-    """One HTTP request to the web VIP from a given client port; the body names the
-    backend."""
+def curl_from(lab: Lab, sport: int, port: int = 80) -> str:
+    """One HTTP request to the web VIP (or the VIP's ``port``) from a given client port;
+    the body names the backend."""
     return lab.run(lab.client_ns, "curl", "-sS", "--noproxy", "*", "-m", "5",
-                   "--local-port", str(sport), f"http://{VIP}/").stdout
+                   "--local-port", str(sport), f"http://{VIP}:{port}/").stdout
 
 
 def logged(lab: Lab, service: str) -> set[tuple[int, str, int]]:
@@ -277,6 +281,43 @@ def test_backends_and_metrics_agree_with_stats(running):
         key = (("xdplb_packets_total", (("outcome", name),)) if name in outcomes
                else ("xdplb_events_total", (("event", name),)))
         assert samples[key] <= v, name
+
+
+def test_fullnat_flows_show_their_source(running):
+    """A fullnat flow's row names the source address and port the balancer gave it, which
+    is what the backend saw; status, stats and the metrics say each VIP's mode."""
+    lab, _ = running
+    assert "backend=" in curl_from(lab, 46000, port=81)
+    (row,) = flows(lab, "--client", f"{lab.client_addr}:46000")
+    assert (row["forwarding"], row["encap"], row["vip_port"]) == ("fullnat", None, 81), row
+    addr, port = row["source"].rsplit(":", 1)
+    i = lab.backend_addrs.index(row["backend"])
+    seen = [(r["client"], r["cport"]) for r in lab.backend_log(i)
+            if r.get("service") == "http" and r.get("lport") == 80]
+    assert (addr, int(port)) in seen and 1024 <= int(port) <= 32767, (row, seen)
+    assert row["tcp_state"] in ("fin", "rst") and row["rev_packets"] >= 3, row
+    assert all((r["forwarding"], r["encap"], r["source"]) == ("nat", None, None)
+               for r in flows(lab, "--vip", "web"))
+    text = xdplb(lab, "flows", "--client", f"{lab.client_addr}:46000").stdout
+    assert text.splitlines()[2].split()[4:6] == ["fullnat", row["source"]]
+
+    (g,) = json.loads(xdplb(lab, "status", "--json").stdout)["groups"]
+    vips = {v["port"]: v for v in g["vips"]}
+    assert [(vips[p]["forwarding"], vips[p]["encap"]) for p in (80, 5000, 81)] == \
+        [("nat", None)] * 2 + [("fullnat", None)]
+    assert vips[81]["source_ports"] == [1024, 32767]
+    assert addr in {b["source"] for b in vips[81]["backends"]}
+    assert {b["source"] for b in vips[80]["backends"]} == {None}
+    assert "fullnat 1024-32767" in xdplb(lab, "status").stdout
+    st = stats(lab)
+    assert {v["vip"]: v["forwarding"] for v in st["vips"]} == \
+        {"web": "nat", "echo": "nat", "fnat": "fullnat"}
+    text = lab.run(lab.lb_ns, "curl", "-sS", "--noproxy", "*", "-m", "10",
+                   f"http://{METRICS}/metrics").stdout
+    info = {s.labels["vip"]: (s.labels["forwarding"], s.labels["encap"])
+            for fam in text_string_to_metric_families(text) if fam.name == "xdplb_vip_info"
+            for s in fam.samples}
+    assert info == {"web": ("nat", ""), "echo": ("nat", ""), "fnat": ("fullnat", "")}
 
 
 def test_readers_work_from_the_pins_alone(running):

@@ -1,25 +1,40 @@
 """The inspection commands' pieces without a kernel: flow-table filters, sorting and rates
 on synthetic tables, the JSON and table renderings, endpoint parsing, stats rates, and the
-metrics families read back with prometheus_client's parser."""
+metrics families read back with prometheus_client's parser. The forwarding modes as every
+reader shows them, on maps filled by MapSync and flows the Python data path made from real
+frames of each mode."""
 
 from __future__ import annotations
 
 import ctypes
 import io
 import json
+import socket
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from pools import Backend, Vip, pool_yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+from testkit.fuzz import build
 
-from xdplb.abi.layout import _STRUCTS, TcpState
+from xdplb.abi.layout import _STRUCTS, TcpState, coarse_ns
 from xdplb.agent import metrics
-from xdplb.inspect import flowview, stats
-from xdplb.inspect.catalog import BackendRef, Catalog, VipRef, split_endpoint
+from xdplb.agent.mapsync import MapSync
+from xdplb.config import parse_config
+from xdplb.inspect import flowview, render, stats, status, trace
+from xdplb.inspect.catalog import FORWARDING, BackendRef, Catalog, VipRef, split_endpoint
 from xdplb.inspect.flowtable import FLOW_DTYPE, KEY_DTYPE, RAW_KEY, FlowFilter, FlowTable, order
 from xdplb.inspect.render import fmt_seconds, fmt_si
 from xdplb.kernel import bulk
+from xdplb.kernel.maps import read_counters
+from xdplb.model.desired import MODES, desired_state
+from xdplb.userspace.datapath import XDP_DROP, XDP_TX, PyDatapath
+from xdplb.userspace.fib import NO_NEIGH, SUCCESS, FibResult
+from xdplb.userspace.usermaps import UserMaps
 
 S = 10**9
 NOW = 1000 * S
@@ -143,18 +158,19 @@ def test_json_rows_and_table():
     assert rows[0] == {
         "proto": "tcp", "client": "10.10.0.2", "client_port": 40000, "vip": "web",
         "vip_address": "10.200.0.10", "vip_port": 80, "backend_id": 0,
-        "backend": "10.20.0.11", "backend_port": 80, "tcp_state": "established",
-        "fwd_packets": 1, "fwd_bytes": 500, "rev_packets": 1, "rev_bytes": 9000,
+        "backend": "10.20.0.11", "backend_port": 80, "forwarding": "nat", "encap": None,
+        "source": None, "tcp_state": "established", "fwd_packets": 1, "fwd_bytes": 500,
+        "rev_packets": 1, "rev_bytes": 9000,
         "age_s": 30.0, "idle_s": 1.0,
     }
     assert rows[3]["vip"] == "dns" and rows[3]["proto"] == "udp"
     assert rows[4]["backend"] is None and rows[4]["backend_port"] is None
     text = flowview.table(cols).splitlines()
-    assert text[0].split() == ["PROTO", "CLIENT", "VIP", "BACKEND", "STATE", "PKTS>",
-                               "BYTES>", "<PKTS", "<BYTES", "AGE", "IDLE"]
-    assert text[1].split()[:5] == ["tcp", "10.10.0.2:40000", "10.200.0.10:80",
-                                   "10.20.0.11:80", "established"]
-    assert "(gone)" in text[5] and text[4].split()[4] == "-"  # UDP: no TCP state
+    assert text[0].split() == ["PROTO", "CLIENT", "VIP", "BACKEND", "MODE", "SOURCE", "STATE",
+                               "PKTS>", "BYTES>", "<PKTS", "<BYTES", "AGE", "IDLE"]
+    assert text[1].split()[:7] == ["tcp", "10.10.0.2:40000", "10.200.0.10:80",
+                                   "10.20.0.11:80", "nat", "-", "established"]
+    assert "(gone)" in text[5] and text[4].split()[6] == "-"  # UDP: no TCP state
     # Watch rows add a timestamp and rates (null without a previous read).
     cols = flowview.columns(t, CAT, None, ts=12.5)
     buf = io.StringIO()
@@ -193,7 +209,8 @@ def test_formatting():
 
 def _snapshot(ts: float, packets: int, counters: dict[str, int]) -> dict:
     vip = {"vip_id": 0, "vip": "web", "vip_address": "10.200.0.10", "vip_port": 80,
-           "protocol": "tcp", "packets": packets, "bytes": packets * 100, "new_flows": 1,
+           "protocol": "tcp", "forwarding": "nat", "encap": None, "packets": packets,
+           "bytes": packets * 100, "new_flows": 1,
            "flows": 1, "active_flows": 1, "packets_per_s": None, "bytes_per_s": None,
            "new_flows_per_s": None}
     be = {"backend_id": 0, "address": "10.20.0.11", "port": 80, **{k: v for k, v in vip.items()
@@ -235,6 +252,8 @@ def test_metrics_families_parse_back():
     web = (("address", "10.200.0.10"), ("port", "80"), ("protocol", "tcp"), ("vip", "web"))
     assert samples[("xdplb_vip_packets_total", web)] == 7
     assert samples[("xdplb_vip_bytes_total", web)] == 700
+    assert samples[("xdplb_vip_info", (*web[:1], ("encap", ""), ("forwarding", "nat"),
+                                       *web[1:]))] == 1
     be = (("backend", "10.20.0.11:80"), ("vip", "web"))
     assert samples[("xdplb_backend_packets_total", be)] == 4
     unnamed = (("backend", "10.20.0.11:80"), ("vip", "10.200.0.10:80"))
@@ -259,3 +278,297 @@ def test_metrics_addr(spec, want):
 def test_metrics_addr_rejects(spec):
     with pytest.raises(ValueError, match="metrics-addr"):
         metrics.parse_addr(spec)
+
+
+# --- forwarding modes: maps filled by MapSync, flows made by the Python data path ----------
+
+MODE_VIP = "10.200.0.40"
+CLIENT = "10.10.0.2"
+FNAT_SRC = "10.20.0.100"  # fullnat's `source:` (the route's answer would be ROUTED_SRC)
+ROUTED_SRC = "10.20.0.1"  # what the "route lookup" (MapSync's source_of) says, for ipip
+GATEWAY, BEHIND_GW, NO_NEIGHBOUR = "10.20.0.254", "10.70.0.5", "10.20.0.99"
+INGRESS = 2
+MODES_POOL = pool_yaml(
+    Vip("plain", 80, ("10.20.0.11",), address=MODE_VIP),
+    # Two source ports: the third flow to the one backend finds none.
+    Vip("fnat", 81, (Backend("10.20.0.12", port=8080),), address=MODE_VIP,
+        forwarding="fullnat", source=FNAT_SRC, source_ports="20000-20001"),
+    Vip("l2", 82, ("10.20.0.11",), address=MODE_VIP, forwarding="dsr", encap="l2"),
+    Vip("ipip", 83, ("10.20.0.12",), address=MODE_VIP, forwarding="dsr"),  # encap: ipip
+    Vip("l2-routed", 84, (BEHIND_GW,), address=MODE_VIP, forwarding="dsr", encap="l2"),
+    Vip("fnat-noneigh", 85, (NO_NEIGHBOUR,), address=MODE_VIP, forwarding="fullnat",
+        source=FNAT_SRC),
+    table_size=251, seed=3, flows={"max_entries": 4096})
+# What each VIP port's flows and VIP show: (forwarding, encap)
+WANT_MODE = {80: ("nat", None), 81: ("fullnat", None), 82: ("dsr", "l2"), 83: ("dsr", "ipip"),
+             84: ("dsr", "l2"), 85: ("fullnat", None)}
+
+
+class OneSegmentFib:
+    """bpf_fib_lookup's answers for a balancer whose every destination is on the ingress
+    segment, but BEHIND_GW (behind GATEWAY) and NO_NEIGHBOUR (no neighbour entry)."""
+
+    def lookup(self, daddr: bytes, saddr: bytes, tos: int, proto: int, tot_len: int,
+               ifindex: int) -> FibResult:
+        if daddr == socket.inet_aton(NO_NEIGHBOUR):
+            return FibResult(NO_NEIGH)
+        hop = GATEWAY if daddr == socket.inet_aton(BEHIND_GW) else socket.inet_ntoa(daddr)
+        return FibResult(SUCCESS, ifindex, b"\x02\0\0\0\0\x01", b"\x02\0\0\0\0\x02",
+                         nexthop=socket.inet_aton(hop))
+
+
+@dataclass
+class ModesLab:
+    maps: UserMaps
+    datapath: PyDatapath
+    out: dict[str, bytes]  # what the data path sent, by case
+
+    def run(self, frame: bytes) -> tuple[int, bytes]:
+        res = self.datapath.run(frame, INGRESS)
+        return res.action, res.data
+
+    def catalog(self) -> Catalog:
+        return Catalog.read(self.maps)
+
+    def table(self) -> FlowTable:
+        raw = list(self.maps.raw_items("flows"))
+        keys = np.frombuffer(b"".join(k for k, _ in raw), RAW_KEY)
+        flows = np.frombuffer(b"".join(v for _, v in raw), FLOW_DTYPE)
+        return FlowTable(keys, flows, coarse_ns(), self.maps.max_entries("flows"))
+
+
+@dataclass
+class MapsReader:
+    """What stats.collect reads of a Reader, on UserMaps."""
+
+    maps: UserMaps
+    catalog: Catalog
+    flows: FlowTable
+
+
+def syn(sport: int, dport: int, flags: str = "S", **kw) -> bytes:
+    return build(CLIENT, MODE_VIP, 6, sport, dport, flags=flags, **kw)
+
+
+@pytest.fixture
+def modes() -> ModesLab:
+    """Every mode's flows: nat, fullnat (two flows, the third out of ports, a backend's
+    reply), dsr/l2, dsr/ipip, and the drops of dsr/l2 behind a gateway and fullnat without
+    a neighbour."""
+    cfg = parse_config(MODES_POOL, "modes.yaml")
+    um = UserMaps(cfg.maglev.table_size, cfg.flows.max_entries)
+    sync = MapSync(um, source_of=lambda _: ROUTED_SRC)
+    sync.apply(desired_state(cfg, sync.read_current()), sync.read_current())
+    lab = ModesLab(um, PyDatapath(um, OneSegmentFib(), cfg.maglev.table_size), {})
+    for name, frame, verdict in (
+        ("nat", syn(40000, 80), XDP_TX),
+        ("fnat", syn(40001, 81), XDP_TX),
+        ("fnat2", syn(40002, 81), XDP_TX),
+        ("fnat-none", syn(40003, 81), XDP_DROP),
+        ("l2", syn(40004, 82), XDP_TX),
+        ("ipip", syn(40005, 83), XDP_TX),
+        ("ipip-ack", syn(40005, 83, "A", payload=b"x" * 10), XDP_TX),
+        ("l2-routed", syn(40006, 84), XDP_DROP),
+        ("fnat-noneigh", syn(40007, 85), XDP_DROP),
+    ):
+        action, lab.out[name] = lab.run(frame)
+        assert action == verdict, name
+    sent = Ether(lab.out["fnat"])
+    reply = build("10.20.0.12", sent[IP].src, 6, 8080, sent[TCP].sport, flags="SA",
+                  smac="02:00:00:00:00:03")
+    action, lab.out["fnat-reply"] = lab.run(reply)
+    assert action == XDP_TX
+    return lab
+
+
+def _rows(t: FlowTable, cat: Catalog) -> list[dict]:
+    buf = io.StringIO()
+    flowview.write_jsonl(flowview.columns(t.take(order(t, "client")), cat), buf)
+    return [json.loads(line) for line in buf.getvalue().splitlines()]
+
+
+def test_reader_mode_names_are_the_configs():
+    """What readers print for a mode is what pool.yaml says (encap defaulting to ipip) and
+    what the agent's model maps it to."""
+    for name, mode in MODES.items():
+        fwd, encap = FORWARDING[mode]
+        assert name == (f"{fwd}-{encap}" if encap else fwd)
+    assert set(FORWARDING) == set(MODES.values())
+
+
+def test_flows_rows_carry_each_flows_mode(modes: ModesLab):
+    rows = _rows(modes.table(), modes.catalog())
+    by_port = {r["client_port"]: r for r in rows}
+    # The dropped fullnat flow (no source port) is not tracked; dsr/l2 behind a gateway and
+    # fullnat without a neighbour are (the data path creates them before the next hop).
+    assert sorted(by_port) == [40000, 40001, 40002, 40004, 40005, 40006, 40007]
+    for r in rows:
+        assert (r["forwarding"], r["encap"]) == WANT_MODE[r["vip_port"]], r
+        if r["forwarding"] != "fullnat":
+            assert r["source"] is None, r
+    # fullnat: the pair the data path sent from, and the reply's translation came back
+    for case, sport in (("fnat", 40001), ("fnat2", 40002)):
+        sent = Ether(modes.out[case])
+        assert sent[IP].src == FNAT_SRC  # the config's source, not the route's
+        assert by_port[sport]["source"] == f"{FNAT_SRC}:{sent[TCP].sport}"
+        assert 20000 <= sent[TCP].sport <= 20001
+    assert by_port[40001]["source"] != by_port[40002]["source"]
+    assert by_port[40007]["source"].startswith(f"{FNAT_SRC}:")
+    back = Ether(modes.out["fnat-reply"])
+    assert (back[IP].src, back[TCP].sport, back[IP].dst, back[TCP].dport) == \
+        (MODE_VIP, 81, CLIENT, 40001)
+    assert by_port[40001]["rev_packets"] == 1
+    # The table: MODE and SOURCE columns
+    t = modes.table()
+    lines = flowview.table(flowview.columns(t.take(order(t, "client")), modes.catalog()))
+    lines = lines.splitlines()
+    assert lines[0].split()[:7] == ["PROTO", "CLIENT", "VIP", "BACKEND", "MODE", "SOURCE",
+                                    "STATE"]
+    cells = {int(line.split()[1].split(":")[1]): line.split()[4:6] for line in lines[1:]}
+    assert cells[40000] == ["nat", "-"] and cells[40004] == ["dsr/l2", "-"]
+    assert cells[40005] == ["dsr/ipip", "-"]
+    assert cells[40001] == ["fullnat", by_port[40001]["source"]]
+
+
+def test_flows_keep_the_mode_they_started_in(modes: ModesLab):
+    """A flow's row says the mode it was created in, not its VIP's mode now."""
+    cfg = parse_config(MODES_POOL.replace("    forwarding: dsr\n    encap: l2\n", "", 1),
+                       "modes.yaml")
+    sync = MapSync(modes.maps, source_of=lambda _: ROUTED_SRC)
+    sync.apply(desired_state(cfg, sync.read_current()), sync.read_current())
+    cat = modes.catalog()
+    assert next(v for v in cat.vips.values() if v.port == 82).forwarding == ("nat", None)
+    (row,) = [r for r in _rows(modes.table(), cat) if r["vip_port"] == 82]
+    assert (row["forwarding"], row["encap"]) == ("dsr", "l2")
+
+
+def test_status_shows_each_vips_mode(modes: ModesLab):
+    vips = {v["port"]: v for v in status._vips(modes.maps)}
+    for port, (fwd, encap) in WANT_MODE.items():
+        assert (vips[port]["forwarding"], vips[port]["encap"]) == (fwd, encap), port
+    assert vips[81]["source_ports"] == [20000, 20001]
+    assert vips[85]["source_ports"] == [1024, 32767]  # the default range
+    assert all(vips[p]["source_ports"] is None for p in (80, 82, 83, 84))
+    # The balancer's address toward each backend, where the mode sends from one
+    src = {p: [b["source"] for b in v["backends"]] for p, v in vips.items()}
+    assert src == {80: [None], 81: [FNAT_SRC], 82: [None], 83: [ROUTED_SRC], 84: [None],
+                   85: [FNAT_SRC]}
+    group = {"interfaces": [{"name": "eth0", "attached": True, "mode": "native"}],
+             "prog_id": 7, "pin_dir": "/sys/fs/bpf/x", "current_layout": True, "agent": None,
+             "vips": list(vips.values()), "counters": read_counters(modes.maps)}
+    lines = status.render([group]).splitlines()
+    assert lines[1].split() == ["VIP", "MODE", "BACKEND", "SOURCE", "WEIGHT", "STATE"]
+    by_vip = {line.split()[1]: line for line in lines[2:-1]}
+    assert by_vip[f"{MODE_VIP}:80"].split()[2:4] == ["nat", "10.20.0.11:80"]
+    assert by_vip[f"{MODE_VIP}:81"].split()[2:6] == ["fullnat", "20000-20001",
+                                                      "10.20.0.12:8080", FNAT_SRC]
+    assert by_vip[f"{MODE_VIP}:82"].split()[2] == "dsr/l2"
+    assert by_vip[f"{MODE_VIP}:83"].split()[2:5] == ["dsr/ipip", "10.20.0.12:83", ROUTED_SRC]
+    assert "drop_source_ports=1" in lines[-1] and "ipip_encap=2" in lines[-1]
+
+
+def _counted(modes: ModesLab) -> dict:
+    return stats.collect(MapsReader(modes.maps, modes.catalog(), modes.table()))
+
+
+def test_stats_and_counters_of_the_modes(modes: ModesLab):
+    st = _counted(modes)
+    for row in (*st["vips"], *st["backends"]):
+        assert (row["forwarding"], row["encap"]) == WANT_MODE[row["vip_port"]], row
+    c = st["counters"]
+    assert c["drop_source_ports"] == 1  # the third fullnat flow
+    assert c["fnat_port_taken"] >= 2  # its two tries, at least
+    assert c["ipip_encap"] == 2  # the SYN and the ACK
+    assert c["drop_not_on_link"] == 1 and c["drop_next_hop"] == 1
+    text = render.render_stats(st)
+    head, *vip_lines = text.split("\n\n")[0].splitlines()[1:]
+    assert head.split()[:3] == ["VIP", "ADDRESS", "MODE"]
+    modes_shown = {line.split()[3]: line.split()[4] for line in vip_lines}
+    assert modes_shown == {f"{MODE_VIP}:80": "nat", f"{MODE_VIP}:81": "fullnat",
+                           f"{MODE_VIP}:82": "dsr/l2", f"{MODE_VIP}:83": "dsr/ipip",
+                           f"{MODE_VIP}:84": "dsr/l2", f"{MODE_VIP}:85": "fullnat"}
+    drops = next(line for line in text.splitlines() if line.startswith("drops:"))
+    assert "source_ports=1" in drops and "not_on_link=1" in drops and "next_hop=1" in drops
+
+
+def test_metrics_of_the_modes(modes: ModesLab):
+    st = _counted(modes)
+
+    class Fixed:
+        def collect(self):
+            return metrics.families(st, [])
+
+    reg = CollectorRegistry()
+    reg.register(Fixed())
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(reg).decode())}
+    info = {s.labels["port"]: (s.labels["forwarding"], s.labels["encap"], s.value)
+            for s in fams["xdplb_vip_info"].samples}
+    assert info == {str(p): (f, e or "", 1.0) for p, (f, e) in WANT_MODE.items()}
+    (one,) = [s for s in fams["xdplb_vip_info"].samples if s.labels["port"] == "83"]
+    assert one.labels == {"vip": f"{MODE_VIP}:83", "address": MODE_VIP, "port": "83",
+                          "protocol": "tcp", "forwarding": "dsr", "encap": "ipip"}
+    # The per-VIP series keep their labels: the info metric is what carries the mode.
+    assert {tuple(sorted(s.labels)) for s in fams["xdplb_vip_packets"].samples} == \
+        {("address", "port", "protocol", "vip")}
+    packets = {s.labels["outcome"]: s.value for s in fams["xdplb_packets"].samples}
+    events = {s.labels["event"]: s.value for s in fams["xdplb_events"].samples}
+    assert (packets["drop_source_ports"], packets["drop_not_on_link"],
+            packets["drop_next_hop"]) == (1, 1, 1)
+    assert events["ipip_encap"] == 2 and events["fnat_port_taken"] >= 2
+    assert "ipip_encap" not in packets and "drop_next_hop" not in events
+
+
+@pytest.mark.parametrize("case,sport,dport", [
+    ("nat", 40000, 80), ("fullnat", 40001, 81), ("dsr/l2", 40004, 82),
+    ("dsr/ipip", 40005, 83),
+])
+def test_trace_model_follows_each_mode(modes: ModesLab, case: str, sport: int, dport: int):
+    """The trace's Python model predicts where a tracked flow's packet and a new flow's
+    first packet leave addressed, in every mode, as the data path then sends them; its
+    tracked flow carries the flow's mode."""
+    cat = modes.catalog()
+    probe = trace.Probe(6, CLIENT, sport, MODE_VIP, dport)
+    live = trace._live_state(modes.maps, probe)
+    predicted = trace.model(modes.maps, cat, probe, live)
+    assert predicted["decision"] == "tracked"
+    action, data = modes.run(syn(sport, dport, "A"))
+    assert action == XDP_TX and predicted["out"] == trace._out_endpoint(data, 6, False)
+    flow = trace._flow_json(live, cat, probe)
+    fwd, encap = WANT_MODE[dport]
+    assert (flow["forwarding"], flow["encap"]) == (fwd, encap)
+    rows = {r["client_port"]: r for r in _rows(modes.table(), cat)}
+    assert flow["source"] == rows[sport]["source"]
+    # a new flow of the same VIP
+    probe = trace.Probe(6, CLIENT, sport + 100, MODE_VIP, dport)
+    predicted = trace.model(modes.maps, cat, probe, trace._live_state(modes.maps, probe))
+    action, data = modes.run(syn(sport + 100, dport))
+    if case == "fullnat":  # out of source ports: the data path drops it
+        assert action == XDP_DROP and predicted["decision"] == "new"
+    else:
+        assert predicted["decision"] == "new" and action == XDP_TX
+        assert predicted["out"] == trace._out_endpoint(data, 6, False)
+
+
+def test_trace_knows_a_fullnat_reply(modes: ModesLab):
+    cat = modes.catalog()
+    sent = Ether(modes.out["fnat"])
+    probe = trace.Probe(6, "10.20.0.12", 8080, sent[IP].src, sent[TCP].sport)
+    live = trace._live_state(modes.maps, probe)
+    assert live.reply and live.fnat_key is not None
+    predicted = trace.model(modes.maps, cat, probe, live)
+    assert predicted == {"decision": "reply", "out": f"{MODE_VIP}:81"}
+    flow = trace._flow_json(live, cat, probe)
+    assert flow["source"] == f"{sent[IP].src}:{sent[TCP].sport}"
+    # The trace's private tables get the flow and its port entry, so the reply is found there
+    um = UserMaps(251, 4096)
+    trace._seed(um, live)
+    assert um.lookup("fnat_ports", live.fnat_key) is not None
+    text = render.render_trace({
+        "proto": "tcp", "src": "10.20.0.12:8080", "dst": f"{sent[IP].src}:{sent[TCP].sport}",
+        "vip": None, "verdict": "tx", "ingress": "eth0", "out": f"{MODE_VIP}:81",
+        "decision": "reply", "tracked_flow": flow, "maglev": None, "backend": None,
+        "counters": {"reply": 1, "tx": 1}, "models": [], "agree": True})
+    assert f"fullnat flow (source {flow['source']})" in text
+    # a port no flow holds is no reply
+    probe = trace.Probe(6, "10.20.0.12", 8080, sent[IP].src, 1)
+    assert not trace._live_state(modes.maps, probe).reply

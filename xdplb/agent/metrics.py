@@ -55,10 +55,15 @@ def families(st: dict[str, Any], backends: list[dict[str, Any]]) -> list[Metric]
                                           "Tracked flows not closed and recently seen",
                                           labels=vl),
     }
+    # The mode as an info metric (join on the VIP's labels), so that the counters' series
+    # stay as they were and a VIP's change of mode does not start new ones.
+    info = GaugeMetricFamily("xdplb_vip_info", "The VIP's forwarding mode (1); encap is "
+                             "empty but for dsr", labels=[*vl, "forwarding", "encap"])
     for row in st["vips"]:
         labels = [_vip_label(row), row["vip_address"], str(row["vip_port"]), row["protocol"]]
         for k, fam in vip_fams.items():
             fam.add_metric(labels, row[k])
+        info.add_metric([*labels, row["forwarding"] or "", row["encap"] or ""], 1)
 
     bl = ["vip", "backend"]
     be_fams = {
@@ -107,7 +112,7 @@ def families(st: dict[str, Any], backends: list[dict[str, Any]]) -> list[Metric]
                           value=ft["capacity"]),
         GaugeMetricFamily("xdplb_flow_table_fill_ratio", "Entries / size", value=ft["fill"]),
     ]
-    return [*vip_fams.values(), *be_fams.values(), up, health, weight, share, packets,
+    return [info, *vip_fams.values(), *be_fams.values(), up, health, weight, share, packets,
             events, *table]
 
 

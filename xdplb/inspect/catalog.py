@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from xdplb.abi.codec import PROTO_NAMES, PROTOCOLS, from_be16, ipv4_of
-from xdplb.abi.layout import BackendFlag
+from xdplb.abi.layout import BackendFlag, Forwarding
 from xdplb.instance import pins, runfiles
 from xdplb.kernel.maps import KernelMaps
 
@@ -24,6 +24,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("xdplb")
 
+# A mode as readers print it: pool.yaml's `forwarding` and `encap` (encap None but for dsr).
+# model.desired.MODES names the same modes for the agent; readers do not load numpy for it.
+FORWARDING: dict[int, tuple[str, str | None]] = {
+    Forwarding.NAT: ("nat", None),
+    Forwarding.FULLNAT: ("fullnat", None),
+    Forwarding.DSR_L2: ("dsr", "l2"),
+    Forwarding.DSR_IPIP: ("dsr", "ipip"),
+}
+
+
+def forwarding(mode: int) -> tuple[str, str | None]:
+    """(forwarding, encap) of a Forwarding value; an unknown one as its number."""
+    return FORWARDING.get(mode, (str(mode), None))
+
+
+def mode_text(forwarding: str | None, encap: str | None) -> str:
+    """A mode in one word for tables: ``nat``, ``fullnat``, ``dsr/l2``, ``dsr/ipip``."""
+    if forwarding is None:
+        return "-"
+    return f"{forwarding}/{encap}" if encap else forwarding
+
 
 @dataclass(frozen=True)
 class VipRef:
@@ -32,6 +53,12 @@ class VipRef:
     port: int
     proto: int
     name: str | None = None
+    mode: int = Forwarding.NAT  # VipInfo.mode: how its new flows are forwarded
+    source_ports: tuple[int, int] | None = None  # fullnat: first and last source port
+
+    @property
+    def forwarding(self) -> tuple[str, str | None]:
+        return forwarding(self.mode)
 
     @property
     def protocol(self) -> str:
@@ -55,6 +82,7 @@ class BackendRef:
     port: int
     weight: int
     down: bool  # the data path's flag: failed health checks
+    source: str | None = None  # Backend.src: the balancer's address toward it (fullnat, ipip)
 
     @property
     def endpoint(self) -> str:
@@ -76,14 +104,18 @@ class Catalog:
         vips = {}
         for k, info in maps.items("vips"):
             key = (ipv4_of(k.addr), from_be16(k.port), k.proto)
-            vips[info.vip_id] = VipRef(info.vip_id, *key, names.get(key))
+            ports = (info.port_min, info.port_min + info.port_count - 1) \
+                if info.port_count else None
+            vips[info.vip_id] = VipRef(info.vip_id, *key, names.get(key), info.mode, ports)
         backends = {}
         # Plain ints: IntFlag's & costs more than the rest of a slot's decoding, times 4096.
         valid, down = int(BackendFlag.VALID), int(BackendFlag.DOWN)
         for bid, be in maps.items("backends"):
             if be.flags & valid:
+                src = bytes(be.src)[:4]
                 backends[bid] = BackendRef(bid, be.vip_id, ipv4_of(be.addr), from_be16(be.port),
-                                           be.weight, bool(be.flags & down))
+                                           be.weight, bool(be.flags & down),
+                                           ipv4_of(src) if any(src) else None)
         meta = maps.lookup("meta", 0)
         return cls(vips, backends, meta.seed, meta.ring_size, meta.udp_idle_ns)
 
@@ -118,13 +150,14 @@ class Catalog:
         return found
 
     def vip_json(self, vip_id: int) -> dict[str, Any]:
-        """A VIP's identity fields as readers print them."""
+        """A VIP's identity fields as readers print them, with its forwarding mode."""
         v = self.vips.get(vip_id)
         if v is None:
             return {"vip_id": vip_id, "vip": None, "vip_address": None, "vip_port": None,
-                    "protocol": None}
+                    "protocol": None, "forwarding": None, "encap": None}
+        fwd, encap = v.forwarding
         return {"vip_id": v.id, "vip": v.name, "vip_address": v.address, "vip_port": v.port,
-                "protocol": v.protocol}
+                "protocol": v.protocol, "forwarding": fwd, "encap": encap}
 
 
 def vip_names(group: pins.PinGroup) -> dict[Service, str]:

@@ -21,7 +21,8 @@ from xdplb.kernel.maps import KernelMaps
 # Addresses as the IPv4 in their first 4 bytes, ports in network order: compare as numbers.
 KEY_DTYPE = bulk.struct_dtype(FlowKey, {"src": ">u4", "dst": ">u4", "sport": ">u2",
                                         "dport": ">u2"})
-FLOW_DTYPE = bulk.struct_dtype(Flow)
+# fullnat's source address and port (network order) as numbers, like the key's
+FLOW_DTYPE = bulk.struct_dtype(Flow, {"nat_addr": ">u4", "nat_port": ">u2"})
 RAW_KEY = np.dtype((np.void, ctypes.sizeof(FlowKey)))  # whole keys: identity for rates
 
 STATE_NAMES = {int(s): s.name.lower() for s in TcpState}

@@ -17,7 +17,8 @@ import numpy as np
 from tabulate import tabulate
 
 from xdplb.abi.codec import PROTO_NAMES
-from xdplb.inspect.catalog import Catalog
+from xdplb.abi.layout import Forwarding
+from xdplb.inspect.catalog import Catalog, forwarding, mode_text
 from xdplb.inspect.flowtable import STATE_NAMES, FlowTable
 from xdplb.inspect.render import fmt_seconds, fmt_si
 
@@ -64,6 +65,16 @@ def columns(t: FlowTable, cat: Catalog,
 
     backends = cat.backends
     bids = f["backend_id"]
+    modes = f["mode"]
+    # fullnat's source: mode, address and port in one code, each distinct pair formatted once
+    src_code = np.where(modes == Forwarding.FULLNAT,
+                        (f["nat_addr"].astype(np.uint64) << 16) | f["nat_port"], 1 << 48)
+
+    def source(code: int) -> str | None:
+        if code >> 48:
+            return None
+        return f"{socket.inet_ntoa((code >> 16).to_bytes(4, 'big'))}:{code & 0xFFFF}"
+
     cols = [
         Column("proto", by_value(k["proto"], lambda p: PROTO_NAMES.get(p, str(p))), "str"),
         Column("client", ipv4_strings(k["src"]), "str"),
@@ -76,6 +87,9 @@ def columns(t: FlowTable, cat: Catalog,
                                    else None), "any"),
         Column("backend_port", by_value(bids, lambda b: backends[b].port if b in backends
                                         else None), "any"),
+        Column("forwarding", by_value(modes, lambda m: forwarding(m)[0]), "str"),
+        Column("encap", by_value(modes, lambda m: forwarding(m)[1]), "any"),
+        Column("source", by_value(src_code, source), "any"),
         Column("tcp_state", by_value(f["tcp_state"], lambda s: STATE_NAMES.get(s, str(s))),
                "str"),
         *(Column(c, f[c].tolist(), "int")
@@ -125,6 +139,7 @@ def table(cols: list[Column]) -> str:
         [c["proto"][i], f"{c['client'][i]}:{c['client_port'][i]}",
          f"{c['vip_address'][i]}:{c['vip_port'][i]}",
          f"{c['backend'][i]}:{c['backend_port'][i]}" if c["backend"][i] else "(gone)",
+         mode_text(c["forwarding"][i], c["encap"][i]), c["source"][i] or "-",
          "-" if c["tcp_state"][i] == "none" else c["tcp_state"][i],
          c["fwd_packets"][i], c["fwd_bytes"][i], c["rev_packets"][i], c["rev_bytes"][i],
          fmt_seconds(c["age_s"][i]), fmt_seconds(c["idle_s"][i]),
@@ -132,8 +147,8 @@ def table(cols: list[Column]) -> str:
            if "bytes_per_s" in c else [])]
         for i in range(len(c["proto"]))
     )
-    headers = ["PROTO", "CLIENT", "VIP", "BACKEND", "STATE", "PKTS>", "BYTES>", "<PKTS",
-               "<BYTES", "AGE", "IDLE"]
+    headers = ["PROTO", "CLIENT", "VIP", "BACKEND", "MODE", "SOURCE", "STATE", "PKTS>",
+               "BYTES>", "<PKTS", "<BYTES", "AGE", "IDLE"]
     if "bytes_per_s" in c:
         headers += ["PKT/S", "B/S"]
     return tabulate(list(rows), headers=headers, tablefmt="plain")

@@ -10,6 +10,8 @@ from typing import Any
 
 from tabulate import tabulate
 
+from xdplb.inspect.catalog import mode_text
+
 
 def fmt_seconds(s: float) -> str:
     """1.2s, 3m04s, 2h05m, 3d04h: ages at a glance."""
@@ -47,8 +49,8 @@ def render_stats(s: dict[str, Any]) -> str:
                 fmt_si(row["new_flows_per_s"])]
 
     cols = ["PACKETS", "BYTES", "NEW FLOWS", "FLOWS", "ACTIVE", "PKT/S", "B/S", "FLOWS/S"]
-    vips = [[_vip_name(v), f"{v['protocol']} {v['vip_address']}:{v['vip_port']}", *rated(v)]
-            for v in s["vips"]]
+    vips = [[_vip_name(v), f"{v['protocol']} {v['vip_address']}:{v['vip_port']}",
+             mode_text(v["forwarding"], v["encap"]), *rated(v)] for v in s["vips"]]
     bes = [[_vip_name(b), f"{b['address']}:{b['port']}", *rated(b)] for b in s["backends"]]
     c = s["counters"]
     drops = ", ".join(f"{k[5:]}={v}" for k, v in c.items() if k.startswith("drop_"))
@@ -58,7 +60,7 @@ def render_stats(s: dict[str, Any]) -> str:
     per = f", rates over {s['interval_s']:g}s" if s["interval_s"] else ""
     return "\n".join([
         f"{when}{per}",
-        tabulate(vips, headers=["VIP", "ADDRESS", *cols], tablefmt="plain"),
+        tabulate(vips, headers=["VIP", "ADDRESS", "MODE", *cols], tablefmt="plain"),
         "",
         tabulate(bes, headers=["VIP", "BACKEND", *cols], tablefmt="plain"),
         "",
@@ -85,17 +87,23 @@ def render_backends(rows: list[dict[str, Any]]) -> str:
                                     "SHARE", "FLOWS", "ACTIVE"], tablefmt="plain")
 
 
+def _flow_mode(f: dict[str, Any]) -> str:
+    """A tracked flow's own mode (it may predate a change of its VIP's), fullnat's source."""
+    text = mode_text(f["forwarding"], f["encap"])
+    return f"{text} from {f['source']}" if f["source"] else text
+
+
 def render_trace(t: dict[str, Any]) -> str:
     vip = t["vip"]
     lines = [f"{t['proto']} {t['src']} -> {t['dst']}"
-             + (f"  (VIP {vip['vip'] or vip['vip_address']}, id {vip['vip_id']})" if vip
-                else "")]
+             + (f"  (VIP {vip['vip'] or vip['vip_address']}, id {vip['vip_id']}, "
+                f"{mode_text(vip['forwarding'], vip['encap'])})" if vip else "")]
     lines.append(f"verdict: {t['verdict']} (in on {t['ingress']}), packet out: {t['out']}")
     d, f, m, b = t["decision"], t["tracked_flow"], t["maglev"], t["backend"]
     be = f"backend {b['backend_id']} ({b['address']}:{b['port']})" if b else ""
     if d == "tracked":
         why = (f"tracked flow to {be}, age {fmt_seconds(f['age_s'])}, idle "
-               f"{fmt_seconds(f['idle_s'])}, {f['tcp_state']}")
+               f"{fmt_seconds(f['idle_s'])}, {f['tcp_state']}, {_flow_mode(f)}")
     elif d in ("new", "rebalanced") and m:
         why = (f"hash {m['hash']:#010x} (seed {m['seed']}) % {m['ring_size']} = slot "
                f"{m['slot']}, owned by {be}")
@@ -107,6 +115,9 @@ def render_trace(t: dict[str, Any]) -> str:
                    f"re-picked: {why}")
         else:
             why = f"new flow: {why}"
+    elif d == "reply" and f and f["source"]:
+        why = (f"reply of a tracked fullnat flow (source {f['source']}): rewritten back to "
+               "VIP -> client")
     elif d == "reply":
         why = "reply of a tracked flow: source rewritten back to the VIP"
     elif d == "drop":
@@ -115,6 +126,8 @@ def render_trace(t: dict[str, Any]) -> str:
         why = "not VIP traffic nor a reply of a tracked flow: passes untouched"
     else:
         why = "passed to the kernel: " + ", ".join(t["counters"])
+    if t["verdict"] == "drop" and d != "drop":  # a new flow whose next hop failed
+        why += "; dropped: " + ", ".join(k for k in t["counters"] if k.startswith("drop_"))
     lines.append(f"why: {why}")
     for model in t["models"]:
         lines.append(f"model ({model['engine']}): {model['decision']} -> {model.get('out')}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from xdplb.abi.layout import layout_version
-from xdplb.inspect.catalog import Catalog
+from xdplb.inspect.catalog import Catalog, mode_text
 from xdplb.instance import pins, runfiles
 from xdplb.kernel import linkinfo
 from xdplb.kernel.maps import KernelMaps, read_counters
@@ -73,9 +73,20 @@ def _vips(maps: KernelMaps) -> list[dict[str, Any]]:
         "address": v.address,
         "port": v.port,
         "protocol": v.protocol,
+        "forwarding": v.forwarding[0],
+        "encap": v.forwarding[1],
+        "source_ports": list(v.source_ports) if v.source_ports else None,
         "backends": [{"id": b.id, "address": b.address, "port": b.port, "weight": b.weight,
-                      "down": b.down} for b in cat.vip_backends(v.id)],
+                      "down": b.down, "source": b.source} for b in cat.vip_backends(v.id)],
     } for v in sorted(cat.vips.values(), key=lambda v: v.id)]
+
+
+def _mode(v: dict[str, Any]) -> str:
+    """``fullnat 1024-32767``, ``dsr/ipip``, ``nat``: a VIP's mode in the table."""
+    text = mode_text(v["forwarding"], v["encap"])
+    if v["source_ports"]:
+        text += " {}-{}".format(*v["source_ports"])
+    return text
 
 
 def render(groups: list[dict[str, Any]]) -> str:
@@ -96,12 +107,13 @@ def render(groups: list[dict[str, Any]]) -> str:
             parts.append("  pins of another xdplb build (layout differs): not read")
             continue
         rows = [
-            [f"{v['protocol']} {v['address']}:{v['port']}",
-             f"{b['address']}:{b['port']}", b["weight"], "down" if b["down"] else "up"]
+            [f"{v['protocol']} {v['address']}:{v['port']}", _mode(v),
+             f"{b['address']}:{b['port']}", b["source"] or "-", b["weight"],
+             "down" if b["down"] else "up"]
             for v in g["vips"] for b in v["backends"]
         ]
-        parts.append(tabulate(rows, headers=["VIP", "BACKEND", "WEIGHT", "STATE"],
-                              tablefmt="plain"))
+        parts.append(tabulate(rows, headers=["VIP", "MODE", "BACKEND", "SOURCE", "WEIGHT",
+                                             "STATE"], tablefmt="plain"))
         c = {k: v for k, v in g["counters"].items() if v}
         parts.append("counters: " + (", ".join(f"{k}={v}" for k, v in c.items()) or "none"))
     return "\n".join(parts)

@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from xdplb.abi.codec import PROTO_NAMES, PROTOCOLS, from_be16, ipv4_of
+from xdplb.abi.codec import PROTO_NAMES, PROTOCOLS, be16, from_be16, ipv4_of
 from xdplb.abi.layout import (
     FAMILY_IPV4,
     MAPS,
@@ -25,10 +25,11 @@ from xdplb.abi.layout import (
     NO_BACKEND,
     Flow,
     FlowKey,
+    Forwarding,
     addr4,
     coarse_ns,
 )
-from xdplb.inspect.catalog import Catalog, read_rings, split_endpoint
+from xdplb.inspect.catalog import Catalog, forwarding, read_rings, split_endpoint
 from xdplb.inspect.flowtable import STATE_NAMES
 from xdplb.inspect.reader import Reader
 from xdplb.kernel import bpfsys, xdp_link
@@ -36,6 +37,7 @@ from xdplb.kernel.loader import compile_program
 from xdplb.kernel.maps import KernelMaps, read_counters
 from xdplb.model.hashing import flow_hash
 from xdplb.userspace.datapath import ACTIONS as VERDICTS
+from xdplb.userspace.fullnat import fnat_key, same_holder
 from xdplb.userspace.reply import reply_flow, rev_key
 
 # Shared with the live program; every other map (flows, counters...) is the trace's own.
@@ -94,6 +96,7 @@ class Live:
     reply: bool = False  # the probe is a backend's reply of a tracked flow
     vip: tuple[str, int] | None = None  # a reply's VIP: what its source is rewritten to
     read_ns: int = 0  # when the tables were read: the trace answers as of then
+    fnat_key: bytes | None = None  # a fullnat reply: its fnat_ports entry (the flow's key)
 
     def flow_as_read(self) -> Flow | None:
         """The flow with its timestamps moved on by the time since the read, so that a data
@@ -124,6 +127,16 @@ class _LiveFlows:
 def _live_state(maps: KernelMaps, p: Probe) -> Live:
     live = Live(read_ns=coarse_ns())
     src, dst = (ipaddress.IPv4Address(a).packed for a in (p.src, p.dst))
+    # A fullnat reply (backend -> the balancer's address and a flow's port), as the data
+    # path looks for one first: fnat_ports names the flow, which must still hold the port.
+    fk = fnat_key(dst, be16(p.dport), src, be16(p.sport), p.proto)
+    owner = maps.lookup("fnat_ports", fk)
+    if owner is not None:
+        f = maps.lookup("flows", owner)
+        if f is not None and same_holder(f, fk):
+            live.reply, live.flow, live.flow_key, live.fnat_key = True, f, owner, fk
+            live.vip = (ipv4_of(owner.dst), from_be16(owner.dport))
+            return live
     rn = maps.lookup("rev_nat", rev_key(src, p.sport.to_bytes(2, "big"), p.proto))
     if rn is not None:  # from a backend endpoint: the reply of a tracked flow?
         f, t = reply_flow(_LiveFlows(maps), rn, dst, p.dport.to_bytes(2, "big"), p.proto)
@@ -134,6 +147,22 @@ def _live_state(maps: KernelMaps, p: Probe) -> Live:
             return live
     live.flow_key, live.flow = p.key(), maps.lookup("flows", p.key())
     return live
+
+
+def _seed(maps: KernelMaps, live: Live) -> None:
+    """A trace's private tables: the live flow entry, and a fullnat reply's port entry."""
+    if live.flow is not None:
+        maps.update("flows", live.flow_key, live.flow_as_read())
+    if live.fnat_key is not None:
+        maps.update("fnat_ports", live.fnat_key, live.flow_key)
+
+
+def _out(mode: int, address: str, port: int, p: Probe) -> str:
+    """Where a forward packet of ``mode`` leaves addressed: dsr/l2 keeps the VIP (only the
+    MACs change); the other modes name the backend (dsr/ipip: the outer header's)."""
+    if mode == Forwarding.DSR_L2:
+        return _endpoint(p.dst, p.dport)
+    return _endpoint(address, port or p.dport)
 
 
 def _find_vip(cat: Catalog, p: Probe):
@@ -153,7 +182,7 @@ def model(maps: KernelMaps, cat: Catalog, p: Probe, live: Live) -> dict[str, Any
         be = cat.backends.get(f.backend_id)
         if be is not None and not be.down and be.vip_id == vip.id:
             return {"decision": "tracked", "backend_id": be.id,
-                    "out": _endpoint(be.address, be.port or p.dport)}
+                    "out": _out(f.mode, be.address, be.port, p)}
     h = flow_hash(ipaddress.IPv4Address(p.src).packed, ipaddress.IPv4Address(p.dst).packed,
                   p.sport, p.dport, p.proto, cat.seed)
     slot = h % cat.ring_size
@@ -165,8 +194,11 @@ def model(maps: KernelMaps, cat: Catalog, p: Probe, live: Live) -> dict[str, Any
     decision = "rebalanced" if f is not None else "new"
     if be is None or be.down or be.vip_id != vip.id:
         return {"decision": "drop", "reason": "drop_no_backend", "maglev": ring}
+    if vip.mode in (Forwarding.FULLNAT, Forwarding.DSR_IPIP) and be.source is None:
+        # no route toward the backend when the agent applied: no address to send from
+        return {"decision": "drop", "reason": "drop_next_hop", "maglev": ring}
     return {"decision": decision, "backend_id": be.id, "maglev": ring,
-            "out": _endpoint(be.address, be.port or p.dport)}
+            "out": _out(vip.mode, be.address, be.port, p)}
 
 
 def _udp_idle_over(cat: Catalog, p: Probe, f: Flow, now: int) -> bool:
@@ -207,8 +239,7 @@ def run_bpf(r: Reader, p: Probe, live: Live) -> dict[str, Any]:
     program = compile_program(meta.ring_size, PRIVATE_FLOWS, r.group.path, pinned=CONFIG_MAPS)
     try:
         own = KernelMaps(program.map_fds, own=False)
-        if live.flow is not None:
-            own.update("flows", live.flow_key, live.flow_as_read())
+        _seed(own, live)
         ingress = _ingress(r, live)
         frame = p.frame(_tcp_flags(live))
         before = read_counters(own)
@@ -251,8 +282,7 @@ def scapy_model(r: Reader, p: Probe, live: Live, ingress: str) -> dict[str, Any]
     for vid, ring in read_rings(r.maps, cat).items():
         base = vid * cat.ring_size
         um.update_many("maglev", enumerate(ring.tolist(), base))
-    if live.flow is not None:
-        um.update("flows", live.flow_key, live.flow_as_read())
+    _seed(um, live)
     fib = Fib()
     try:
         before = read_counters(um)
@@ -282,8 +312,9 @@ def trace(r: Reader, p: Probe) -> dict[str, Any]:
     disagree = []
     for m in models:
         for field in ("verdict", "decision", "out"):
+            # a dropped packet goes nowhere, whatever its bytes say
             if field in m and m[field] != bpf[field] and not (
-                    field == "out" and bpf["decision"] == "drop"):
+                    field == "out" and "drop" in (bpf["decision"], bpf["verdict"])):
                 disagree.append(f"{m['engine']} model says {field} {m[field]}, "
                                 f"the program says {bpf[field]}")
     out: dict[str, Any] = {
@@ -315,10 +346,14 @@ def _flow_json(live: Live, cat: Catalog, p: Probe) -> dict[str, Any] | None:
         return None
     now = live.read_ns  # as of the read, like the decision
     be = cat.backends.get(f.backend_id)
+    fwd, encap = forwarding(f.mode)
     return {
         "backend_id": f.backend_id,
         "backend": be.endpoint if be else None,
         "backend_down": be.down if be else None,
+        "forwarding": fwd, "encap": encap,
+        "source": f"{ipv4_of(f.nat_addr)}:{from_be16(f.nat_port)}"
+        if f.mode == Forwarding.FULLNAT else None,
         "age_s": round(max(now - f.first_ns, 0) / 1e9, 3),
         "idle_s": round(max(now - f.last_ns, 0) / 1e9, 3),
         "tcp_state": STATE_NAMES.get(f.tcp_state, str(f.tcp_state)),
