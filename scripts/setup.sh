@@ -20,8 +20,9 @@ log() { printf '[setup] %s\n' "$*"; }
 # vagrant: `vagrant validate` of the Vagrantfile in tests/test_vagrant.py (~10 s to install).
 # systemd: `systemd-analyze verify` of packaging/systemd/xdplb@.service (tests/test_service.py;
 # only the binaries are used: PID 1 need not be systemd). util-linux: setpriv, for that test.
+# hping3: the SYN flood (random sources) of tests/test_flood.py.
 pkgs=(python3-bpfcc python3-venv python3-pip linux-headers-amd64 iproute2 ethtool
-      tcpdump curl iperf3 util-linux procps kmod nftables vagrant systemd)
+      tcpdump curl iperf3 util-linux procps kmod nftables vagrant systemd hping3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
