@@ -49,6 +49,35 @@ static __always_inline struct xl_next_hop *xl_flow_seen(struct xl_flow *f, struc
     return reply ? &f->rev_nh : &f->fwd_nh;
 }
 
+/* The tracked flow keyed ``fk``: in flows, or, for TCP still in its handshake, in half_open
+ * (a SYN's entry goes there, so that a SYN flood never evicts an established flow). */
+static __always_inline struct xl_flow *xl_flow_find(struct xl_flow_key *fk)
+{
+    struct xl_flow *f = flows.lookup(fk);
+    if (!f && fk->proto == IPPROTO_TCP)
+        f = half_open.lookup(fk);
+    return f;
+}
+
+/* The client's ACK that ends a half-open flow's handshake. */
+static __always_inline int xl_handshake_ack(struct tcphdr *th)
+{
+    return th && th->ack && !th->syn && !th->rst;
+}
+
+/* Move half-open flow ``f`` into flows (its handshake is done); the entry to use. Should
+ * the insert fail, the flow stays half-open and is tried again on its next packet. */
+static __always_inline struct xl_flow *xl_promote(struct xl_flow_key *fk, struct xl_flow *f)
+{
+    struct xl_flow copy = *f;
+    if (flows.update(fk, &copy))
+        return f;
+    half_open.delete(fk);
+    xl_count(XL_C_HANDSHAKE_DONE);
+    struct xl_flow *nf = flows.lookup(fk);
+    return nf ? nf : f;
+}
+
 /* May ``be`` take this packet's flow? In use, not failed, and the packet's (daddr, dport,
  * proto) is its VIP: that proves the VIP without a VIP lookup. */
 static __always_inline int xl_backend_serves(struct xl_backend *be, struct xl_pkt *p)

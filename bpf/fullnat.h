@@ -29,7 +29,7 @@ static __always_inline int xl_same_key(struct xl_flow_key *a, struct xl_flow_key
 static __always_inline struct xl_flow *xl_fnat_holder(struct xl_flow_key *fk,
                                                       struct xl_fnat_key *k)
 {
-    struct xl_flow *f = flows.lookup(fk);
+    struct xl_flow *f = xl_flow_find(fk);
     if (f && f->mode == XL_MODE_FULLNAT && f->nat_port == k->lb_port &&
         *(__u32 *)f->nat_addr == *(__u32 *)k->lb_addr)
         return f;

@@ -77,7 +77,7 @@ static __always_inline int xl_icmp_to_backend(struct xdp_md *ctx, struct xl_pkt 
     fk.dport = q->source;
     fk.proto = in->protocol;
     fk.family = XL_FAMILY_IPV4;
-    struct xl_flow *f = in->saddr == p->ip->daddr ? flows.lookup(&fk) : NULL;
+    struct xl_flow *f = in->saddr == p->ip->daddr ? xl_flow_find(&fk) : NULL;
     __u32 bid = f ? f->backend_id : 0;
     struct xl_backend *be = f ? backends.lookup(&bid) : NULL;
     /* nat flows only: a fullnat or dsr backend's packets did not leave as the quote shows */
@@ -194,7 +194,7 @@ static __always_inline __u16 xl_icmp_tunnel_mtu(struct xdp_md *ctx, struct xl_pk
     fk.dport = q->dest;
     fk.proto = in->protocol;
     fk.family = XL_FAMILY_IPV4;
-    struct xl_flow *f = flows.lookup(&fk);
+    struct xl_flow *f = xl_flow_find(&fk);
     __u32 bid = f ? f->backend_id : 0;
     struct xl_backend *be = f && f->mode == XL_MODE_DSR_IPIP ? backends.lookup(&bid) : NULL;
     if (!be || *(__u32 *)be->addr != outer->daddr)

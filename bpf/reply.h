@@ -44,7 +44,7 @@ static __always_inline struct xl_flow *xl_reply_flow(__be32 client, __be16 cport
         struct xl_rev_target *t = &rn->targets[i];
         __builtin_memcpy(fk.dst, t->vip_addr, 4);
         fk.dport = t->vip_port;
-        struct xl_flow *f = flows.lookup(&fk);
+        struct xl_flow *f = xl_flow_find(&fk);
         if (!f)
             continue;
         if (f->backend_id == t->backend_id) {

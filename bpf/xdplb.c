@@ -70,13 +70,19 @@ static __always_inline int xl_to_backend(struct xdp_md *ctx, struct xl_pkt *p,
     return xl_send(p, h);
 }
 
-/* Client -> VIP of a tracked flow whose backend still serves it: the fast path. */
+#define XL_IN_FLOWS 1 /* where a flow entry a new flow replaces was found */
+#define XL_IN_HALF_OPEN 2
+
+/* Client -> VIP of a tracked flow whose backend still serves it: the fast path. A half-open
+ * flow (``where``) whose handshake this packet ends moves to flows, if it goes on. */
 static __always_inline int xl_established(struct xdp_md *ctx, struct xl_pkt *p,
                                           struct xl_flow *f, struct xl_backend *be, __u32 bid,
-                                          __u64 now)
+                                          __u64 now, struct xl_flow_key *fk, int where)
 {
     if (xl_ttl_expired(p->ip))
         return xl_icmp_time_exceeded(ctx, p);
+    if (where == XL_IN_HALF_OPEN && xl_handshake_ack(p->tcp))
+        f = xl_promote(fk, f);
     xl_count(XL_C_FLOW_HIT);
     return xl_to_backend(ctx, p, f, be, bid, f->vip_id, now, 0);
 }
@@ -85,7 +91,8 @@ static __always_inline int xl_established(struct xdp_md *ctx, struct xl_pkt *p,
  * and track the flow (replacing an entry whose backend is gone or whose connection is
  * over). */
 static __always_inline int xl_new_flow(struct xdp_md *ctx, struct xl_pkt *p,
-                                       struct xl_flow_key *fk, struct xl_vip_info *vip)
+                                       struct xl_flow_key *fk, struct xl_vip_info *vip,
+                                       int old)
 {
     struct iphdr *ip = p->ip;
     if (xl_ttl_expired(ip))
@@ -132,7 +139,17 @@ static __always_inline int xl_new_flow(struct xdp_md *ctx, struct xl_pkt *p,
     }
     xl_count(XL_C_NEW_FLOW);
     int verdict = xl_to_backend(ctx, p, &nf, be, bid, vip_id, now, 1);
-    flows.update(fk, &nf);
+    /* A pure SYN waits in half_open for the handshake's ACK; the entry it replaces, if
+     * any, goes (it would shadow it) */
+    if (nf.tcp_state == XL_TCP_SYN_SEEN) {
+        half_open.update(fk, &nf);
+        if (old == XL_IN_FLOWS)
+            flows.delete(fk);
+    } else {
+        flows.update(fk, &nf);
+        if (old == XL_IN_HALF_OPEN)
+            half_open.delete(fk);
+    }
     return verdict;
 }
 
@@ -180,12 +197,17 @@ int xdplb_main(struct xdp_md *ctx)
              * this packet's VIP proves the VIP; otherwise the VIP decides (a hit proves the
              * address is a VIP address: one lookup more for a new flow). */
             struct xl_flow *f = flows.lookup(&fk);
+            int old = f ? XL_IN_FLOWS : 0;
+            if (!f && p.tcp) {
+                f = half_open.lookup(&fk);
+                old = f ? XL_IN_HALF_OPEN : 0;
+            }
             if (f) {
                 __u32 bid = f->backend_id;
                 struct xl_backend *be = backends.lookup(&bid);
                 __u64 now = bpf_ktime_get_coarse_ns();
                 if (xl_backend_serves(be, &p) && !xl_reopens(f, &p, now))
-                    return xl_established(ctx, &p, f, be, bid, now);
+                    return xl_established(ctx, &p, f, be, bid, now, &fk, old);
             }
             struct xl_vip_key vk = {};
             __builtin_memcpy(vk.addr, &ip->daddr, 4);
@@ -194,7 +216,7 @@ int xdplb_main(struct xdp_md *ctx)
             vk.family = XL_FAMILY_IPV4;
             struct xl_vip_info *vip = vips.lookup(&vk);
             if (vip)
-                return xl_new_flow(ctx, &p, &fk, vip);
+                return xl_new_flow(ctx, &p, &fk, vip, old);
         }
         if (xl_vip_addr(ip->daddr)) {
             /* Rules for VIP addresses: fragments and IP options are never balanced. */

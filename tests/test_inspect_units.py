@@ -331,7 +331,8 @@ class ModesLab:
         return Catalog.read(self.maps)
 
     def table(self) -> FlowTable:
-        raw = list(self.maps.raw_items("flows"))
+        # as FlowTable.read: established flows and those still in their handshake
+        raw = [*self.maps.raw_items("flows"), *self.maps.raw_items("half_open")]
         keys = np.frombuffer(b"".join(k for k, _ in raw), RAW_KEY)
         flows = np.frombuffer(b"".join(v for _, v in raw), FLOW_DTYPE)
         return FlowTable(keys, flows, coarse_ns(), self.maps.max_entries("flows"))

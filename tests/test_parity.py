@@ -35,7 +35,7 @@ from testkit.fuzz import (
 )
 from testkit.pktcheck import checksum_errors, rewrite_errors, scapy_recomputed_errors
 
-from xdplb.abi.layout import ADDR_FILTER_BITS, OUTCOMES, coarse_ns
+from xdplb.abi.layout import ADDR_FILTER_BITS, OUTCOMES, coarse_ns, half_open_max
 from xdplb.config import Config
 from xdplb.inspect.trace import flow_key
 from xdplb.model.hashing import addr_slot
@@ -658,6 +658,47 @@ def test_cached_next_hop_holds_only_for_its_destination(fresh):
     assert bid(new) == was  # the precondition: the id was handed on
     r = run_both(a, b, build(CLIENT, VIP, 6, 31000, 80, flags="A"), 0)
     assert (r.effect, r.backend, r.reason) == ("hit", "10.20.0.15:8080", "pass_fib")
+
+
+def test_half_open_flows_wait_apart_until_the_handshake_ack(fresh):
+    """A SYN's flow is tracked in half_open, its backend's SYN-ACK is reverse-NATed from
+    there, and the client's ACK moves it to flows (handshake_done); a TTL-expired ACK does
+    not (the backend never sees it)."""
+    a, b = fresh
+    key = flow_key(CLIENT, 40500, VIP, 80, 6)
+    run_both(a, b, build(CLIENT, VIP, 6, 40500, 80, flags="S"), 0)
+    for e in (a, b):
+        assert e.maps.lookup("half_open", key) is not None and e.maps.lookup("flows", key) is None
+    assert run_both(a, b, build(BE2, CLIENT, 6, 8080, 40500, flags="SA",
+                                smac="02:00:00:00:14:0c"), 0).effect == "reply"
+    run_both(a, b, build(CLIENT, VIP, 6, 40500, 80, flags="A", ttl=1), 0)
+    assert a.maps.lookup("half_open", key) is not None
+    r = run_both(a, b, build(CLIENT, VIP, 6, 40500, 80, flags="A"), 0)
+    assert r.effect == "hit" and r.counters.get("handshake_done") == 1, r
+    for e in (a, b):
+        assert e.maps.lookup("half_open", key) is None and e.maps.lookup("flows", key) is not None
+
+
+def test_a_syn_flood_never_evicts_an_established_flow(fresh):
+    """Far more SYNs from random sources than half_open holds (1,024 for this table of
+    4,096): each engine on its own (the kernel's LRU evicts approximately) still has every
+    established flow, and their packets hit."""
+    a, b = fresh
+    est = [build(CLIENT, VIP, 6, 41000 + i, 80, flags=f) for i in range(20) for f in "SA"]
+    for frame in est:
+        run_both(a, b, frame, 0)
+    rnd = random.Random(7)
+    flood = [build(f"10.{rnd.randrange(1, 200)}.{rnd.randrange(256)}.{rnd.randrange(1, 255)}",
+                   VIP, 6, rnd.randrange(1024, 65536), 80, flags="S") for _ in range(6000)]
+    for e in (a, b):
+        for frame in flood:
+            e.run(frame, 0)
+        for i in range(20):
+            r = e.run(build(CLIENT, VIP, 6, 41000 + i, 80, flags="A"), 0)
+            assert r.effect == "hit", (e.name, i, r)
+        n_half = sum(1 for _ in e.maps.raw_items("half_open"))
+        assert n_half <= half_open_max(a.flow_max), (e.name, n_half)
+        e.clear_flows()  # the kernel's LRU evicted other half-open entries than ours
 
 
 def test_reused_tuple_after_drain_is_balanced_anew(fresh):

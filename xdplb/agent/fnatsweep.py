@@ -15,7 +15,7 @@ SWEEP_INTERVAL = 30.0  # seconds: the table holds as many entries as flows, so i
 
 def _stale(maps: Any, k: FnatKey, flow_key: FlowKey) -> bool:
     """Is the flow an entry names gone, or no longer holding the entry's address and port?"""
-    f = maps.lookup("flows", flow_key)
+    f = maps.tracked_flow(flow_key)
     return f is None or f.mode != Forwarding.FULLNAT or f.nat_port != k.lb_port \
         or bytes(f.nat_addr) != bytes(k.lb_addr)
 

@@ -24,7 +24,8 @@ log = logging.getLogger("xdplb")
 
 LAYOUT_FILE = "layout.json"
 # Maps whose content carries state worth keeping; rings are rebuilt, counters restart.
-MIGRATED = ("vips", "vip_addrs", "backends", "rev_nat", "flows")
+MIGRATED = ("vips", "vip_addrs", "backends", "rev_nat", "flows", "half_open", "fnat_ports",
+            "fnat_cursor")
 
 Fields = list[tuple[str, int, int]]  # (name, offset, size)
 

@@ -45,6 +45,9 @@ class FlowTable:
     @classmethod
     def read(cls, maps: KernelMaps, batch: int = bulk.BATCH) -> FlowTable:
         keys, flows = bulk.read_map(maps.fds["flows"], RAW_KEY, FLOW_DTYPE, batch)
+        if "half_open" in maps.fds:  # TCP flows still in their handshake
+            hk, hf = bulk.read_map(maps.fds["half_open"], RAW_KEY, FLOW_DTYPE, batch)
+            keys, flows = np.concatenate((keys, hk)), np.concatenate((flows, hf))
         # Read the clock after the map: the coarse stamps then never lie in the future.
         return cls(keys, flows, coarse_ns(), maps.max_entries("flows"))
 

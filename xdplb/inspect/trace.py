@@ -121,7 +121,7 @@ class _LiveFlows:
         self.maps = maps
 
     def ref(self, key: bytes) -> Flow | None:
-        return self.maps.lookup("flows", key)
+        return self.maps.tracked_flow(key)
 
 
 def _live_state(maps: KernelMaps, p: Probe) -> Live:
@@ -132,7 +132,7 @@ def _live_state(maps: KernelMaps, p: Probe) -> Live:
     fk = fnat_key(dst, be16(p.dport), src, be16(p.sport), p.proto)
     owner = maps.lookup("fnat_ports", fk)
     if owner is not None:
-        f = maps.lookup("flows", owner)
+        f = maps.tracked_flow(owner)
         if f is not None and same_holder(f, fk):
             live.reply, live.flow, live.flow_key, live.fnat_key = True, f, owner, fk
             live.vip = (ipv4_of(owner.dst), from_be16(owner.dport))
@@ -145,7 +145,7 @@ def _live_state(maps: KernelMaps, p: Probe) -> Live:
             live.vip = (ipv4_of(t.vip_addr), from_be16(t.vip_port))
             live.flow_key = flow_key(p.dst, p.dport, *live.vip, p.proto)
             return live
-    live.flow_key, live.flow = p.key(), maps.lookup("flows", p.key())
+    live.flow_key, live.flow = p.key(), maps.tracked_flow(p.key())
     return live
 
 

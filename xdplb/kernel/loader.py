@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xdplb.abi.layout import MAPS, render_maps, render_structs
+from xdplb.abi.layout import MAPS, half_open_max, render_maps, render_structs
 from xdplb.kernel.pinned import CompileError  # defined there: the agent raises it without BCC
 
 MAIN_SOURCE = "xdplb.c"
@@ -56,6 +56,7 @@ def generated_sources(
         "layout.h": render_structs() + render_maps(pin_dir, pinned),
         "XL_RING_SIZE": f"{ring_size}u",
         "XL_FLOW_MAX": str(flow_max),
+        "XL_HALF_OPEN_MAX": str(half_open_max(flow_max)),
     }
 
 
@@ -88,6 +89,7 @@ def compile_program(
     cflags = [
         f"-DXL_RING_SIZE={gen['XL_RING_SIZE']}",
         f"-DXL_FLOW_MAX={gen['XL_FLOW_MAX']}",
+        f"-DXL_HALF_OPEN_MAX={gen['XL_HALF_OPEN_MAX']}",
         "-Wno-unused-function",
     ]
     return load_xdp(text, ENTRY, source, [m.name for m in MAPS], cflags)

@@ -73,6 +73,12 @@ class KernelMaps:
                     bpfsys.percpu_values(raw, ctypes.sizeof(m.value))]
         return decode(m.value, raw)
 
+    def tracked_flow(self, key: Any) -> Any:
+        """The flow entry of ``key``, as the data path finds it (xl_flow_find): in flows,
+        or, a TCP flow still in its handshake, in half_open. None if neither has it."""
+        f = self.lookup("flows", key)
+        return f if f is not None else self.lookup("half_open", key)
+
     def update(self, name: str, key: Any, value: Any) -> None:
         m = MAP_BY_NAME[name]
         bpfsys.map_update(self.fds[name], encode(m.key, key), encode(m.value, value))

@@ -83,11 +83,12 @@ class FlowTable:
     vip_stats: dict[int, bytes]
     backend_stats: dict[int, bytes]
     fnat_ports: dict[bytes, bytes] = field(default_factory=dict)  # fullnat's reply table
+    half_open: dict[bytes, bytes] = field(default_factory=dict)  # TCP flows in their handshake
 
     def diff(self, other: FlowTable) -> list[str]:
         """Human-readable differences, empty when equal."""
         out = []
-        for name in ("flows", "vip_stats", "backend_stats", "fnat_ports"):
+        for name in ("flows", "vip_stats", "backend_stats", "fnat_ports", "half_open"):
             a, b = getattr(self, name), getattr(other, name)
             for k in sorted(set(a) | set(b), key=repr):
                 if a.get(k) != b.get(k):
@@ -156,7 +157,7 @@ class Engine:
         check_frame(frame)
         rc, p = parse(frame)
         key = forward_key(frame, p) if rc == OK else None
-        existed = key is not None and self.maps.lookup("flows", key) is not None
+        existed = key is not None and self.maps.tracked_flow(key) is not None
         before = self._counter_blobs()
         verdict, data = self._execute(frame, ingress_ifindex)
         after = self._counter_blobs()
@@ -178,7 +179,7 @@ class Engine:
     def _flow_backend(self, key: bytes | None) -> str | None:
         """addr:port of the backend the tracked flow ``key`` names (in dsr the frame that
         leaves does not show it: its destination stays the VIP, or is wrapped)."""
-        f = self.maps.lookup("flows", key) if key is not None else None
+        f = self.maps.tracked_flow(key) if key is not None else None
         be = self.maps.lookup("backends", f.backend_id) if f is not None else None
         if be is None:
             return None
@@ -188,6 +189,7 @@ class Engine:
         """The state to compare (``stats=False``: flow entries only, which is cheaper)."""
         flows = {k: without_clock(v) for k, v in self.maps.raw_items("flows")}
         fnat = dict(self.maps.raw_items("fnat_ports"))
+        half = {k: without_clock(v) for k, v in self.maps.raw_items("half_open")}
 
         def sums(name: str) -> dict[int, bytes]:
             m = MAP_BY_NAME[name]
@@ -195,11 +197,11 @@ class Engine:
                     for k, v in self.maps.raw_items(name) if v.strip(b"\0")}
 
         if not stats:
-            return FlowTable(flows, {}, {}, fnat)
-        return FlowTable(flows, sums("vip_stats"), sums("backend_stats"), fnat)
+            return FlowTable(flows, {}, {}, fnat, half)
+        return FlowTable(flows, sums("vip_stats"), sums("backend_stats"), fnat, half)
 
     def clear_flows(self) -> None:
-        for name in ("flows", "fnat_ports"):
+        for name in ("flows", "half_open", "fnat_ports"):
             for k, _ in list(self.maps.raw_items(name)):
                 self.maps.delete(name, k)
 

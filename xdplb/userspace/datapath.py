@@ -11,7 +11,7 @@ must be made to the other.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from xdplb.abi.layout import (
     ADDR_FILTER_BITS,
@@ -170,6 +170,28 @@ def decrement_ttl(buf: bytearray, ip: int) -> None:
     csum.set_byte(buf, ip + 8, buf[ip + 8] - 1, ip + 10)
 
 
+_IN_FLOWS, _IN_HALF_OPEN = 1, 2  # where the entry a new flow replaces was found
+
+
+class _Tracked:
+    """xl_flow_find: a flow in flows, or, TCP still in its handshake, in half_open."""
+
+    def __init__(self, flows: Any, half_open: Any) -> None:
+        self.flows, self.half_open = flows, half_open
+
+    def ref(self, fk: bytes) -> Flow | None:
+        f = self.flows.ref(fk)
+        if f is None and fk[12] == IPPROTO_TCP:
+            f = self.half_open.ref(fk)
+        return f
+
+
+def _handshake_ack(buf: bytearray, p: Pkt) -> bool:
+    """xl_handshake_ack: the client's ACK that ends a half-open flow's handshake."""
+    flags = buf[p.tcp + 13]
+    return bool(flags & TCP_ACK) and not flags & (TCP_SYN | TCP_RST)
+
+
 class PyDatapath:
     """xdplb_main() over UserMaps. ``ring_size`` is what the BPF program is compiled with
     (XL_RING_SIZE), not what the meta map says."""
@@ -179,6 +201,8 @@ class PyDatapath:
         self.vips, self.vip_addrs, self.backends = t["vips"], t["vip_addrs"], t["backends"]
         self.maglev, self.flows, self.rev_nat = t["maglev"], t["flows"], t["rev_nat"]
         self.fnat_ports, self.fnat_cursor = t["fnat_ports"], t["fnat_cursor"]
+        self.half_open = t["half_open"]
+        self.tracked = _Tracked(self.flows, self.half_open)
         self.tx_ports, self.tx_devs, self.meta = t["tx_ports"], t["tx_devs"], t["meta"]
         self.counters, self.vip_stats = t["counters"], t["vip_stats"]
         self.backend_stats, self.addr_filter = t["backend_stats"], t["addr_filter"]
@@ -255,14 +279,18 @@ class PyDatapath:
                 fk = flow_key(saddr, daddr, sport, dport, p.proto)
                 # Flow first: its backend naming this packet's VIP proves the VIP.
                 f = self.flows.ref(fk)
+                old = _IN_FLOWS if f is not None else 0
+                if f is None and p.tcp >= 0:
+                    f = self.half_open.ref(fk)
+                    old = _IN_HALF_OPEN if f is not None else 0
                 if f is not None:
                     be = self.backends.ref(key_bytes(f.backend_id))
                     now = self.clock()
                     if _serves(be, daddr, dport, p.proto) and not self._reopens(f, buf, p, now):
-                        return self._established(buf, p, f, be, ingress, now)
+                        return self._established(buf, p, f, be, ingress, now, fk, old)
                 vip = self.vips.ref(daddr + ADDR_PAD + dport + bytes((p.proto,)) + _FAMILY)
                 if vip is not None:
-                    return self._new_flow(buf, p, fk, vip, ingress)
+                    return self._new_flow(buf, p, fk, vip, ingress, old)
             if self._vip_addr(daddr):
                 # Rules for VIP addresses: fragments and IP options are never balanced.
                 if p.frag:
@@ -300,7 +328,7 @@ class PyDatapath:
         if buf[q + 12 : q + 16] == buf[ip + 16 : ip + 20]:
             fk = flow_key(bytes(buf[q + 16 : q + 20]), bytes(buf[q + 12 : q + 16]),
                           bytes(buf[qp + 2 : qp + 4]), bytes(buf[qp : qp + 2]), buf[q + 9])
-            f = self.flows.ref(fk)
+            f = self.tracked.ref(fk)
             be = self.backends.ref(key_bytes(f.backend_id)) if f is not None else None
         # nat flows only: a fullnat or dsr backend's packets did not leave as the quote shows
         if be is None or f.mode != _NAT or not be.flags & _VALID \
@@ -354,7 +382,7 @@ class PyDatapath:
             return 0
         fk = flow_key(bytes(buf[i + 12 : i + 16]), bytes(buf[i + 16 : i + 20]),
                       bytes(buf[i + 20 : i + 22]), bytes(buf[i + 22 : i + 24]), buf[i + 9])
-        f = self.flows.ref(fk)
+        f = self.tracked.ref(fk)
         be = self.backends.ref(key_bytes(f.backend_id)) \
             if f is not None and f.mode == _DSR_IPIP else None
         if be is None or bytes(be.addr)[:4] != buf[o + 16 : o + 20]:
@@ -396,7 +424,7 @@ class PyDatapath:
             rn = self.rev_nat.ref(rev_key(bytes(buf[q + 16 : q + 20]),
                                           bytes(buf[qp + 2 : qp + 4]), buf[q + 9]))
             if rn is not None:
-                f, t = reply_flow(self.flows, rn, bytes(buf[q + 12 : q + 16]),
+                f, t = reply_flow(self.tracked, rn, bytes(buf[q + 12 : q + 16]),
                                   bytes(buf[qp : qp + 2]), buf[q + 9])
         if f is None or t is None:
             return self._pass(Counter.PASS_NOT_VIP)
@@ -424,15 +452,18 @@ class PyDatapath:
         return bool(idle) and now - f.last_ns >= idle
 
     def _established(self, buf: bytearray, p: Pkt, f: Flow, be: Backend, ingress: int,
-                     now: int) -> tuple[int, int]:
-        """Client -> VIP of a tracked flow whose backend still serves it."""
+                     now: int, fk: bytes, where: int) -> tuple[int, int]:
+        """Client -> VIP of a tracked flow whose backend still serves it; a half-open one
+        (``where``) whose handshake this packet ends moves to flows, if it goes on."""
         if self._ttl_expired(buf, p):
             return self._time_exceeded(buf, p, ingress)
+        if where == _IN_HALF_OPEN and _handshake_ack(buf, p):
+            f = self._promote(fk, f)
         self._count(Counter.FLOW_HIT)
         return self._to_backend(buf, p, f, be, f.backend_id, f.vip_id, now, 0, ingress)
 
-    def _new_flow(self, buf: bytearray, p: Pkt, fk: bytes, vip: VipInfo, ingress: int
-                  ) -> tuple[int, int]:
+    def _new_flow(self, buf: bytearray, p: Pkt, fk: bytes, vip: VipInfo, ingress: int,
+                  old: int) -> tuple[int, int]:
         """Client -> VIP without a flow that can take it: the Maglev ring picks."""
         if self._ttl_expired(buf, p):
             return self._time_exceeded(buf, p, ingress)
@@ -464,8 +495,24 @@ class PyDatapath:
             nf.nat_addr[:] = src
         self._count(Counter.NEW_FLOW)
         verdict = self._to_backend(buf, p, nf, be, bid, vip.vip_id, now, 1, ingress)
-        self.flows.put(fk, nf)
+        # A pure SYN waits in half_open for the handshake's ACK; the entry it replaces goes
+        if nf.tcp_state == TcpState.SYN_SEEN:
+            self.half_open.put(fk, nf)
+            if old == _IN_FLOWS:
+                self.flows.remove(fk)
+        else:
+            self.flows.put(fk, nf)
+            if old == _IN_HALF_OPEN:
+                self.half_open.remove(fk)
         return verdict
+
+    def _promote(self, fk: bytes, f: Flow) -> Flow:
+        """xl_promote: half-open flow ``f`` moved into flows (its handshake is done)."""
+        copy = Flow.from_buffer_copy(bytes(f))
+        self.flows.put(fk, copy)
+        self.half_open.remove(fk)
+        self._count(Counter.HANDSHAKE_DONE)
+        return self.flows.ref(fk)
 
     def _to_backend(self, buf: bytearray, p: Pkt, f: Flow, be: Backend, bid: int,
                     vip_id: int, now: int, created: int, ingress: int) -> tuple[int, int]:
@@ -525,7 +572,7 @@ class PyDatapath:
 
     def _fnat_holder(self, fk: bytes, k: bytes) -> Flow | None:
         """xl_fnat_holder: the flow keyed ``fk`` if it still holds entry ``k``'s port."""
-        f = self.flows.ref(fk)
+        f = self.tracked.ref(fk)
         return f if f is not None and same_holder(f, k) else None
 
     def _fnat_flow(self, buf: bytearray, p: Pkt) -> tuple[Flow | None, bytes]:
@@ -592,7 +639,7 @@ class PyDatapath:
             saddr, sport = bytes(buf[ip + 12 : ip + 16]), bytes(buf[p.sport : p.sport + 2])
             rn = self.rev_nat.ref(rev_key(saddr, sport, p.proto))
             if rn is not None:
-                f, t = reply_flow(self.flows, rn, bytes(buf[ip + 16 : ip + 20]),
+                f, t = reply_flow(self.tracked, rn, bytes(buf[ip + 16 : ip + 20]),
                                   bytes(buf[p.dport : p.dport + 2]), p.proto)
                 if f is not None:
                     return self._reply(buf, p, f, t, ingress)

@@ -32,6 +32,7 @@ from xdplb.abi.layout import (
     U32,
     Counter,
     MapSpec,
+    half_open_max,
 )
 from xdplb.kernel import bpfsys
 from xdplb.kernel.maps import KernelMaps
@@ -46,6 +47,7 @@ def map_sizes(ring_size: int, flow_max: int) -> dict[str, int]:
         "XL_MAX_REV_NAT": MAX_REV_NAT,
         "XL_RING_SIZE": ring_size,
         "XL_FLOW_MAX": flow_max,
+        "XL_HALF_OPEN_MAX": half_open_max(flow_max),
         "XL_COUNTER_MAX": int(Counter.MAX),
         "XL_ADDR_FILTER_SIZE": 1 << ADDR_FILTER_BITS,
     }
