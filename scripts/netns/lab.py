@@ -209,7 +209,8 @@ def teardown_prefix(prefix: str) -> None:
 
 
 def _remove_agent_leftovers(prefix: str) -> None:
-    """Pins and run state an xdplb agent left for the lab's LB namespace (killed -9, --keep).
+    """Pins and run state an xdplb agent left for the lab's LB namespace (killed -9, --keep),
+    and the pins of decap programs left on its backends.
 
     bpffs outlives namespaces: a pin directory is named after the namespace, not tied to it.
     Layout: <root>/xdplb/<layout version>/<netns>/<ifaces>.
@@ -222,6 +223,17 @@ def _remove_agent_leftovers(prefix: str) -> None:
                 version.rmdir()
         with contextlib.suppress(OSError):
             root.rmdir()
+    # `xdplb decap attach` on DSR backends: its pins keep the program loaded after the
+    # namespace is gone (<root>/<version>/<netns>/<iface>).
+    decap, pat = Path("/sys/fs/bpf/xdplb-decap"), _lab_ns_re(prefix)
+    for version in decap.glob("*"):
+        for ns_dir in version.glob(f"{prefix}-*"):
+            if pat.fullmatch(ns_dir.name):
+                shutil.rmtree(ns_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            version.rmdir()
+    with contextlib.suppress(OSError):
+        decap.rmdir()
 
 
 def _state_pids(rundir: Path) -> list[int]:
