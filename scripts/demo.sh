@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up the machine (idempotent), then run the namespace demo: 400 HTTP connections
-# balanced 3:1 by xdplb in native XDP. Run as root. Arguments go to demo.py.
+# balanced 3:1 by xdplb in native XDP. Run as root. Arguments go to demo.py, e.g.
+# `--forwarding fullnat|dsr-l2|dsr-ipip` (default nat) for the other forwarding modes.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
