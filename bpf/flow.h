@@ -49,31 +49,33 @@ static __always_inline struct xl_next_hop *xl_flow_seen(struct xl_flow *f, struc
     return reply ? &f->rev_nh : &f->fwd_nh;
 }
 
-/* The tracked flow keyed ``fk``: in flows, or, for TCP still in its handshake, in half_open
- * (a SYN's entry goes there, so that a SYN flood never evicts an established flow). */
+/* The tracked flow keyed ``fk``: in flows, or, not confirmed yet, in half_open (every new
+ * flow's entry goes there, so that a flood from random sources never evicts an established
+ * flow). */
 static __always_inline struct xl_flow *xl_flow_find(struct xl_flow_key *fk)
 {
     struct xl_flow *f = flows.lookup(fk);
-    if (!f && fk->proto == IPPROTO_TCP)
+    if (!f)
         f = half_open.lookup(fk);
     return f;
 }
 
-/* The client's ACK that ends a half-open flow's handshake. */
-static __always_inline int xl_handshake_ack(struct tcphdr *th)
+/* Does this next packet of a new flow confirm it? TCP: an ACK without SYN or RST (the
+ * handshake's, or the next of a flow picked up mid-stream); UDP: any. */
+static __always_inline int xl_confirms(struct tcphdr *th)
 {
-    return th && th->ack && !th->syn && !th->rst;
+    return !th || (th->ack && !th->syn && !th->rst);
 }
 
-/* Move half-open flow ``f`` into flows (its handshake is done); the entry to use. Should
- * the insert fail, the flow stays half-open and is tried again on its next packet. */
+/* Move unconfirmed flow ``f`` into flows; the entry to use. Should the insert fail, the
+ * flow stays in half_open and is tried again on its next packet. */
 static __always_inline struct xl_flow *xl_promote(struct xl_flow_key *fk, struct xl_flow *f)
 {
     struct xl_flow copy = *f;
     if (flows.update(fk, &copy))
         return f;
     half_open.delete(fk);
-    xl_count(XL_C_HANDSHAKE_DONE);
+    xl_count(XL_C_FLOW_CONFIRMED);
     struct xl_flow *nf = flows.lookup(fk);
     return nf ? nf : f;
 }

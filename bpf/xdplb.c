@@ -73,15 +73,15 @@ static __always_inline int xl_to_backend(struct xdp_md *ctx, struct xl_pkt *p,
 #define XL_IN_FLOWS 1 /* where a flow entry a new flow replaces was found */
 #define XL_IN_HALF_OPEN 2
 
-/* Client -> VIP of a tracked flow whose backend still serves it: the fast path. A half-open
- * flow (``where``) whose handshake this packet ends moves to flows, if it goes on. */
+/* Client -> VIP of a tracked flow whose backend still serves it: the fast path. A new flow
+ * (in half_open: ``where``) this packet confirms moves to flows, if it goes on. */
 static __always_inline int xl_established(struct xdp_md *ctx, struct xl_pkt *p,
                                           struct xl_flow *f, struct xl_backend *be, __u32 bid,
                                           __u64 now, struct xl_flow_key *fk, int where)
 {
     if (xl_ttl_expired(p->ip))
         return xl_icmp_time_exceeded(ctx, p);
-    if (where == XL_IN_HALF_OPEN && xl_handshake_ack(p->tcp))
+    if (where == XL_IN_HALF_OPEN && xl_confirms(p->tcp))
         f = xl_promote(fk, f);
     xl_count(XL_C_FLOW_HIT);
     return xl_to_backend(ctx, p, f, be, bid, f->vip_id, now, 0);
@@ -139,17 +139,11 @@ static __always_inline int xl_new_flow(struct xdp_md *ctx, struct xl_pkt *p,
     }
     xl_count(XL_C_NEW_FLOW);
     int verdict = xl_to_backend(ctx, p, &nf, be, bid, vip_id, now, 1);
-    /* A pure SYN waits in half_open for the handshake's ACK; the entry it replaces, if
-     * any, goes (it would shadow it) */
-    if (nf.tcp_state == XL_TCP_SYN_SEEN) {
-        half_open.update(fk, &nf);
-        if (old == XL_IN_FLOWS)
-            flows.delete(fk);
-    } else {
-        flows.update(fk, &nf);
-        if (old == XL_IN_HALF_OPEN)
-            half_open.delete(fk);
-    }
+    /* Into half_open until its next packet confirms it; an entry it replaces in flows goes
+     * (it would shadow it) */
+    half_open.update(fk, &nf);
+    if (old == XL_IN_FLOWS)
+        flows.delete(fk);
     return verdict;
 }
 
@@ -198,7 +192,7 @@ int xdplb_main(struct xdp_md *ctx)
              * address is a VIP address: one lookup more for a new flow). */
             struct xl_flow *f = flows.lookup(&fk);
             int old = f ? XL_IN_FLOWS : 0;
-            if (!f && p.tcp) {
+            if (!f) {
                 f = half_open.lookup(&fk);
                 old = f ? XL_IN_HALF_OPEN : 0;
             }

@@ -660,10 +660,11 @@ def test_cached_next_hop_holds_only_for_its_destination(fresh):
     assert (r.effect, r.backend, r.reason) == ("hit", "10.20.0.15:8080", "pass_fib")
 
 
-def test_half_open_flows_wait_apart_until_the_handshake_ack(fresh):
+def test_new_flows_wait_apart_until_their_next_packet(fresh):
     """A SYN's flow is tracked in half_open, its backend's SYN-ACK is reverse-NATed from
-    there, and the client's ACK moves it to flows (handshake_done); a TTL-expired ACK does
-    not (the backend never sees it)."""
+    there, and the client's ACK moves it to flows (flow_confirmed); a TTL-expired ACK does
+    not (the backend never sees it). A UDP flow is confirmed by its second datagram, a TCP
+    flow picked up mid-stream by its next ACK."""
     a, b = fresh
     key = flow_key(CLIENT, 40500, VIP, 80, 6)
     run_both(a, b, build(CLIENT, VIP, 6, 40500, 80, flags="S"), 0)
@@ -674,22 +675,33 @@ def test_half_open_flows_wait_apart_until_the_handshake_ack(fresh):
     run_both(a, b, build(CLIENT, VIP, 6, 40500, 80, flags="A", ttl=1), 0)
     assert a.maps.lookup("half_open", key) is not None
     r = run_both(a, b, build(CLIENT, VIP, 6, 40500, 80, flags="A"), 0)
-    assert r.effect == "hit" and r.counters.get("handshake_done") == 1, r
+    assert r.effect == "hit" and r.counters.get("flow_confirmed") == 1, r
     for e in (a, b):
         assert e.maps.lookup("half_open", key) is None and e.maps.lookup("flows", key) is not None
+    for proto, port, first, then in ((17, 53, "", ""), (6, 80, "A", "PA")):
+        key = flow_key(CLIENT, 40600, VIP, port, proto)
+        assert run_both(a, b, build(CLIENT, VIP, proto, 40600, port, flags=first or "S"),
+                        0).effect == "created"
+        assert a.maps.lookup("half_open", key) is not None
+        r = run_both(a, b, build(CLIENT, VIP, proto, 40600, port, flags=then or "S"), 0)
+        assert r.counters.get("flow_confirmed") == 1 and a.maps.lookup("flows", key), r
 
 
-def test_a_syn_flood_never_evicts_an_established_flow(fresh):
-    """Far more SYNs from random sources than half_open holds (1,024 for this table of
-    4,096): each engine on its own (the kernel's LRU evicts approximately) still has every
-    established flow, and their packets hit."""
+def test_a_flood_never_evicts_an_established_flow(fresh):
+    """Far more new flows from random sources (SYN, ACK and UDP) than half_open holds (1,024
+    for this table of 4,096): each engine on its own (the kernel's LRU evicts approximately)
+    still has every established flow, and their packets hit."""
     a, b = fresh
     est = [build(CLIENT, VIP, 6, 41000 + i, 80, flags=f) for i in range(20) for f in "SA"]
     for frame in est:
         run_both(a, b, frame, 0)
     rnd = random.Random(7)
-    flood = [build(f"10.{rnd.randrange(1, 200)}.{rnd.randrange(256)}.{rnd.randrange(1, 255)}",
-                   VIP, 6, rnd.randrange(1024, 65536), 80, flags="S") for _ in range(6000)]
+    flood = []
+    for _ in range(6000):
+        proto, port = rnd.choice(((6, 80), (17, 53)))
+        src = f"10.{rnd.randrange(1, 200)}.{rnd.randrange(256)}.{rnd.randrange(1, 255)}"
+        flood.append(build(src, VIP, proto, rnd.randrange(1024, 65536), port,
+                           flags=rnd.choice("SA")))
     for e in (a, b):
         for frame in flood:
             e.run(frame, 0)

@@ -92,7 +92,7 @@ class Counter(enum.IntEnum):
     ICMP_TO_CLIENT = 29  # ICMP error about a client's packet to a backend, translated to the VIP
     FNAT_PORT_TAKEN = 30  # fullnat: a source port tried for a new flow was in use
     IPIP_ENCAP = 31  # dsr/ipip: packet wrapped in an outer IPv4 header to its backend
-    HANDSHAKE_DONE = 32  # a TCP flow's handshake ACK: moved from half_open to flows
+    FLOW_CONFIRMED = 32  # a new flow's next packet (TCP: not SYN or RST): half_open -> flows
     MAX = 33
 
 
@@ -375,8 +375,10 @@ MAPS: tuple[MapSpec, ...] = (
     # One common LRU list: per-CPU lists (BPF_F_NO_COMMON_LRU) measured slower for inserts
     # here (bench/perpacket.py: 1395 vs 1135 ns for a new flow) and split the capacity.
     MapSpec("flows", "lru_hash", FlowKey, Flow, "XL_FLOW_MAX", "datapath"),
-    # TCP flows until the client's handshake ACK, then moved to `flows`: a SYN flood churns
-    # this small LRU, never the established flows (half_open_max() of the flow table's size).
+    # New flows until their next packet confirms them (TCP: the handshake's ACK, or the next
+    # ACK of a flow picked up mid-stream; UDP: a second datagram), then moved to `flows`: a
+    # flood from random sources (SYN, ACK or UDP) churns this small LRU, never the
+    # established flows (half_open_max() of the flow table's size).
     MapSpec("half_open", "lru_hash", FlowKey, Flow, "XL_HALF_OPEN_MAX", "datapath"),
     # Reverse NAT by backend endpoint, written by the agent: a new flow inserts into `flows`
     # only, and a reply's translation lives as long as its flow (no entry of its own to lose).
@@ -509,8 +511,8 @@ HALF_OPEN_SHARE, HALF_OPEN_MIN = 8, 1024
 
 
 def half_open_max(flow_max: int) -> int:
-    """Entries of the half-open table for a flow table of ``flow_max``: an eighth of it, at
-    least 1,024 (a SYN's entry lives one round trip; a flood only recycles them faster)."""
+    """Entries of the table of unconfirmed flows for a flow table of ``flow_max``: an eighth
+    of it, at least 1,024 (an entry lives one round trip; a flood only recycles faster)."""
     return max(HALF_OPEN_MIN, flow_max // HALF_OPEN_SHARE)
 
 

@@ -45,7 +45,7 @@ class FlowTable:
     @classmethod
     def read(cls, maps: KernelMaps, batch: int = bulk.BATCH) -> FlowTable:
         keys, flows = bulk.read_map(maps.fds["flows"], RAW_KEY, FLOW_DTYPE, batch)
-        if "half_open" in maps.fds:  # TCP flows still in their handshake
+        if "half_open" in maps.fds:  # new flows not confirmed by a second packet yet
             hk, hf = bulk.read_map(maps.fds["half_open"], RAW_KEY, FLOW_DTYPE, batch)
             keys, flows = np.concatenate((keys, hk)), np.concatenate((flows, hf))
         # Read the clock after the map: the coarse stamps then never lie in the future.

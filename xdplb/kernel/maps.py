@@ -75,7 +75,7 @@ class KernelMaps:
 
     def tracked_flow(self, key: Any) -> Any:
         """The flow entry of ``key``, as the data path finds it (xl_flow_find): in flows,
-        or, a TCP flow still in its handshake, in half_open. None if neither has it."""
+        or, not confirmed by a second packet yet, in half_open. None if neither has it."""
         f = self.lookup("flows", key)
         return f if f is not None else self.lookup("half_open", key)
 

@@ -83,7 +83,7 @@ class FlowTable:
     vip_stats: dict[int, bytes]
     backend_stats: dict[int, bytes]
     fnat_ports: dict[bytes, bytes] = field(default_factory=dict)  # fullnat's reply table
-    half_open: dict[bytes, bytes] = field(default_factory=dict)  # TCP flows in their handshake
+    half_open: dict[bytes, bytes] = field(default_factory=dict)  # new flows, not confirmed yet
 
     def diff(self, other: FlowTable) -> list[str]:
         """Human-readable differences, empty when equal."""

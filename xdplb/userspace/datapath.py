@@ -174,20 +174,23 @@ _IN_FLOWS, _IN_HALF_OPEN = 1, 2  # where the entry a new flow replaces was found
 
 
 class _Tracked:
-    """xl_flow_find: a flow in flows, or, TCP still in its handshake, in half_open."""
+    """xl_flow_find: a flow in flows, or, not confirmed yet, in half_open."""
 
     def __init__(self, flows: Any, half_open: Any) -> None:
         self.flows, self.half_open = flows, half_open
 
     def ref(self, fk: bytes) -> Flow | None:
         f = self.flows.ref(fk)
-        if f is None and fk[12] == IPPROTO_TCP:
+        if f is None:
             f = self.half_open.ref(fk)
         return f
 
 
-def _handshake_ack(buf: bytearray, p: Pkt) -> bool:
-    """xl_handshake_ack: the client's ACK that ends a half-open flow's handshake."""
+def _confirms(buf: bytearray, p: Pkt) -> bool:
+    """xl_confirms: does a new flow's next packet confirm it? TCP: ACK without SYN or RST
+    (the handshake's, or the next of a flow picked up mid-stream); UDP: any."""
+    if p.tcp < 0:
+        return True
     flags = buf[p.tcp + 13]
     return bool(flags & TCP_ACK) and not flags & (TCP_SYN | TCP_RST)
 
@@ -280,7 +283,7 @@ class PyDatapath:
                 # Flow first: its backend naming this packet's VIP proves the VIP.
                 f = self.flows.ref(fk)
                 old = _IN_FLOWS if f is not None else 0
-                if f is None and p.tcp >= 0:
+                if f is None:
                     f = self.half_open.ref(fk)
                     old = _IN_HALF_OPEN if f is not None else 0
                 if f is not None:
@@ -453,11 +456,11 @@ class PyDatapath:
 
     def _established(self, buf: bytearray, p: Pkt, f: Flow, be: Backend, ingress: int,
                      now: int, fk: bytes, where: int) -> tuple[int, int]:
-        """Client -> VIP of a tracked flow whose backend still serves it; a half-open one
-        (``where``) whose handshake this packet ends moves to flows, if it goes on."""
+        """Client -> VIP of a tracked flow whose backend still serves it; a new one (in
+        half_open: ``where``) this packet confirms moves to flows, if it goes on."""
         if self._ttl_expired(buf, p):
             return self._time_exceeded(buf, p, ingress)
-        if where == _IN_HALF_OPEN and _handshake_ack(buf, p):
+        if where == _IN_HALF_OPEN and _confirms(buf, p):
             f = self._promote(fk, f)
         self._count(Counter.FLOW_HIT)
         return self._to_backend(buf, p, f, be, f.backend_id, f.vip_id, now, 0, ingress)
@@ -495,23 +498,18 @@ class PyDatapath:
             nf.nat_addr[:] = src
         self._count(Counter.NEW_FLOW)
         verdict = self._to_backend(buf, p, nf, be, bid, vip.vip_id, now, 1, ingress)
-        # A pure SYN waits in half_open for the handshake's ACK; the entry it replaces goes
-        if nf.tcp_state == TcpState.SYN_SEEN:
-            self.half_open.put(fk, nf)
-            if old == _IN_FLOWS:
-                self.flows.remove(fk)
-        else:
-            self.flows.put(fk, nf)
-            if old == _IN_HALF_OPEN:
-                self.half_open.remove(fk)
+        # Into half_open until its next packet confirms it; an entry it replaces in flows goes
+        self.half_open.put(fk, nf)
+        if old == _IN_FLOWS:
+            self.flows.remove(fk)
         return verdict
 
     def _promote(self, fk: bytes, f: Flow) -> Flow:
-        """xl_promote: half-open flow ``f`` moved into flows (its handshake is done)."""
+        """xl_promote: unconfirmed flow ``f`` moved into flows."""
         copy = Flow.from_buffer_copy(bytes(f))
         self.flows.put(fk, copy)
         self.half_open.remove(fk)
-        self._count(Counter.HANDSHAKE_DONE)
+        self._count(Counter.FLOW_CONFIRMED)
         return self.flows.ref(fk)
 
     def _to_backend(self, buf: bytearray, p: Pkt, f: Flow, be: Backend, bid: int,
