@@ -12,7 +12,7 @@ import common  # noqa: F401 (first: puts the lab modules on sys.path)
 
 # isort: split
 from agent_process import XDPLB, AgentProcess
-from lab import Lab
+from lab import Lab, run_command
 from pools import Vip, pool_yaml
 from workload import SERVICES, VIP, Service, wait_listening
 
@@ -30,6 +30,10 @@ class Peer:
     name: str
     label: str
     udp: bool = True  # balances UDP at all
+    # the lab it runs in: "two-armed", or "routed" (replies may bypass the LB)
+    topology: str = "two-armed"
+    # why its TCP tests cannot work in its lab (None: they can)
+    no_tcp: str | None = None
 
     def unavailable(self) -> str | None:
         """Why this peer cannot run on this machine, or None."""
@@ -46,7 +50,10 @@ class Peer:
 class Xdplb(Peer):
     mode: str | None = "native"
     datapath: str | None = None
+    forwarding: str | None = None  # None: nat (the default)
+    encap: str | None = None  # dsr only
     agent: AgentProcess | None = None
+    decap: list[str] | None = None  # backends where `xdplb decap` was attached
 
     def unavailable(self) -> str | None:
         if self.datapath is None:
@@ -57,20 +64,29 @@ class Xdplb(Peer):
 
     def start(self, lab: Lab, tmp: Path) -> None:
         pool = tmp / f"{self.name}.yaml"
-        pool.write_text(xdplb_config(lab))
+        pool.write_text(xdplb_config(lab, self.forwarding, self.encap))
         extra = (["--mode", self.mode] if self.mode else []) + (
             ["--datapath", self.datapath] if self.datapath else [])
+        if self.encap == "ipip":
+            # Backends strip the outer header themselves (this kernel has no ipip module).
+            self.decap = []
+            for ns in lab.backend_ns:
+                self.decap.append(ns)
+                run_command([str(XDPLB), "--netns", ns, "decap", "attach", "eth0"], timeout=120)
         self.agent = AgentProcess(lab, pool, *extra)
 
     def stop(self) -> None:
         if self.agent is not None:
             self.agent.stop()
             self.agent = None
+        for ns in self.decap or ():
+            run_command([str(XDPLB), "--netns", ns, "decap", "detach", "eth0"], check=False)
+        self.decap = None
 
 
-def xdplb_config(lab: Lab) -> str:
+def xdplb_config(lab: Lab, forwarding: str | None = None, encap: str | None = None) -> str:
     return pool_yaml(*(Vip(s.name, s.port, tuple(_backends(lab, s)), protocol=s.protocol,
-                           address=VIP) for s in SERVICES))
+                           address=VIP, forwarding=forwarding, encap=encap) for s in SERVICES))
 
 
 @dataclass
@@ -195,4 +211,14 @@ def all_peers() -> list[Peer]:
         NginxStream("nginx", "nginx stream"),
         Haproxy("haproxy", "HAProxy (TCP mode)"),
         Xdplb("xdplb-scapy", "xdplb, scapy data path", mode=None, datapath="scapy"),
+        # The forwarding modes, in the routed lab (docs/performance.md, section 2), with nat
+        # there too for the UDP rows: the same router in front of every mode.
+        Xdplb("xdplb-nat-routed", "xdplb nat, routed lab", topology="routed",
+              no_tcp="nat's replies bypass the LB in the routed lab: TCP cannot work"),
+        Xdplb("xdplb-fullnat", "xdplb fullnat, routed lab", topology="routed",
+              forwarding="fullnat"),
+        Xdplb("xdplb-dsr-l2", "xdplb dsr/l2, routed lab", topology="routed", forwarding="dsr",
+              encap="l2"),
+        Xdplb("xdplb-dsr-ipip", "xdplb dsr/ipip, routed lab", topology="routed",
+              forwarding="dsr", encap="ipip"),
     ]

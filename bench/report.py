@@ -28,6 +28,14 @@ PERPACKET_ROWS = (
     ("baseline_insert", "baseline + one LRU insert (miss, then insert), full 1M table"),
     ("baseline_update", "baseline + the LRU update alone, full 1M table"),
     ("baseline_fib", "baseline + one bpf_fib_lookup"),
+    ("baseline_encap", "baseline + dsr/ipip's bpf_xdp_adjust_head and outer IPv4 header"),
+)
+# The forwarding modes' table: (mode label, established case, new-flow case)
+MODE_ROWS = (
+    ("nat", "established", "new_flow"),
+    ("fullnat", "established_fullnat", "new_flow_fullnat"),
+    ("dsr/l2", "established_dsr_l2", "new_flow_dsr_l2"),
+    ("dsr/ipip", "established_dsr_ipip", "new_flow_dsr_ipip"),
 )
 
 
@@ -73,9 +81,40 @@ def perpacket(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def perpacket_modes(r: dict[str, Any]) -> str:
+    """Established and new flow per forwarding mode, against the baseline and nat's rows."""
+    cases, ratios, vs_nat = r["cases"], r["ratios"], r.get("mode_ratios", {})
+    if "established_fullnat" not in cases:
+        return "Not measured in this run (bench/perpacket.py before the forwarding modes)."
+
+    def cells(key: str) -> str:
+        nat = "1.0" if key in ("established", "new_flow") else _n(vs_nat.get(key), 2)
+        return f"{cases[key]['ns']:.0f} | {ratios[key]:.1f} | {nat}"
+
+    out = ["| mode | established ns/packet | x baseline | x nat | new flow ns/packet "
+           "| x baseline | x nat |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, est, new in MODE_ROWS:
+        out.append(f"| {label} | {cells(est)} | {cells(new)} |")
+    rp = cases["reply_fullnat"]
+    inc = r.get("incidental_per_run", {}).get("new_flow_fullnat", {})
+    empty = ", ".join(f"{label} {cases[f'{new}_empty']['ns']:.0f}" for label, _, new in MODE_ROWS
+                      if f"{new}_empty" in cases)
+    out += ["", f"Same run and rounds as the table above; \"x nat\" is the median of the ratios "
+            f"to nat's row within each round. fullnat's reply (backend -> the balancer's "
+            f"port, found through fnat_ports): {rp['ns']:.0f} ns, "
+            f"{vs_nat.get('reply_fullnat', 0):.2f}x nat's reply. New flows with room in the "
+            f"flow table (first pass): {empty} ns. fullnat's new flows ran "
+            f"{r['repeats']['new_flow_fullnat']:,} times per measurement (source ports "
+            f"{r['fnat_ports']}); at most {inc.get('fnat_port_taken', 0):.1%} of them found the "
+            f"hash's port held by a live flow and {inc.get('drop_source_ports', 0):.2%} found "
+            f"no port in the two tries (dropped, drop_source_ports)."]
+    return "\n".join(out)
+
+
 E2E_HEAD = ("| peer | UDP packets/s out of the LB | xdplb native / peer | CPU ns per packet "
             "| UDP packets/s at the backends | xdplb native / peer | TCP Gbit/s "
-            "| new TCP conn/s | CPU µs per conn |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "| TCP download Gbit/s | new TCP conn/s | CPU µs per conn |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def _udp_cell(u: dict[str, Any]) -> str:
@@ -84,20 +123,54 @@ def _udp_cell(u: dict[str, Any]) -> str:
     return "no UDP" if "unsupported" in u else f"failed: {u.get('error', '?')[:60]}"
 
 
+def _tcp_cell(t: dict[str, Any]) -> str:
+    if "gbit_per_s" in t:
+        return _n(t["gbit_per_s"], 2)
+    if "unsupported" in t:
+        return "n/a"
+    return f"failed: {t['error'][:60]}" if "error" in t else "-"
+
+
+def e2e_directions(r: dict[str, Any]) -> str:
+    """Per xdplb peer, the TCP download: what the LB handled in each direction."""
+    out = ["| peer | download Gbit/s | LB: client -> VIP packets | LB: replies "
+           "| router: to the client via the LB | router: from the backends directly "
+           "| LB CPU (cores) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for p in r["peers"]:
+        d = p.get("tcp_down", {})
+        pr = d.get("probe")
+        if pr is None:
+            continue
+        out.append(f"| {p['label']} | {_n(d.get('gbit_per_s'), 2)} | {_n(pr.get('lb_inbound'))} "
+                   f"| {_n(pr.get('lb_replies'))} | {_n(pr.get('router_via_lb'))} "
+                   f"| {_n(pr.get('router_from_backends'))} "
+                   f"| {_n(d.get('lb_cpu_cores'), 2)} |")
+    if len(out) == 2:
+        return "Not measured in this run."
+    out += ["", "Packets over the whole download (iperf3 -R, one stream), from `xdplb stats "
+            "--json` before and after (client -> VIP: `flow_hit` + `new_flow`; replies: "
+            "`reply`) and, in the routed lab, the router's nftables counters of what it "
+            "forwarded to the client by the sender's MAC (`Lab.router_counts()`; n/a in the "
+            "two-armed lab, which has no router). LB CPU: the machine's softirq time plus "
+            "the LB namespace's processes, in cores, during the download."]
+    return "\n".join(out)
+
+
 def e2e(r: dict[str, Any]) -> str:
     out = [E2E_HEAD]
     for p in r["peers"]:
         if "unavailable" in p or "error" in p:
             out.append(f"| {p['label']} | {p.get('unavailable') or p.get('error')} "
-                       f"| | | | | | | |")
+                       f"| | | | | | | | |")
             continue
         u, ub, t, c = p["udp"], p.get("udp_backends", {}), p["tcp"], p["conn"]
+        d = p.get("tcp_down", {})
         ratios = r["ratios"].get(p["name"], {})
         rel = {k: "1.0" if p["name"] == "xdplb-native" else _n(ratios.get(k), 2)
                for k in ("udp", "udp_backends")}
         out.append(f"| {p['label']} | {_udp_cell(u)} | {rel['udp']} "
                    f"| {_n(u.get('lb_ns_per_packet'))} | {_udp_cell(ub)} | {rel['udp_backends']} "
-                   f"| {_n(t.get('gbit_per_s'), 2)} | {_n(c.get('conn_per_s'))} "
+                   f"| {_tcp_cell(t)} | {_tcp_cell(d)} | {_n(c.get('conn_per_s'))} "
                    f"| {_n(c.get('lb_us_per_conn'), 1)} |")
     g = r["generator"]
     out += ["", f"{r['seconds']} s per measurement, {r['frame_bytes']}-byte UDP frames over "
@@ -223,7 +296,9 @@ def main() -> int:
         return 1
     fp = load("footprint")  # optional: the page says when it was not measured
     plot(ee)
-    parts = {"machine": machine(ee["machine"]), "perpacket": perpacket(pp), "e2e": e2e(ee),
+    parts = {"machine": machine(ee["machine"]), "perpacket": perpacket(pp),
+             "perpacket_modes": perpacket_modes(pp), "e2e": e2e(ee),
+             "e2e_directions": e2e_directions(ee),
              "controlplane": controlplane(cp), "footprint": footprint(fp),
              "targets": "\n".join([targets(pp, ee, cp), *footprint_targets(fp)]),
              "date": ee["finished"], "plot": PLOT.name}

@@ -13,9 +13,16 @@ lost up to half of the frames to wake-up latency, even in front of a bare XDP_DR
   times trafgen, which also made every frame a socket buffer that veth must copy before
   native XDP sees it: a NIC does not). An XDP program on every backend counts and drops
   them (bench/bpf/sink.c).
-- TCP throughput: one iperf3 stream through the VIP to one backend.
+- TCP throughput: one iperf3 stream through the VIP to one backend, and one the other way
+  (a download: the backend sends, iperf3 -R), where DSR leaves the balancer only the ACKs.
 - New TCP connections/s: wrk with ``Connection: close`` (one connection per request) against
   nginx on both backends.
+
+The forwarding modes fullnat and dsr run in the routed lab instead (a router between client
+and switch, the LB one-armed behind it, backends answering through the router; DSR backends
+have the VIP on lo and, for ipip, `xdplb decap` on eth0): the generator then sends to the
+router, which forwards in its kernel, and the LB transmits out of the interface it received
+on (XDP_TX), so its switch-side peer keeps an XDP program.
 
 Every run is bounded in time (``seconds``) and packets, and stops by itself.
 """
@@ -29,7 +36,7 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +84,7 @@ http {{
   access_log off;
   client_body_temp_path {run}/nginx-{name}-body;
   server {{
-    listen {addr}:{port} reuseport backlog=4096;
+    listen {addr}:{port} reuseport backlog=4096;{vip_listen}
     location / {{ return 200 "{name}\\n"; }}
   }}
 }}
@@ -90,19 +97,32 @@ class BenchLab:
     def __init__(self, lab: Lab, tmp: Path) -> None:
         self.lab = lab
         self.tmp = tmp
-        cmds = ["sysctl -qw net.ipv4.ip_local_port_range='1024 65535'"]
+        # The routed lab runs xdplb alone, whose fullnat source ports must stay clear of the
+        # LB's own ephemeral range: that keeps its default. The proxies need many ports.
+        cmds = [] if lab.routed else ["sysctl -qw net.ipv4.ip_local_port_range='1024 65535'"]
         cmds += [f"ethtool -K {dev} gro on" for dev in lab.lb_ifaces]
         lab.run(lab.lb_ns, "sh", "-c", " && ".join(cmds))
         lab.run(lab.client_ns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535")
-        # Two-armed, the LB only redirects, and GRO on its neighbours (set by the lab) gives
-        # them the NAPI that takes redirected frames. Their XDP_PASS programs go: with them,
-        # veth copies every socket buffer the kernel peers forward into an XDP buffer.
-        for ns, dev in lab.xdp_peers:
-            xdp_link.xdp_detach(dev, netns=ns)
+        if lab.routed:
+            # The generator's XDP_TX out of the client's eth0 arrives only where the peer (the
+            # router's eth0) has NAPI; the LB's XDP_TX likewise needs its peer's XDP_PASS,
+            # which stays.
+            xdp_attach_pass([(lab.router_ns, "eth0")])
+        else:
+            # Two-armed, the LB only redirects, and GRO on its neighbours (set by the lab)
+            # gives them the NAPI that takes redirected frames. Their XDP_PASS programs go:
+            # with them, veth copies every socket buffer the kernel peers forward into an XDP
+            # buffer.
+            for ns, dev in lab.xdp_peers:
+                xdp_link.xdp_detach(dev, netns=ns)
+        # DSR backends take the VIP's packets as their own: nginx listens there too.
+        vip_listen = "".join(f"\n    listen {v}:{HTTP_PORT} reuseport backlog=4096;"
+                             for v in lab.backend_vips)
         for i, (name, ns, addr) in enumerate(zip(lab.backend_names, lab.backend_ns,
                                                  lab.backend_addrs, strict=True)):
             conf = tmp / f"nginx-{name}.conf"
-            conf.write_text(BACKEND_NGINX.format(run=tmp, name=name, addr=addr, port=HTTP_PORT))
+            conf.write_text(BACKEND_NGINX.format(run=tmp, name=name, addr=addr, port=HTTP_PORT,
+                                                 vip_listen=vip_listen))
             lab.popen(ns, "nginx", "-p", str(tmp), "-e", str(tmp / f"nginx-{name}.err"),
                       "-c", str(conf), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_listening(lab, ns, HTTP_PORT, what=f"nginx on backend {i + 1}")
@@ -214,7 +234,9 @@ class Generator:
         self.lab = lab
         self.bpf = compile_bcc("gen.c", [f"-DGEN_FLOWS={UDP_FLOWS}"])
         self.fd = xdp_fd(self.bpf, "bench_gen")
-        self.frame = bytes(Ether(src=lab.client_mac, dst=lab.lb_macs[lab.lb_client_iface])
+        # to the client's next hop: the LB, or in the routed lab the router
+        hop = lab.router_macs["eth0"] if lab.routed else lab.lb_macs[lab.lb_client_iface]
+        self.frame = bytes(Ether(src=lab.client_mac, dst=hop)
                            / IP(src=lab.client_addr, dst=VIP)
                            / UDP(sport=10000, dport=UDP_PORT, chksum=0))
         self.frame += bytes(FRAME_LEN - len(self.frame))
@@ -279,17 +301,25 @@ def udp_pps(bl: BenchLab, gen: Generator, sink: Sink | None, seconds: int) -> di
 # --- TCP throughput and connections/s ---------------------------------------------------------
 
 
-def tcp_throughput(bl: BenchLab, seconds: int) -> dict[str, Any]:
-    """One iperf3 TCP stream, client -> VIP -> backend 1, for ``seconds``."""
+def tcp_throughput(bl: BenchLab, seconds: int, download: bool = False,
+                   probe: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One iperf3 TCP stream, client -> VIP -> backend 1, for ``seconds``; ``download``: the
+    backend sends (iperf3 -R). ``probe``: called before and after, its numbers' differences
+    go into the result as ``probe`` (what the LB handled, per direction)."""
     lab = bl.lab
-    ns, addr = lab.backend_ns[0], lab.backend_addrs[0]
+    ns = lab.backend_ns[0]
+    # DSR backends accept the connection on the VIP (on their lo), the others on their own
+    addr = VIP if VIP in lab.backend_vips else lab.backend_addrs[0]
     lab.popen(ns, "timeout", str(int(seconds + 30)), "iperf3", "-s", "-1", "-B", addr,
               "-p", str(IPERF_PORT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_listening(lab, ns, IPERF_PORT, "iperf3")
+    before = probe() if probe else None
     w0 = Window.now(bl)
     p = lab.run(lab.client_ns, "iperf3", "-c", VIP, "-p", str(IPERF_PORT), "-t", str(seconds),
-                "-J", "--connect-timeout", "3000", check=False, timeout=seconds + 30)
+                "-J", "--connect-timeout", "3000", *(["-R"] if download else []), check=False,
+                timeout=seconds + 30)
     w1 = Window.now(bl)
+    after = probe() if probe else None
     try:
         res = json.loads(p.stdout)
     except ValueError:
@@ -300,6 +330,21 @@ def tcp_throughput(bl: BenchLab, seconds: int) -> dict[str, Any]:
     out = w0.until(w1)
     out["gbit_per_s"] = end["sum_received"]["bits_per_second"] / 1e9
     out["retransmits"] = end["sum_sent"].get("retransmits")
+    if before is not None and after is not None:
+        out["probe"] = _delta(before, after)
+    return out
+
+
+def _delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """after - before, for the numbers of two nested dicts of the same shape."""
+    out: dict[str, Any] = {}
+    for k, v in after.items():
+        if isinstance(v, dict):
+            out[k] = _delta(before.get(k, {}), v)
+        elif isinstance(v, int | float) and isinstance(before.get(k, 0), int | float):
+            out[k] = v - before.get(k, 0)
+        elif isinstance(v, str) or isinstance(before.get(k), str):  # a probe's error
+            out[k] = v if isinstance(v, str) else before[k]
     return out
 
 
