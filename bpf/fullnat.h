@@ -38,10 +38,11 @@ static __always_inline struct xl_flow *xl_fnat_holder(struct xl_flow_key *fk,
 
 /* A source port for the new flow ``fk`` to ``be`` from ``src``, in XL_FNAT_TRIES tries:
  * first the port the flow's hash picks (the same in both data paths), then the VIP's next
- * port in turn (fnat_cursor), so that a retransmitted SYN whose port was taken tries
- * another. A port whose entry names a live flow is taken; a stale entry, or this flow's
- * own, is reused. More tries would be better, but every one multiplies the paths the
- * verifier walks: four already exceed its limit. Returns the port (network order) with its
+ * ports in turn (fnat_cursor), so that a retransmitted SYN whose ports were taken tries
+ * others. A port whose entry names a live flow is taken; a stale entry, or this flow's
+ * own, is reused. A new flow is dropped when all its tries are held, about (share of the
+ * range held)^3 of them; more tries would be better, but every one multiplies the paths the
+ * verifier walks: four exceed its limit. Returns the port (network order) with its
  * entry written, or 0: exhausted, counted, the packet is dropped. */
 static __always_inline __be16 xl_fnat_port(struct xl_vip_info *vip, struct xl_backend *be,
                                            struct xl_flow_key *fk, __u32 h, __be32 src)

@@ -34,8 +34,12 @@ STREAMS = 12
 STREAM_PORT = 7000  # the backends' TCP echo service (traffic.py's streams)
 FLOOD_S = 5
 PROBE_INTERVAL_S = 0.1
-PROBE_TIMEOUT_S = 3.0
-STALL_S = 5.0  # traffic.py's --stall default: a stream silent this long is broken
+# The flood saturates both cores (hping3 reaches 60-130k SYN/s here, each SYN balanced to a
+# backend whose SYN-ACK comes back through the balancer), so packets are lost: a legitimate
+# client gets as long as its kernel retries a SYN (1, 3, 7 s), and a stream is broken only
+# when TCP's own retransmissions (backing off from 200 ms) would not bring it back.
+PROBE_TIMEOUT_S = 10.0
+STALL_S = 15.0  # a stream silent this long is broken
 
 # In the client namespace: starts a GET / to VIP:80 every INTERVAL seconds for DURATION
 # seconds, each on its own thread (a slow one does not delay the next start), and prints
@@ -106,7 +110,7 @@ def test_syn_flood_keeps_established_flows(tmp_path, max_entries):
             agent = AgentProcess(lab, config)
             # rate: traffic.py's own new connections, nearly off (the probe below counts)
             traffic = Traffic(lab, VIP, tmp_path / "traffic.jsonl", streams=STREAMS, rate=0.2,
-                              duration=120)
+                              duration=120, stall=STALL_S)
             on = traffic.wait_streams()
             per_backend = Counter(on.values())
             drained_name, n_drained = per_backend.most_common(1)[0]

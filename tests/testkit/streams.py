@@ -13,11 +13,12 @@ from lab import HERE, Lab
 
 class Traffic:
     def __init__(self, lab: Lab, vip: str, log: Path, streams: int = 8, rate: float = 10,
-                 duration: float = 300) -> None:
+                 duration: float = 300, stall: float = 5.0) -> None:
         self.log = log
         self.proc = lab.popen(lab.client_ns, sys.executable, str(HERE / "traffic.py"),
                               "--vip", vip, "--log", str(log), "--streams", str(streams),
-                              "--rate", str(rate), "--duration", str(duration))
+                              "--rate", str(rate), "--duration", str(duration),
+                              "--stall", str(stall))
         self.n = streams
 
     def events(self, kind: str, since: float = 0.0) -> list[dict]:

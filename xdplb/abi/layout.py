@@ -31,9 +31,9 @@ NO_BACKEND = 0xFFFFFFFF  # Maglev slot value for "no backend"
 NO_TX_SLOT = 0xFFFFFFFF  # NextHop.tx_slot: leave by XDP_TX
 ADDR_FILTER_BITS = 16
 ADDR_MAYBE_VIP, ADDR_MAYBE_BACKEND, ADDR_MAYBE_LB_SOURCE = 1, 2, 4
-# fullnat: source ports a new flow tries (its hash's, then the VIP's next) before it is
+# fullnat: source ports a new flow tries (its hash's, then the VIP's next ones) before it is
 # dropped; see bpf/fullnat.h for why no more.
-FNAT_TRIES = 2
+FNAT_TRIES = 3
 IPIP_OVERHEAD = 20  # the outer IPv4 header of dsr/ipip
 OUTER_TTL = 64
 # Reverse NAT: VIPs one backend endpoint (address, port, protocol) may serve and be told apart
