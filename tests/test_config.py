@@ -885,3 +885,75 @@ def test_backend_endpoint_serves_at_most_rev_targets_vips(tmp_path: Path) -> Non
                  f"serves more than {REV_TARGETS} VIPs")
     udp = text.replace("protocol: tcp", "protocol: udp", 1)  # another endpoint: fine
     assert parse_config(udp)
+
+
+# --- forwarding modes ------------------------------------------------------------------------
+
+
+def mode_vip(*lines: str, backend: str = "      - address: 10.20.0.11\n") -> str:
+    """MINIMAL with mode keys after its protocol line (line 6 on) and its one backend."""
+    keys = "".join(f"    {line}\n" for line in lines)
+    return MINIMAL.replace("    backends:\n      - address: 10.20.0.11\n",
+                           keys + "    backends:\n" + backend)
+
+
+def test_forwarding_modes_parse_with_their_defaults() -> None:
+    nat = parse_config(MINIMAL).vips[0]
+    assert (nat.forwarding, nat.mode, nat.encap, nat.source) == ("nat", "nat", None, None)
+    dsr = parse_config(mode_vip("forwarding: dsr")).vips[0]
+    assert dsr.mode == "dsr-ipip"
+    assert parse_config(mode_vip("forwarding: dsr", "encap: l2")).vips[0].mode == "dsr-l2"
+    fn = parse_config(mode_vip("forwarding: fullnat")).vips[0]
+    assert (fn.mode, fn.source, fn.port_range) == ("fullnat", None, (1024, 32767))
+    fn = parse_config(mode_vip("forwarding: fullnat", "source: 10.20.0.1",
+                               "source_ports: 2000-2999")).vips[0]
+    assert (fn.source, fn.port_range) == (IPv4Address("10.20.0.1"), (2000, 2999))
+
+
+@pytest.mark.parametrize(("lines", "line", "path", "fragment"), [
+    (("forwarding: nat", "encap: l2"), 7, "vips[0].encap", "only used with forwarding: dsr"),
+    (("forwarding: dsr", "source: 10.20.0.1"), 7, "vips[0].source",
+     "only used with forwarding: fullnat"),
+    (("source_ports: 2000-3000",), 6, "vips[0].source_ports", "only used with forwarding"),
+    (("forwarding: fullnat", "source_ports: 3000-2000"), 7, "vips[0].source_ports",
+     "first <= last"),
+    (("forwarding: fullnat", "source_ports: 0-10"), 7, "vips[0].source_ports", "1-65535"),
+    (("forwarding: fullnat", "source_ports: lots"), 7, "vips[0].source_ports",
+     "is not a port range"),
+    (("forwarding: fullnat", "source: 127.0.0.1"), 7, "vips[0].source", "loopback"),
+    (("forwarding: tunnel",), 6, "vips[0].forwarding", "nat"),
+    (("forwarding: dsr", "encap: gre"), 7, "vips[0].encap", "ipip"),
+])
+def test_mode_keys_refused(tmp_path: Path, lines: tuple[str, ...], line: int, path: str,
+                           fragment: str) -> None:
+    assert_error(errors(tmp_path, mode_vip(*lines)), line, path, fragment)
+
+
+def test_dsr_refuses_a_rewritten_port(tmp_path: Path) -> None:
+    text = mode_vip("forwarding: dsr", backend="      - address: 10.20.0.11\n"
+                                              "        port: 8080\n")
+    assert_error(errors(tmp_path, text), 9, "vips[0].backends[0].port",
+                 "dsr cannot rewrite ports")
+
+
+def test_fullnat_ports_must_avoid_the_hosts_ephemeral_range(tmp_path: Path) -> None:
+    """Only where the agent runs (it knows ip_local_port_range and its own addresses): the
+    default source is always one of the host's, an explicit one only when it is local."""
+    path = write(tmp_path, mode_vip("forwarding: fullnat", "source_ports: 30000-40000"))
+    load_config(path)  # check-config elsewhere: no host to compare with
+    with pytest.raises(ConfigError) as e:
+        load_config(path, local_port_range=(32768, 60999))
+    assert_error(str(e.value), 7, "vips[0].source_ports", "overlap the host's "
+                 "ip_local_port_range 32768-60999")
+    load_config(path, local_port_range=(50000, 60999))
+    other = tmp_path / "other.yaml"
+    other.write_text(mode_vip("forwarding: fullnat", "source: 10.20.0.9",
+                              "source_ports: 30000-40000"))
+    load_config(other, local_port_range=(32768, 60999))  # not the host's address
+    with pytest.raises(ConfigError):
+        load_config(other, local_addresses={IPv4Address("10.20.0.9")},
+                    local_port_range=(32768, 60999))
+    cfg = load_config(path)
+    with pytest.raises(ConfigError) as e:  # as the agent checks a config given at attach
+        check_backends_not_local(cfg, set(), str(path), (32768, 60999))
+    assert "source_ports" in str(e.value)
