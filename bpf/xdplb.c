@@ -174,7 +174,7 @@ int xdplb_main(struct xdp_md *ctx)
     /* ICMP may be an error about a flow from anywhere (a router): rare, so looked at. */
     if (!maybe_vip && !maybe_backend && ip->protocol != IPPROTO_ICMP)
         return xl_pass(XL_C_PASS_NOT_VIP);
-    __u32 rule = xl_guard(&p);
+    __u32 rule = xl_guard(&p, ctx->ingress_ifindex);
     if (rule)
         return xl_pass(rule);
     if (xl_parse_l4(ctx, &p) != XL_P_OK) {

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.root
 
 NS = f"xlt-dp-{os.getpid()}"
 LB_MAC, CLIENT_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
+LB_MAC1 = "02:00:00:00:00:03"  # d1's: a frame arriving there is for the balancer only to it
 BE_MACS = {"10.20.0.11": "02:00:00:00:00:11", "10.20.0.12": "02:00:00:00:00:12",
            "10.30.0.5": "02:00:00:00:00:35"}
 CLIENT = "10.10.0.2"
@@ -61,7 +62,7 @@ def lab(request):
     try:
         # veth pairs, not dummy links: this kernel has no dummy module.
         _ip("link", "add", "d0", "address", LB_MAC, "type", "veth", "peer", "name", "d0p")
-        _ip("link", "add", "d1", "type", "veth", "peer", "name", "d1p")
+        _ip("link", "add", "d1", "address", LB_MAC1, "type", "veth", "peer", "name", "d1p")
         for a, dev in (("10.10.0.1/24", "d0"), ("10.20.0.1/24", "d0"), ("10.30.0.1/24", "d1")):
             _ip("addr", "add", a, "dev", dev)
         for dev in ("d0", "d0p", "d1", "d1p", "lo"):
@@ -379,7 +380,7 @@ def test_removed_backend_late_replies_still_rewritten(eng):
     assert Ether(r.data)[IP].dst == "10.30.0.5"
     try:
         engine.configure(config(far="10.30.0.6"))
-        reply = bytes(Ether(src=BE_MACS["10.30.0.5"], dst=LB_MAC)
+        reply = bytes(Ether(src=BE_MACS["10.30.0.5"], dst=LB_MAC1)
                       / IP(src="10.30.0.5", dst=CLIENT) / TCP(sport=80, dport=47000, flags="A"))
         r = engine.run(reply, d1)
         assert r.verdict == "redirect" and r.counters.get("reply") == 1

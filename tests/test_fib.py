@@ -22,7 +22,7 @@ from xdplb.userspace import fib
 pytestmark = pytest.mark.root
 
 PROBE_C = Path(__file__).parent / "testkit" / "bpf" / "fib_probe.c"
-PROBE = struct.Struct("<14s4s4sBBHiI6s6s")
+PROBE = struct.Struct("<14s4s4sBBHiI6s6s4s")
 TOS = (0, 0x10, 0x04, 0x1C, 0xB8)
 TOT_LEN = (60, 300, 301, 576, 577, 1500)
 PROTOS = (6, 17)
@@ -42,11 +42,14 @@ def bench(request):
 
 def kernel(prog_fd: int, daddr: bytes, saddr: bytes, tos: int, proto: int, tot_len: int,
            ifindex: int) -> fib.FibResult:
-    frame = PROBE.pack(bytes(14), daddr, saddr, tos, proto, tot_len, 0, 0, bytes(6), bytes(6))
+    frame = PROBE.pack(bytes(14), daddr, saddr, tos, proto, tot_len, 0, 0, bytes(6), bytes(6),
+                       bytes(4))
     ctx = bpfsys.xdp_md(len(frame), ifindex) if ifindex else None
     out = bpfsys.prog_test_run(prog_fd, frame, ctx_in=ctx).data_out
-    *_, mtu, rc, idx, smac, dmac = PROBE.unpack(out)
-    return fib.FibResult(rc, idx, smac, dmac, mtu if rc == fib.FRAG_NEEDED else 0)
+    *_, mtu, rc, idx, smac, dmac, nexthop = PROBE.unpack(out)
+    # ipv4_dst names the next hop (gateway or daddr) only on success: dsr/l2's on-link check
+    return fib.FibResult(rc, idx, smac, dmac, mtu if rc == fib.FRAG_NEEDED else 0,
+                         nexthop=nexthop if rc == fib.SUCCESS else b"")
 
 
 def same(ours: fib.FibResult, theirs: fib.FibResult) -> bool:

@@ -206,6 +206,11 @@ def corpus() -> Iterator[Case]:
                                              udp_zero=True), "tx", "created", rewritten=True)
     yield Case("VIP address, port not balanced", build(CLIENT, VIP, 6, 40000, 443), "pass_not_vip")
     yield Case("not a VIP", build(CLIENT, "10.10.0.1", 6, 40000, 22), "pass_not_vip")
+    yield Case("to another host's MAC (a flooding switch): the kernel's", build(
+        CLIENT, VIP, 6, 40000, 80, flags="A", dmac="02:00:00:00:00:99"), "pass_foreign_mac")
+    yield Case("another host's MAC on an interface not attached: not judged", build(
+        CLIENT, VIP, 6, 40000, 80, flags="A", dmac="02:00:00:00:00:99"), "redirect", "hit",
+        ingress="lo", rewritten=True)
     yield Case("redirect to another attached interface",
                build(CLIENT, VIP2, 6, 40000, 443), "redirect", "created", rewritten=True)
     yield Case("egress not attached", build(CLIENT, VIP2, 6, 40000, 80), "pass_foreign_egress",

@@ -96,8 +96,9 @@ def _sysctl(name: str, value: int) -> None:
 def _build(ipr: IPRoute, bench: Bench, rules: bool) -> None:
     _sysctl("ip_forward", 1)
     for name, addrs, mtu, fwd, _ in LINKS:
-        kw = {"address": LB_MAC} if name == "d0" else {}
-        ipr.link("add", ifname=name, kind="veth", peer={"ifname": f"{name}p"}, **kw)
+        # One MAC for every link: the test frames, addressed to LB_MAC, are then for the
+        # balancer on whichever ingress they arrive (if_macs judges the others foreign)
+        ipr.link("add", ifname=name, kind="veth", peer={"ifname": f"{name}p"}, address=LB_MAC)
         idx = bench.ifindex[name] = ipr.link_lookup(ifname=name)[0]
         for a in addrs:
             ip, plen = a.split("/")

@@ -27,6 +27,7 @@ FAMILY_IPV4 = 2  # AF_INET
 MAX_VIPS = 64
 MAX_BACKENDS = 4096
 MAX_TX_PORTS = 64
+IF_MACS = 256  # if_macs slots: an attached interface's MAC at slot ifindex % IF_MACS
 NO_BACKEND = 0xFFFFFFFF  # Maglev slot value for "no backend"
 NO_TX_SLOT = 0xFFFFFFFF  # NextHop.tx_slot: leave by XDP_TX
 ADDR_FILTER_BITS = 16
@@ -77,23 +78,24 @@ class Counter(enum.IntEnum):
     # packet from the balancer's own address arriving on a port is a martian to it.
     DROP_NEXT_HOP = 15
     DROP_NOT_ON_LINK = 16  # dsr/l2: the backend is behind a gateway, not on a local segment
-    TX = 17  # sent back out of the ingress interface
-    REDIRECT = 18  # sent out of another attached interface
-    NEW_FLOW = 19  # flow created from the Maglev table
-    FLOW_HIT = 20  # forward packet matched a tracked flow
-    REPLY = 21  # reply of a tracked flow, reverse-NATed
-    FIB_MISS = 22  # bpf_fib_lookup did not return success
-    FIB_LOOKUP = 23  # bpf_fib_lookup calls; other forwards used their flow's cached next hop
-    ICMP_ECHO = 24  # echo request to a VIP address, answered by the program (outcome: tx)
-    TTL_EXCEEDED = 25  # TTL <= 1 to a VIP: Time Exceeded sent from the VIP (outcome: tx)
-    REPLY_FRAGMENT = 26  # fragment of a reply, source rewritten to the VIP without a flow
-    FRAG_NEEDED = 27  # DF set, too long for the next hop: "fragmentation needed" sent back
-    ICMP_TO_BACKEND = 28  # ICMP error to a VIP about a reply, sent on to the flow's backend
-    ICMP_TO_CLIENT = 29  # ICMP error about a client's packet to a backend, translated to the VIP
-    FNAT_PORT_TAKEN = 30  # fullnat: a source port tried for a new flow was in use
-    IPIP_ENCAP = 31  # dsr/ipip: packet wrapped in an outer IPv4 header to its backend
-    FLOW_CONFIRMED = 32  # a new flow's next packet (TCP: not SYN or RST): half_open -> flows
-    MAX = 33
+    PASS_FOREIGN_MAC = 17  # to another host's unicast MAC (flooding switch, promiscuous NIC)
+    TX = 18  # sent back out of the ingress interface
+    REDIRECT = 19  # sent out of another attached interface
+    NEW_FLOW = 20  # flow created from the Maglev table
+    FLOW_HIT = 21  # forward packet matched a tracked flow
+    REPLY = 22  # reply of a tracked flow, reverse-NATed
+    FIB_MISS = 23  # bpf_fib_lookup did not return success
+    FIB_LOOKUP = 24  # bpf_fib_lookup calls; other forwards used their flow's cached next hop
+    ICMP_ECHO = 25  # echo request to a VIP address, answered by the program (outcome: tx)
+    TTL_EXCEEDED = 26  # TTL <= 1 to a VIP: Time Exceeded sent from the VIP (outcome: tx)
+    REPLY_FRAGMENT = 27  # fragment of a reply, source rewritten to the VIP without a flow
+    FRAG_NEEDED = 28  # DF set, too long for the next hop: "fragmentation needed" sent back
+    ICMP_TO_BACKEND = 29  # ICMP error to a VIP about a reply, sent on to the flow's backend
+    ICMP_TO_CLIENT = 30  # ICMP error about a client's packet to a backend, translated to the VIP
+    FNAT_PORT_TAKEN = 31  # fullnat: a source port tried for a new flow was in use
+    IPIP_ENCAP = 32  # dsr/ipip: packet wrapped in an outer IPv4 header to its backend
+    FLOW_CONFIRMED = 33  # a new flow's next packet (TCP: not SYN or RST): half_open -> flows
+    MAX = 34
 
 
 OUTCOMES = tuple(c for c in Counter if c < Counter.NEW_FLOW)
@@ -325,6 +327,19 @@ class Backend(_Struct):
     ]
 
 
+class IfMac(_Struct):
+    """An attached interface's own MAC, at slot ifindex % IF_MACS (the slot names the
+    ifindex: an array lookup is inlined, a hash's is not). Frames to another unicast MAC
+    are not ours; a slot two interfaces share, or an empty one, checks nothing."""
+
+    c_name = "xl_if_mac"
+    _fields_ = [
+        ("ifindex", U32),
+        ("mac", U8 * 6),
+        ("pad", U8 * 2),
+    ]
+
+
 class Stat(_Struct):
     """Per-CPU packet/byte/flow counter of a VIP or a backend."""
 
@@ -393,6 +408,7 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec("addr_filter", "array", U32, U8, "XL_ADDR_FILTER_SIZE"),
     MapSpec("tx_ports", "hash", U32, U32, "XL_MAX_TX_PORTS"),
     MapSpec("tx_devs", "devmap", U32, U32, "XL_MAX_TX_PORTS"),
+    MapSpec("if_macs", "array", U32, IfMac, "XL_IF_MACS"),
     MapSpec("counters", "percpu_array", U32, U64, "XL_COUNTER_MAX", "datapath"),
     MapSpec("vip_stats", "percpu_array", U32, Stat, "XL_MAX_VIPS", "datapath"),
     MapSpec("backend_stats", "percpu_array", U32, Stat, "XL_MAX_BACKENDS", "datapath"),
@@ -403,7 +419,7 @@ MAP_BY_NAME = {m.name: m for m in MAPS}
 _C_SCALARS = {U8: "__u8", U16: "__u16", U32: "__u32", U64: "__u64"}
 _STRUCTS: tuple[type[_Struct], ...] = (  # in dependency order
     FlowKey, NextHop, Flow, FnatKey, RevKey, RevTarget, RevNat, VipKey, VipInfo, AddrKey,
-    Backend, Stat, Meta,
+    Backend, IfMac, Stat, Meta,
 )
 
 
@@ -456,6 +472,7 @@ def render_structs() -> str:
         f"#define XL_MAX_VIPS {MAX_VIPS}",
         f"#define XL_MAX_BACKENDS {MAX_BACKENDS}",
         f"#define XL_MAX_TX_PORTS {MAX_TX_PORTS}",
+        f"#define XL_IF_MACS {IF_MACS}",
         f"#define XL_NO_BACKEND {NO_BACKEND}u",
         f"#define XL_NO_TX_SLOT {NO_TX_SLOT}u",
         f"#define XL_FAMILY_IPV4 {FAMILY_IPV4}",

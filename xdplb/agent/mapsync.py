@@ -19,11 +19,14 @@ from xdplb.abi.layout import (
     ADDR_MAYBE_LB_SOURCE,
     ADDR_MAYBE_VIP,
     FAMILY_IPV4,
+    IF_MACS,
     NO_BACKEND,
     REV_ANY_PORT,
+    U8,
     AddrKey,
     Backend,
     BackendFlag,
+    IfMac,
     Meta,
     RevKey,
     RevNat,
@@ -32,7 +35,7 @@ from xdplb.abi.layout import (
     addr16,
     layout_version,
 )
-from xdplb.kernel.localaddrs import source_toward
+from xdplb.kernel.localaddrs import link_macs, source_toward
 from xdplb.model.desired import (
     Current,
     DesiredState,
@@ -221,11 +224,21 @@ class MapSync:
         self.maps.update_many("maglev", ((base + i, NO_BACKEND) for i in range(size)))
         del self.rings[vip_id]
 
-    def set_tx_ports(self, ifindexes: list[int]) -> None:
-        """Interfaces packets may be redirected to: ifindex -> devmap slot -> ifindex."""
+    def set_tx_ports(self, ifindexes: list[int], macs: dict[int, bytes] | None = None) -> None:
+        """Interfaces packets may be redirected to: ifindex -> devmap slot -> ifindex; and
+        their own MACs (``macs``, else read from the kernel), so that frames to other hosts'
+        MACs are left to the kernel. Two interfaces on one if_macs slot check nothing."""
         for slot, idx in enumerate(ifindexes):
             self.maps.update("tx_devs", slot, idx)
             self.maps.update("tx_ports", idx, slot)
+        macs = link_macs(ifindexes) if macs is None else macs
+        slots: dict[int, list[int]] = {}
+        for idx in ifindexes:
+            slots.setdefault(idx % IF_MACS, []).append(idx)
+        for slot, idxs in slots.items():
+            mac = macs.get(idxs[0]) if len(idxs) == 1 else None
+            self.maps.update("if_macs", slot,
+                             IfMac(idxs[0], (U8 * 6)(*mac), (U8 * 2)()) if mac else IfMac())
 
 
 def vip_info(v: DesiredVip) -> VipInfo:

@@ -39,3 +39,15 @@ def source_toward(address: str) -> str | None:
         if src := r.get_attr("RTA_PREFSRC"):
             return str(src)
     return None
+
+
+def link_macs(ifindexes: list[int]) -> dict[int, bytes]:
+    """The MAC (6 bytes) of each interface of ``ifindexes`` that has one."""
+    out = {}
+    with IPRoute() as ipr:
+        for idx in ifindexes:
+            for link in ipr.get_links(idx):
+                mac = link.get_attr("IFLA_ADDRESS")
+                if mac and len(mac.split(":")) == 6:
+                    out[idx] = bytes.fromhex(mac.replace(":", ""))
+    return out

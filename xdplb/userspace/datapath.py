@@ -20,6 +20,7 @@ from xdplb.abi.layout import (
     ADDR_MAYBE_VIP,
     FAMILY_IPV4,
     FNAT_TRIES,
+    IF_MACS,
     IPIP_OVERHEAD,
     NO_BACKEND,
     NO_TX_SLOT,
@@ -204,7 +205,7 @@ class PyDatapath:
         self.vips, self.vip_addrs, self.backends = t["vips"], t["vip_addrs"], t["backends"]
         self.maglev, self.flows, self.rev_nat = t["maglev"], t["flows"], t["rev_nat"]
         self.fnat_ports, self.fnat_cursor = t["fnat_ports"], t["fnat_cursor"]
-        self.half_open = t["half_open"]
+        self.half_open, self.if_macs = t["half_open"], t["if_macs"]
         self.tracked = _Tracked(self.flows, self.half_open)
         self.tx_ports, self.tx_devs, self.meta = t["tx_ports"], t["tx_devs"], t["meta"]
         self.counters, self.vip_stats = t["counters"], t["vip_stats"]
@@ -249,6 +250,11 @@ class PyDatapath:
         """The prefilter bits of an address (a superset: they never decide alone)."""
         return self.addr_filter.get(key_bytes(addr_slot(addr, ADDR_FILTER_BITS))).value
 
+    def _own_mac(self, ingress: int) -> bytes | None:
+        """xl_foreign_mac's entry: the ingress interface's MAC, None if if_macs has none."""
+        own = self.if_macs.ref(key_bytes(ingress % IF_MACS))
+        return bytes(own.mac) if own is not None and own.ifindex == ingress else None
+
     def _vip_addr(self, daddr: bytes) -> bool:
         """Is ``daddr`` a VIP address (any port, any protocol)?"""
         return self.vip_addrs.ref(daddr + ADDR_PAD) is not None
@@ -269,7 +275,7 @@ class PyDatapath:
         # ICMP may be an error about a flow from anywhere (a router): rare, so looked at.
         if not maybe_vip and not maybe_backend and p.proto != IPPROTO_ICMP:
             return self._pass(Counter.PASS_NOT_VIP)
-        rule = guard(buf, p)
+        rule = guard(buf, p, self._own_mac(ingress))
         if rule is not None:
             return self._pass(rule)
         if parse_l4(buf, p) != OK:

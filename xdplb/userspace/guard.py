@@ -14,12 +14,15 @@ def ip_csum_ok(buf: bytes | bytearray, ip: int) -> bool:
     return csum.words(buf[ip : ip + 20]) == 0
 
 
-def guard(buf: bytes | bytearray, p: Pkt) -> Counter | None:
-    """xl_guard: the rule a frame that may be ours breaks, as its outcome; None: none."""
+def guard(buf: bytes | bytearray, p: Pkt, own_mac: bytes | None) -> Counter | None:
+    """xl_guard: the rule a frame that may be ours breaks, as its outcome; None: none.
+    ``own_mac``: the ingress interface's MAC if if_macs knows it (xl_foreign_mac)."""
     if p.vlan:  # no VLAN is served: the kernel (its VLAN device) takes tagged frames
         return Counter.PASS_VLAN
     if buf[0] & 1:  # group bit: broadcast or multicast
         return Counter.PASS_GROUP_MAC
+    if own_mac is not None and buf[0:6] != own_mac:  # the kernel drops it (OTHERHOST)
+        return Counter.PASS_FOREIGN_MAC
     first = buf[p.ip + 12]
     if first in (0, 127) or first >= 224:  # this host, loopback, 224/3
         return Counter.PASS_MARTIAN

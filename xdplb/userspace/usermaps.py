@@ -24,6 +24,7 @@ import numpy as np
 from xdplb.abi.codec import decode, encode  # one encoding for both kinds of maps
 from xdplb.abi.layout import (
     ADDR_FILTER_BITS,
+    IF_MACS,
     MAPS,
     MAX_BACKENDS,
     MAX_REV_NAT,
@@ -44,6 +45,7 @@ def map_sizes(ring_size: int, flow_max: int) -> dict[str, int]:
         "XL_MAX_VIPS": MAX_VIPS,
         "XL_MAX_BACKENDS": MAX_BACKENDS,
         "XL_MAX_TX_PORTS": MAX_TX_PORTS,
+        "XL_IF_MACS": IF_MACS,
         "XL_MAX_REV_NAT": MAX_REV_NAT,
         "XL_RING_SIZE": ring_size,
         "XL_FLOW_MAX": flow_max,

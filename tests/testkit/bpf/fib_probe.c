@@ -18,6 +18,7 @@ struct xl_fib_probe {
     __u32 ifindex;
     __u8 smac[6];
     __u8 dmac[6];
+    __be32 nexthop;    /* out: ipv4_dst after the lookup (the gateway, or daddr on link) */
 } __attribute__((packed));
 
 int xdplb_main(struct xdp_md *ctx)
@@ -40,5 +41,6 @@ int xdplb_main(struct xdp_md *ctx)
     q->ifindex = fib.ifindex;
     __builtin_memcpy(q->smac, fib.smac, 6);
     __builtin_memcpy(q->dmac, fib.dmac, 6);
+    q->nexthop = fib.ipv4_dst;
     return XDP_PASS;
 }
