@@ -20,6 +20,7 @@ from typing import Any
 from xdplb.abi.codec import PROTO_NAMES, PROTOCOLS, be16, from_be16, ipv4_of
 from xdplb.abi.layout import (
     FAMILY_IPV4,
+    IF_MACS,
     MAPS,
     MAX_VIPS,
     NO_BACKEND,
@@ -67,13 +68,15 @@ class Probe:
     def key(self) -> FlowKey:
         return flow_key(self.src, self.sport, self.dst, self.dport, self.proto)
 
-    def frame(self, tcp_flags: str) -> bytes:
+    def frame(self, tcp_flags: str, dst_mac: str = "02:00:00:00:00:ff") -> bytes:
+        """The probe as a frame; ``dst_mac``: the ingress interface's (else the program
+        leaves it to the kernel as another host's, pass_foreign_mac)."""
         from scapy.layers.inet import IP, TCP, UDP
         from scapy.layers.l2 import Ether
 
         l4 = (TCP(sport=self.sport, dport=self.dport, flags=tcp_flags, seq=1)
               if self.proto == socket.IPPROTO_TCP else UDP(sport=self.sport, dport=self.dport))
-        return bytes(Ether(src="02:00:00:00:00:fe", dst="02:00:00:00:00:ff")
+        return bytes(Ether(src="02:00:00:00:00:fe", dst=dst_mac)
                      / IP(src=self.src, dst=self.dst, ttl=TTL) / l4 / b"xdplb-trace")
 
 
@@ -241,7 +244,7 @@ def run_bpf(r: Reader, p: Probe, live: Live) -> dict[str, Any]:
         own = KernelMaps(program.map_fds, own=False)
         _seed(own, live)
         ingress = _ingress(r, live)
-        frame = p.frame(_tcp_flags(live))
+        frame = p.frame(_tcp_flags(live), _own_mac(r.maps, ingress))
         before = read_counters(own)
         res = bpfsys.prog_test_run(program.prog_fd, frame,
                                    ctx_in=bpfsys.xdp_md(len(frame), xdp_link.ifindex(ingress)))
@@ -251,6 +254,15 @@ def run_bpf(r: Reader, p: Probe, live: Live) -> dict[str, Any]:
     moved = {k: after[k] - before[k] for k in after if after[k] != before[k]}
     return {"verdict": VERDICTS.get(res.retval, str(res.retval)), "ingress": ingress,
             "counters": moved, "out": _out_endpoint(res.data_out, p.proto, live.reply)}
+
+
+def _own_mac(maps: KernelMaps, ingress: str) -> str:
+    """The MAC the agent recorded for interface ``ingress`` (if_macs), as text."""
+    idx = xdp_link.ifindex(ingress)
+    own = maps.lookup("if_macs", idx % IF_MACS)
+    if own is None or own.ifindex != idx:
+        return "02:00:00:00:00:ff"
+    return ":".join(f"{b:02x}" for b in bytes(own.mac))
 
 
 def _out_endpoint(frame: bytes, proto: int, reply: bool) -> str | None:
@@ -286,8 +298,8 @@ def scapy_model(r: Reader, p: Probe, live: Live, ingress: str) -> dict[str, Any]
     fib = Fib()
     try:
         before = read_counters(um)
-        res = PyDatapath(um, fib, cat.ring_size).run(p.frame(_tcp_flags(live)),
-                                                     xdp_link.ifindex(ingress))
+        res = PyDatapath(um, fib, cat.ring_size).run(
+            p.frame(_tcp_flags(live), _own_mac(r.maps, ingress)), xdp_link.ifindex(ingress))
         after = read_counters(um)
     finally:
         fib.close()
