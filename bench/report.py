@@ -28,6 +28,7 @@ PERPACKET_ROWS = (
     ("baseline_insert", "baseline + one LRU insert (miss, then insert), full 1M table"),
     ("baseline_update", "baseline + the LRU update alone, full 1M table"),
     ("baseline_fib", "baseline + one bpf_fib_lookup"),
+    ("baseline_insert_fib", "baseline + one LRU insert, full 1M table, + one bpf_fib_lookup"),
     ("baseline_encap", "baseline + dsr/ipip's bpf_xdp_adjust_head and outer IPv4 header"),
 )
 # The forwarding modes' table: (mode label, established case, new-flow case)
@@ -186,9 +187,12 @@ def targets(pp: dict[str, Any], ee: dict[str, Any], cp: dict[str, Any]) -> str:
     for key, target in pp["targets"].items():
         lines.append(f"- per packet, {key.replace('_', '-')}: {pp['ratios'][key]:.1f}x the "
                      f"baseline, target <= {target}x: {_verdict(pp['ratios'][key], target, False)}")
-    for key, (ref, target) in pp.get("pair_targets", {}).items():
+    pairs = [(k, ref, t, pp["pair_ratios"]) for k, (ref, t) in pp.get("pair_targets", {}).items()]
+    pairs += [(k, ref, t, pp["hop_pair_ratios"])
+              for k, (ref, t) in pp.get("hop_pair_targets", {}).items()]
+    for key, ref, target, ratios in pairs:
         if target is not None:
-            got = pp["pair_ratios"][key]
+            got = ratios[key]
             lines.append(f"- per packet, {key.replace('_', '-')} vs {ref.replace('_', '-')}: "
                          f"{got:.2f}x, target <= {target}x: {_verdict(got, target, False)}")
     for key, (ref, extra) in pp.get("extra_targets", {}).items():
