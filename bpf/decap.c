@@ -45,24 +45,6 @@ static __always_inline int xd_drop(__u32 c)
     return XDP_DROP;
 }
 
-/* The outer header's checksum (options included) is right. The caller has checked that the
- * whole header is in the frame; the bound here is for the verifier. */
-static __always_inline int xd_ip_csum_ok(struct iphdr *ip, void *data_end, __u32 words)
-{
-    __u16 *w = (__u16 *)ip;
-    __u32 s = 0;
-    /* clang proves the per-word bound from the caller's checks and drops it; the verifier
-     * cannot follow that proof, so hide data_end's origin (libbpf's barrier_var). */
-    asm volatile("" : "+r"(data_end));
-#pragma unroll
-    for (int i = 0; i < 30; i++) { /* IHL 15: 60 bytes */
-        if (i >= words || (void *)(w + i + 1) > data_end)
-            break;
-        s += w[i];
-    }
-    return xl_csum_fold(s) == 0xffff;
-}
-
 int xdplb_decap(struct xdp_md *ctx)
 {
     void *data = (void *)(long)ctx->data;
@@ -84,7 +66,7 @@ int xdplb_decap(struct xdp_md *ctx)
     if (ip->version != 4 || ohl < sizeof(*ip) || tot < ohl ||
         (void *)ip + tot > data_end)
         return xd_drop(XD_C_DROP_MALFORMED);
-    if (!xd_ip_csum_ok(ip, data_end, ohl / 2))
+    if (!xl_ip_header_ok(ip, data_end, ohl / 2))
         return xd_drop(XD_C_DROP_BAD_CSUM);
     if (ip->frag_off & bpf_htons(XD_IP_MF_OFFMASK))
         return xd_drop(XD_C_DROP_FRAGMENT);

@@ -108,12 +108,18 @@ static __always_inline int xl_reopens(struct xl_flow *f, struct xl_pkt *p, __u64
 
 /* The packet's own 5-tuple as a flow key (forward key of a client packet, reverse key of
  * a backend's reply). */
+static __always_inline void xl_flow_key_of(struct xl_flow_key *k, __be32 src, __be32 dst,
+                                           __be16 sport, __be16 dport, __u8 proto)
+{
+    __builtin_memcpy(k->src, &src, 4);
+    __builtin_memcpy(k->dst, &dst, 4);
+    k->sport = sport;
+    k->dport = dport;
+    k->proto = proto;
+    k->family = XL_FAMILY_IPV4;
+}
+
 static __always_inline void xl_packet_key(struct xl_pkt *p, struct xl_flow_key *k)
 {
-    __builtin_memcpy(k->src, &p->ip->saddr, 4);
-    __builtin_memcpy(k->dst, &p->ip->daddr, 4);
-    k->sport = *p->sport;
-    k->dport = *p->dport;
-    k->proto = p->proto;
-    k->family = XL_FAMILY_IPV4;
+    xl_flow_key_of(k, p->ip->saddr, p->ip->daddr, *p->sport, *p->dport, p->proto);
 }

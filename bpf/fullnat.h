@@ -103,11 +103,14 @@ static __always_inline int xl_fnat_reply(struct xdp_md *ctx, struct xl_pkt *p,
     return xl_send(p, hop);
 }
 
-/* The fullnat flow a packet from a backend answers, with its key in *fk; NULL if none. */
-static __always_inline struct xl_flow *xl_fnat_flow(struct xl_pkt *p, struct xl_flow_key *fk)
+/* The fullnat flow that holds our address and port ``lb``:``lb_port`` toward backend
+ * ``be``:``be_port``, with its key in *fk; NULL if none (or a stale entry). */
+static __always_inline struct xl_flow *xl_fnat_find(__be32 lb, __be16 lb_port, __be32 be,
+                                                    __be16 be_port, __u8 proto,
+                                                    struct xl_flow_key *fk)
 {
     struct xl_fnat_key k = {};
-    xl_fnat_key(&k, p->ip->daddr, *p->dport, p->ip->saddr, *p->sport, p->proto);
+    xl_fnat_key(&k, lb, lb_port, be, be_port, proto);
     struct xl_flow_key *owner = fnat_ports.lookup(&k);
     if (!owner)
         return NULL;

@@ -71,12 +71,8 @@ static __always_inline int xl_icmp_to_backend(struct xdp_md *ctx, struct xl_pkt 
 {
     struct udphdr *q = (void *)(in + 1); /* TCP's ports sit where UDP's do */
     struct xl_flow_key fk = {};
-    __builtin_memcpy(fk.src, &in->daddr, 4);
-    __builtin_memcpy(fk.dst, &in->saddr, 4);
-    fk.sport = q->dest;
-    fk.dport = q->source;
-    fk.proto = in->protocol;
-    fk.family = XL_FAMILY_IPV4;
+    /* the quote is the VIP's packet to the client: its flow is the reverse */
+    xl_flow_key_of(&fk, in->daddr, in->saddr, q->dest, q->source, in->protocol);
     struct xl_flow *f = in->saddr == p->ip->daddr ? xl_flow_find(&fk) : NULL;
     __u32 bid = f ? f->backend_id : 0;
     struct xl_backend *be = f ? backends.lookup(&bid) : NULL;
@@ -130,14 +126,9 @@ static __always_inline int xl_icmp_to_client(struct xdp_md *ctx, struct xl_pkt *
 {
     struct udphdr *q = (void *)(in + 1);
     if (in->saddr == p->ip->daddr && xl_maybe(in->saddr, XL_ADDR_MAYBE_LB_SOURCE)) {
-        struct xl_fnat_key k = {};
-        xl_fnat_key(&k, in->saddr, q->source, in->daddr, q->dest, in->protocol);
-        struct xl_flow_key *owner = fnat_ports.lookup(&k);
-        if (owner) {
-            struct xl_flow_key fk = *owner;
-            if (xl_fnat_holder(&fk, &k))
-                return xl_icmp_fnat_to_client(ctx, p, in, &fk);
-        }
+        struct xl_flow_key fk;
+        if (xl_fnat_find(in->saddr, q->source, in->daddr, q->dest, in->protocol, &fk))
+            return xl_icmp_fnat_to_client(ctx, p, in, &fk);
     }
     struct xl_rev_nat *rn = in->saddr == p->ip->daddr ?
                             xl_rev_lookup(in->daddr, q->dest, in->protocol) : NULL;
@@ -188,12 +179,7 @@ static __always_inline __u16 xl_icmp_tunnel_mtu(struct xdp_md *ctx, struct xl_pk
         return 0;
     struct udphdr *q = (void *)(in + 1);
     struct xl_flow_key fk = {};
-    __builtin_memcpy(fk.src, &in->saddr, 4);
-    __builtin_memcpy(fk.dst, &in->daddr, 4);
-    fk.sport = q->source;
-    fk.dport = q->dest;
-    fk.proto = in->protocol;
-    fk.family = XL_FAMILY_IPV4;
+    xl_flow_key_of(&fk, in->saddr, in->daddr, q->source, q->dest, in->protocol);
     struct xl_flow *f = xl_flow_find(&fk);
     __u32 bid = f ? f->backend_id : 0;
     struct xl_backend *be = f && f->mode == XL_MODE_DSR_IPIP ? backends.lookup(&bid) : NULL;

@@ -59,22 +59,6 @@ static __always_inline struct xl_flow *xl_reply_flow(__be32 client, __be16 cport
     return first;
 }
 
-/* The IPv4 header checksum of a header with options is right (the guard checks only those
- * without: until now only replies may have options and be rewritten). */
-static __always_inline int xl_ip_csum_ok_opts(struct xdp_md *ctx, struct iphdr *ip)
-{
-    void *data_end = (void *)(long)ctx->data_end;
-    __u16 *w = (__u16 *)ip;
-    __u32 words = ip->ihl * 2, s = 0;
-#pragma unroll
-    for (int i = 0; i < 30; i++) { /* IHL 15: 60 bytes */
-        if (i >= words || (void *)(w + i + 1) > data_end)
-            break;
-        s += w[i];
-    }
-    return xl_csum_fold(s) == 0xffff;
-}
-
 /* Backend -> client reply of a tracked flow: rewrite the source back to the VIP. */
 static __always_inline int xl_reply(struct xdp_md *ctx, struct xl_pkt *p, struct xl_flow *f,
                                     struct xl_rev_target *t)
@@ -154,13 +138,14 @@ static __always_inline int xl_reply_fragment(struct xdp_md *ctx, struct xl_pkt *
  * fragment, or none of ours (passed untouched). */
 static __always_inline int xl_from_backend(struct xdp_md *ctx, struct xl_pkt *p)
 {
-    if (p->options && !xl_ip_csum_ok_opts(ctx, p->ip))
+    if (p->options && !xl_ip_header_ok(p->ip, (void *)(long)ctx->data_end, p->ip->ihl * 2))
         return xl_pass(XL_C_PASS_BAD_IP_CSUM);
     if (p->frag && (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP))
         return xl_reply_fragment(ctx, p);
     if (p->sport && xl_maybe(p->ip->daddr, XL_ADDR_MAYBE_LB_SOURCE)) {
         struct xl_flow_key fk;
-        struct xl_flow *f = xl_fnat_flow(p, &fk);
+        struct xl_flow *f = xl_fnat_find(p->ip->daddr, *p->dport, p->ip->saddr, *p->sport,
+                                         p->proto, &fk);
         if (f)
             return xl_fnat_reply(ctx, p, f, &fk);
     }

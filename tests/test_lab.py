@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -59,21 +60,27 @@ def sysctl(lab: Lab, ns: str, key: str) -> str:
     return lab.run(ns, "sysctl", "-n", key).stdout.strip()
 
 
-def check_plumbing(lab: Lab) -> None:
-    """Addresses, routes, MACs, sysctls, offloads and XDP_PASS programs as documented."""
-    ifaces = {ns: lab._ifaces(ns) for ns in lab.namespaces}
-    for ns, devs in ifaces.items():
-        for dev in devs:
-            # TX checksum offload off on every veth end; no IPv6 anywhere in the lab.
+def check_every_end(lab: Lab) -> None:
+    """TX checksum offload off on every veth end; no IPv6 anywhere in the lab."""
+    for ns in lab.namespaces:
+        for dev in lab._ifaces(ns):
             assert ethtool_features(lab, ns, dev)["tx-checksumming"] == "off", (ns, dev)
             assert sysctl(lab, ns, f"net.ipv6.conf.{dev}.disable_ipv6") == "1", (ns, dev)
         assert "inet6" not in lab.run(ns, "ip", "-6", "addr", "show", "scope", "link").stdout
 
-    def addrs(ns: str, dev: str) -> list[str]:
-        return re.findall(r"inet ([\d.]+/\d+)", lab.run(ns, "ip", "-4", "addr", "show", dev).stdout)
 
-    def link_mac(ns: str, dev: str) -> str:
-        return re.search(r"link/ether (\S+)", lab.run(ns, "ip", "link", "show", dev).stdout)[1]
+def lab_addrs(lab: Lab, ns: str, dev: str) -> list[str]:
+    return re.findall(r"inet ([\d.]+/\d+)", lab.run(ns, "ip", "-4", "addr", "show", dev).stdout)
+
+
+def lab_link_mac(lab: Lab, ns: str, dev: str) -> str:
+    return re.search(r"link/ether (\S+)", lab.run(ns, "ip", "link", "show", dev).stdout)[1]
+
+
+def check_plumbing(lab: Lab) -> None:
+    """Addresses, routes, MACs, sysctls, offloads and XDP_PASS programs as documented."""
+    check_every_end(lab)
+    addrs, link_mac = partial(lab_addrs, lab), partial(lab_link_mac, lab)
 
     assert addrs(lab.client_ns, "eth0") == ["10.10.0.2/24"]
     assert link_mac(lab.client_ns, "eth0") == lab.client_mac == "02:00:00:00:01:00"
@@ -110,8 +117,8 @@ def check_plumbing(lab: Lab) -> None:
     if lab.topology == "two-armed":
         expected.add((lab.client_ns, "eth0"))
     assert set(lab.xdp_peers) == expected
-    for ns, devs in ifaces.items():
-        for dev in devs:
+    for ns in lab.namespaces:
+        for dev in lab._ifaces(ns):
             st = labmod.xdp_state(ns, dev)
             if (ns, dev) in expected:
                 assert st is not None and st.mode == "native", (ns, dev, st)
@@ -360,17 +367,8 @@ def check_routed_plumbing(lab: Lab) -> None:
     """Addresses, routes, MACs, sysctls, offloads, XDP_PASS and counters of the routed lab."""
     rt = lab.router_ns
     assert rt == f"{lab.prefix}-rt"
-    for ns in lab.namespaces:
-        for dev in lab._ifaces(ns):
-            assert ethtool_features(lab, ns, dev)["tx-checksumming"] == "off", (ns, dev)
-            assert sysctl(lab, ns, f"net.ipv6.conf.{dev}.disable_ipv6") == "1", (ns, dev)
-        assert "inet6" not in lab.run(ns, "ip", "-6", "addr", "show", "scope", "link").stdout
-
-    def addrs(ns: str, dev: str) -> list[str]:
-        return re.findall(r"inet ([\d.]+/\d+)", lab.run(ns, "ip", "-4", "addr", "show", dev).stdout)
-
-    def link_mac(ns: str, dev: str) -> str:
-        return re.search(r"link/ether (\S+)", lab.run(ns, "ip", "link", "show", dev).stdout)[1]
+    check_every_end(lab)
+    addrs, link_mac = partial(lab_addrs, lab), partial(lab_link_mac, lab)
 
     def route(ns: str, dst: str) -> str:
         return lab.run(ns, "ip", "route", "get", dst).stdout

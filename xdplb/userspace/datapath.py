@@ -423,11 +423,11 @@ class PyDatapath:
         ip, qp = p.ip, q + 20
         if buf[q + 12 : q + 16] == buf[ip + 16 : ip + 20] \
                 and self._maybe(bytes(buf[q + 12 : q + 16])) & ADDR_MAYBE_LB_SOURCE:
-            k = fnat_key(bytes(buf[q + 12 : q + 16]), csum.load16(buf, qp),
-                         bytes(buf[q + 16 : q + 20]), csum.load16(buf, qp + 2), buf[q + 9])
-            owner = self.fnat_ports.ref(k)
-            if owner is not None and self._fnat_holder(bytes(owner), k) is not None:
-                return self._icmp_fnat_to_client(buf, p, q, bytes(owner), ingress)
+            f, fk = self._fnat_find(bytes(buf[q + 12 : q + 16]), csum.load16(buf, qp),
+                                    bytes(buf[q + 16 : q + 20]), csum.load16(buf, qp + 2),
+                                    buf[q + 9])
+            if f is not None:
+                return self._icmp_fnat_to_client(buf, p, q, fk, ingress)
         f = t = None
         if buf[q + 12 : q + 16] == buf[ip + 16 : ip + 20]:
             rn = self.rev_nat.ref(rev_key(bytes(buf[q + 16 : q + 20]),
@@ -579,11 +579,11 @@ class PyDatapath:
         f = self.tracked.ref(fk)
         return f if f is not None and same_holder(f, k) else None
 
-    def _fnat_flow(self, buf: bytearray, p: Pkt) -> tuple[Flow | None, bytes]:
-        """xl_fnat_flow: the fullnat flow a packet from a backend answers, and its key."""
-        ip = p.ip
-        k = fnat_key(bytes(buf[ip + 16 : ip + 20]), csum.load16(buf, p.dport),
-                     bytes(buf[ip + 12 : ip + 16]), csum.load16(buf, p.sport), p.proto)
+    def _fnat_find(self, lb: bytes, lb_port: int, be: bytes, be_port: int, proto: int
+                   ) -> tuple[Flow | None, bytes]:
+        """xl_fnat_find: the fullnat flow holding our ``lb``:``lb_port`` toward backend
+        ``be``:``be_port`` (ports as the program loads them), and its key."""
+        k = fnat_key(lb, lb_port, be, be_port, proto)
         owner = self.fnat_ports.ref(k)
         if owner is None:
             return None, b""
@@ -636,7 +636,9 @@ class PyDatapath:
         if p.frag and p.proto in (IPPROTO_TCP, IPPROTO_UDP):
             return self._reply_fragment(buf, p, ingress)
         if p.sport >= 0 and self._maybe(bytes(buf[ip + 16 : ip + 20])) & ADDR_MAYBE_LB_SOURCE:
-            f, fk = self._fnat_flow(buf, p)
+            f, fk = self._fnat_find(bytes(buf[ip + 16 : ip + 20]), csum.load16(buf, p.dport),
+                                    bytes(buf[ip + 12 : ip + 16]), csum.load16(buf, p.sport),
+                                    p.proto)
             if f is not None:
                 return self._fnat_reply(buf, p, f, fk, ingress)
         if p.sport >= 0:

@@ -43,7 +43,7 @@ def reply_flow(flows: Any, rn: RevNat, client: bytes, cport: bytes, proto: int
 
 
 def ip_csum_ok_opts(buf: bytes | bytearray, ip: int) -> bool:
-    """xl_ip_csum_ok_opts: the checksum of an IPv4 header with options is right."""
+    """xl_ip_header_ok (csum.h): the checksum of an IPv4 header with options is right."""
     return csum.words(buf[ip : ip + (buf[ip] & 0x0F) * 4]) == 0
 
 
