@@ -18,4 +18,5 @@ bench-run:
 	.venv/bin/python bench/e2e.py
 	.venv/bin/python bench/controlplane.py
 	.venv/bin/python bench/footprint.py
+	.venv/bin/python bench/scale.py
 	.venv/bin/python bench/report.py

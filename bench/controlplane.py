@@ -70,7 +70,7 @@ def maglev_builds(runs: int) -> dict[str, dict]:
 def config_change(runs: int, n: int = 100) -> dict:
     texts = [pool(n), pool(n, drop=n // 2)]
     cfg = parse_config(texts[0], "pool.yaml")
-    program = compile_program(cfg.maglev.table_size, cfg.flows.max_entries)
+    program = compile_program(cfg.flows.max_entries)
     try:
         sync = MapSync(KernelMaps(program.map_fds, own=False))
         current = sync.read_current()

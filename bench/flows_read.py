@@ -142,7 +142,7 @@ def run(n: int, run_dir: Path) -> int:
     cfg = parse_config(pool.read_text(), str(pool))
     group = pins.group_for([IFACE])
     t0 = time.perf_counter()
-    program = compile_program(cfg.maglev.table_size, cfg.flows.max_entries, group.path)
+    program = compile_program(cfg.flows.max_entries, group.path)
     try:
         maps = KernelMaps(program.map_fds, own=False)
         sync = MapSync(maps)

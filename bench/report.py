@@ -265,6 +265,38 @@ def footprint_targets(r: dict[str, Any] | None) -> list[str]:
             f"MiB: {_verdict(a['rss_mib'], t['agent_rss_mib'], False)}"]
 
 
+def scale(r: dict[str, Any] | None) -> str:
+    """The scale table (bench/scale.py): 1,024 VIPs' ring memory, a scrape at 1M flows."""
+    if r is None:
+        return "Not measured in this run: `sudo .venv/bin/python bench/scale.py` adds it."
+    out = ["| measurement | result |", "|---|---:|"]
+    for key in ("vips_default", "vips_small"):
+        v = r[key]
+        out.append(f"| {v['vips']} VIPs of 4 backends, table size {v['table_size']}: kernel "
+                   f"memory of their {v['rings']} rings (fdinfo memlock) "
+                   f"| {v['ring_bytes'] / 2**20:.1f} MiB ({v['bytes_per_slot']:.2f} B/slot) |")
+        out.append(f"| ... loaded by MapSync (every ring created and filled) "
+                   f"| {v['apply_s']:.2f} s |")
+    s = r["scrape"]
+    out += [f"| metrics scrape at {s['flows']:,} flows (median of {s['runs']}) "
+            f"| {s['scrape_s'] * 1e3:.1f} ms |",
+            f"| the same families computed from the whole flow table (the scrape before) "
+            f"| {s['whole_table_s'] * 1e3:.0f} ms |",
+            f"| one flow sweep by the agent (every 30 s) | {s['sweep_s']:.2f} s |"]
+    return "\n".join(out)
+
+
+def scale_targets(r: dict[str, Any] | None) -> list[str]:
+    if r is None:
+        return ["- scrape at 1M flows, 1,024 VIPs: not measured"]
+    s = r["scrape"]
+    return [f"- metrics scrape at {s['flows']:,} flows: {s['scrape_s'] * 1e3:.1f} ms, target "
+            f"<= {s['target_s'] * 1e3:.0f} ms: {_verdict(s['scrape_s'], s['target_s'], False)}",
+            f"- 1,024 VIPs loaded: {r['vips_default']['ring_bytes'] / 2**20:.0f} MiB of rings "
+            f"at the default table size, {r['vips_small']['ring_bytes'] / 2**20:.1f} MiB at "
+            f"{r['vips_small']['table_size']} slots (reported; memory follows the config)"]
+
+
 def plot(r: dict[str, Any]) -> None:
     import matplotlib
 
@@ -299,12 +331,15 @@ def main() -> int:
               file=sys.stderr)
         return 1
     fp = load("footprint")  # optional: the page says when it was not measured
+    sc = load("scale")
     plot(ee)
     parts = {"machine": machine(ee["machine"]), "perpacket": perpacket(pp),
              "perpacket_modes": perpacket_modes(pp), "e2e": e2e(ee),
              "e2e_directions": e2e_directions(ee),
              "controlplane": controlplane(cp), "footprint": footprint(fp),
-             "targets": "\n".join([targets(pp, ee, cp), *footprint_targets(fp)]),
+             "scale": scale(sc),
+             "targets": "\n".join([targets(pp, ee, cp), *footprint_targets(fp),
+                                   *scale_targets(sc)]),
              "date": ee["finished"], "plot": PLOT.name}
     template = string.Template((BENCH / "performance.md.in").read_text())
     (DOCS / "performance.md").write_text(template.substitute(parts))

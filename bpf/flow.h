@@ -11,7 +11,34 @@ static __always_inline void xl_stat_add(struct xl_stat *s, __u32 len, __u64 flow
     }
 }
 
-/* Coarse TCP state: enough to tell half-open, established and closing flows apart. */
+/* One more opened (or closed) flow on its VIP and backend: their open flows, counted per
+ * connection (see layout.Stat). */
+static __always_inline void xl_flow_count(struct xl_flow *f, int closed)
+{
+    __u32 vid = f->vip_id, bid = f->backend_id;
+    struct xl_stat *v = vip_stats.lookup(&vid);
+    struct xl_stat *b = backend_stats.lookup(&bid);
+    if (closed) {
+        if (v)
+            v->closed += 1;
+        if (b)
+            b->closed += 1;
+    } else {
+        if (v)
+            v->opened += 1;
+        if (b)
+            b->opened += 1;
+    }
+}
+
+/* Is a confirmed flow in TCP state ``st`` still open (UDP's is always NONE)? */
+static __always_inline int xl_flow_open_state(__u8 st)
+{
+    return st != XL_TCP_FIN && st != XL_TCP_RST;
+}
+
+/* Coarse TCP state: enough to tell half-open, established and closing flows apart. An
+ * established flow's FIN or RST closes it (counted once). */
 static __always_inline void xl_tcp_track(struct xl_flow *f, struct tcphdr *th, int reply)
 {
     if (!th)
@@ -25,8 +52,11 @@ static __always_inline void xl_tcp_track(struct xl_flow *f, struct tcphdr *th, i
         st = XL_TCP_SYN_SEEN;
     else if (th->ack && !th->syn && st == XL_TCP_SYN_SEEN && !reply)
         st = XL_TCP_ESTABLISHED;
-    if (st != f->tcp_state)
+    if (st != f->tcp_state) {
+        if (f->tcp_state == XL_TCP_ESTABLISHED && !xl_flow_open_state(st))
+            xl_flow_count(f, 1);
         f->tcp_state = st;
+    }
 }
 
 /* One packet of a tracked flow (``f`` NULL: none), one direction: last seen, counters, TCP
@@ -49,6 +79,28 @@ static __always_inline struct xl_next_hop *xl_flow_seen(struct xl_flow *f, struc
     return reply ? &f->rev_nh : &f->fwd_nh;
 }
 
+/* May this CPU insert one more new flow now? Over meta.new_flows_per_cpu in its current
+ * window it may not: the flow is balanced by the table all the same and counted (Katran's
+ * LRU bypass). Asked only for dsr flows, whose replies never need the entry. */
+static __always_inline int xl_insert_allowed(struct xl_meta *m, __u64 now)
+{
+    __u32 limit = m->new_flows_per_cpu;
+    __u32 zero = 0;
+    struct xl_rate_window *w = limit ? new_flow_rate.lookup(&zero) : NULL;
+    if (!w)
+        return 1;
+    if (now - w->start_ns >= XL_RATE_WINDOW_NS) {
+        w->start_ns = now;
+        w->count = 0;
+    }
+    if (w->count >= limit) {
+        xl_count(XL_C_NEW_FLOW_UNTRACKED);
+        return 0;
+    }
+    w->count += 1;
+    return 1;
+}
+
 /* The tracked flow keyed ``fk``: in flows, or, not confirmed yet, in half_open (every new
  * flow's entry goes there, so that a flood from random sources never evicts an established
  * flow). */
@@ -68,14 +120,19 @@ static __always_inline int xl_confirms(struct tcphdr *th)
 }
 
 /* Move unconfirmed flow ``f`` into flows; the entry to use. Should the insert fail, the
- * flow stays in half_open and is tried again on its next packet. */
-static __always_inline struct xl_flow *xl_promote(struct xl_flow_key *fk, struct xl_flow *f)
+ * flow stays in half_open and is tried again on its next packet. A TCP flow confirmed is
+ * established, also one picked up mid-stream (so its FIN or RST closes it). */
+static __always_inline struct xl_flow *xl_promote(struct xl_flow_key *fk, struct xl_flow *f,
+                                                  int tcp)
 {
     struct xl_flow copy = *f;
+    if (tcp)
+        copy.tcp_state = XL_TCP_ESTABLISHED;
     if (flows.update(fk, &copy))
         return f;
     half_open.delete(fk);
     xl_count(XL_C_FLOW_CONFIRMED);
+    xl_flow_count(&copy, 0);
     struct xl_flow *nf = flows.lookup(fk);
     return nf ? nf : f;
 }

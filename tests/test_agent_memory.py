@@ -61,8 +61,8 @@ def test_child_errors_are_raised_as_in_process(tmp_path):
     staging pin (here: a pin dir outside bpffs, where BCC cannot open its pinned maps)."""
     pin_dir = tmp_path / "not-bpffs"
     with pytest.raises(CompileError) as here:
-        compile_program(251, 1024, pin_dir)
+        compile_program(1024, pin_dir)
     with pytest.raises(CompileError) as child:
-        build_pinned(251, 1024, pin_dir)
+        build_pinned(1024, pin_dir)
     assert str(child.value) == str(here.value)
     assert not (pin_dir / STAGED_PIN).exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from xdplb.abi.layout import MAX_BACKENDS, MAX_VIPS, REV_TARGETS
+from xdplb.abi.layout import MAX_BACKENDS, MAX_RING_SLOTS, MAX_VIPS, REV_TARGETS
 from xdplb.config import (
     Backend,
     Config,
@@ -772,13 +772,15 @@ def test_backend_at_a_local_address(tmp_path: Path) -> None:
         check_backends_not_local(cfg, local)
 
 
-def _pool(n_vips: int, backends_per_vip: int) -> str:
+def _pool(n_vips: int, backends_per_vip: int, table_size: int | None = None) -> str:
     lines = ["vips:"]
     for v in range(n_vips):
         lines += [f"  - name: v{v}", f"    address: 10.200.{v // 250}.{v % 250 + 1}",
                   "    port: 80", "    protocol: tcp", "    backends:"]
         lines += [f"      - address: 10.{20 + v // 250}.{v % 250}.{b % 250 + 1}\n"
                   f"        port: {1000 + b // 250}" for b in range(backends_per_vip)]
+    if table_size:
+        lines += ["maglev:", f"  table_size: {table_size}"]
     return "\n".join(lines) + "\n"
 
 
@@ -792,12 +794,48 @@ def only_error(tmp_path: Path, text: str) -> str:
 
 
 def test_vip_capacity(tmp_path: Path) -> None:
-    assert len(parse_config(_pool(MAX_VIPS, 1)).vips) == MAX_VIPS
-    text = _pool(MAX_VIPS + 1, 1)
+    assert len(parse_config(_pool(MAX_VIPS, 1, 251)).vips) == MAX_VIPS
+    text = _pool(MAX_VIPS + 1, 1, 251)
     msg = only_error(tmp_path, text)
     line = _line_of(text, f"- name: v{MAX_VIPS}\n")
     assert msg == (f"pool.yaml:{line}: vips[{MAX_VIPS}]: {MAX_VIPS + 1} VIPs: the data path "
                    f"holds at most {MAX_VIPS}")
+
+
+def test_ring_memory_follows_the_tables(tmp_path: Path) -> None:
+    """Each VIP's ring is a map of its own table size; their sum is bounded."""
+    n = MAX_RING_SLOTS // 65537  # VIPs at the default size that fit
+    assert len(parse_config(_pool(n, 1)).vips) == n
+    text = _pool(n + 1, 1)
+    msg = only_error(tmp_path, text)
+    assert msg == (f"pool.yaml:1: vips: the VIPs' Maglev tables have {(n + 1) * 65537} slots in "
+                   f"all ({(n + 1) * 65537 * 4 >> 20} MiB of kernel memory); the data path holds "
+                   f"at most {MAX_RING_SLOTS}: give VIPs of few backends a smaller table "
+                   "(vips[].maglev.table_size)")
+    # The same VIPs with small tables of their own fit
+    small = text.replace("    backends:\n", "    maglev: {table_size: 13}\n    backends:\n")
+    cfg = parse_config(small)
+    assert {cfg.table_size_of(v) for v in cfg.vips} == {13}
+
+
+def test_vip_table_size_of_its_own(tmp_path: Path) -> None:
+    base = MINIMAL.replace("    backends:\n", "    maglev:\n      table_size: {}\n    backends:\n")
+    cfg = parse_config(base.format(1021) + "maglev:\n  table_size: 251\n")
+    assert cfg.table_size_of(cfg.vips[0]) == 1021 and cfg.maglev.table_size == 251
+    assert_error(errors(tmp_path, base.format(1000)), 7, "vips[0].maglev.table_size",
+                 "1000 is not prime (nearest primes: 997, 1009)")
+    seeded = base.format(5).replace("    maglev:", "    maglev:\n      seed: 1")
+    assert_error(errors(tmp_path, seeded), 7, "vips[0].maglev.seed", "unknown key 'seed'")
+    # Too small for the VIP's backends: the VIP's own key is blamed
+    two = base.format(2).replace("  - address: 10.20.0.11\n",
+                                 "  - address: 10.20.0.11\n      - address: 10.20.0.12\n")
+    assert "2 is out of range" in errors(tmp_path, two)
+    three = base.format(3).replace("- address: 10.20.0.11\n",
+                                   "- address: 10.20.0.11\n      - address: 10.20.0.12\n"
+                                   "      - address: 10.20.0.13\n")
+    assert_error(errors(tmp_path, three), 7, "vips[0].maglev.table_size",
+                 "Maglev table_size 3 must be greater than the number of backends (VIP 'web' "
+                 "has 3)")
 
 
 def test_backend_capacity_over_all_vips(tmp_path: Path) -> None:
@@ -851,7 +889,8 @@ def test_alias_bomb(tmp_path: Path) -> None:
     text = "\n".join([*lines, "vips: *i"]) + "\n"
     msg = only_error(tmp_path, text)
     assert f"more than {yamlread.MAX_NODES} values once aliases are expanded" in msg
-    assert msg.startswith("pool.yaml:5: ")  # at the alias that went over
+    over = next(n for n in range(1, 10) if 9**n > yamlread.MAX_NODES)  # line n: 9**n values
+    assert msg.startswith(f"pool.yaml:{over}: ")  # at the alias that went over
 
 
 def test_file_size_and_lines(tmp_path: Path) -> None:
@@ -885,6 +924,9 @@ def test_backend_endpoint_serves_at_most_rev_targets_vips(tmp_path: Path) -> Non
                  f"serves more than {REV_TARGETS} VIPs")
     udp = text.replace("protocol: tcp", "protocol: udp", 1)  # another endpoint: fine
     assert parse_config(udp)
+    # fullnat and dsr replies do not go by the endpoint: any number of VIPs may share it
+    fnat = text.replace("    protocol: tcp\n", "    protocol: tcp\n    forwarding: fullnat\n")
+    assert len(parse_config(fnat).vips) == REV_TARGETS + 1
 
 
 # --- forwarding modes ------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.utils import checksum
 from testkit.pktcheck import checksum_errors, rewrite_errors
 
+from xdplb.abi.codec import vip_key
 from xdplb.config import Config, parse_config
 from xdplb.model.hashing import flow_hash
 from xdplb.offline.engines import Engine, open_engine
@@ -38,12 +39,13 @@ CLIENT = "10.10.0.2"
 
 
 def config(web: tuple[Backend | str, ...] = WEB.backends, far: str = "10.30.0.5",
-           **flows: int) -> Config:
+           table: int | None = None, **flows: int) -> Config:
     """The module's pool: web (weighted, one backend on another port), dns, far (a backend on
     d1), empty (drained), noneigh (a backend without a neighbour); tests vary web's backends,
-    far's backend and flow settings."""
+    far's backend, its table size and flow settings."""
     return parse_config(pool_yaml(
-        replace(WEB, backends=web), DNS, Vip("far", 80, (far,), address="10.200.0.20"),
+        replace(WEB, backends=web, table_size=table), DNS,
+        Vip("far", 80, (far,), address="10.200.0.20"),
         Vip("empty", 80, (Backend(BE1, weight=0),), address="10.200.0.30"),
         Vip("noneigh", 80, ("10.20.0.99",), address="10.200.0.40"),
         table_size=65537, seed=7, flows={"max_entries": 65536, **flows}), "test.yaml")
@@ -132,7 +134,7 @@ def expected_backend(engine: Engine, vip_name: str, src: str, dst: str, sport: i
     v = next(v for v in engine.state.vips if v.name == vip_name)
     h = flow_hash(ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed,
                   sport, dport, proto, engine.state.seed)
-    bid = int(v.ring[h % engine.state.ring_size])
+    bid = int(v.ring[h % v.ring_size])
     return next(b.address for b in v.backends if b.backend_id == bid)
 
 
@@ -398,9 +400,32 @@ def test_rings_read_back_as_written(eng):
     engine, _, _ = eng
     fresh = MapSync(engine.maps)  # a new agent: no ring cache
     for v in engine.state.vips:
-        got = fresh._ring_now(v.vip_id, engine.state.ring_size)
+        got = fresh._ring_now(v.vip_id)
         assert (got == v.ring.astype("uint32")).all(), v.name
     assert fresh.apply(engine.state, fresh.read_current()).slots_written == 0
+
+
+def test_table_size_changes_on_reload(eng):
+    """A VIP's table size changes with a reload: a new ring of the new size is swapped in
+    whole (growing or shrinking), new flows follow it, tracked flows stay."""
+    engine, d0, _ = eng
+    engine.run(syn(sport=42000), d0)
+    kept = Ether(engine.run(syn(sport=42000, flags="A"), d0).data)[IP].dst  # confirmed
+    try:
+        for n, size in enumerate((1021, 251, 65537)):
+            engine.configure(config(web=WEB.backends, table=size))
+            web = next(v for v in engine.state.vips if v.name == "web")
+            assert engine.maps.lookup("vips", vip_key(*web.key)).ring_size == size
+            assert engine.maps.ring(web.vip_id).tolist() == web.ring.tolist()
+            assert len(web.ring) == size
+            r = engine.run(syn(sport=42000, flags="A"), d0)
+            assert r.counters.get("flow_hit") == 1 and Ether(r.data)[IP].dst == kept
+            for sport in range(43000 + 200 * n, 43200 + 200 * n):  # new flows each round
+                got = Ether(engine.run(syn(sport=sport), d0).data)[IP].dst
+                assert got == expected_backend(engine, "web", CLIENT, VIP, sport, 80, 6), \
+                    (size, sport)
+    finally:
+        engine.configure(config())
 
 
 def _configure_cache(engine: Engine, ms: int) -> None:

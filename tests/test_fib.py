@@ -31,7 +31,7 @@ PROTOS = (6, 17)
 @pytest.fixture(scope="module", params=[True, False], ids=["rules", "no-rules"])
 def bench(request):
     with bench_namespace(f"xlt-s-fib-{os.getpid()}", rules=request.param) as b:
-        prog = compile_program(257, 1024, source=PROBE_C)
+        prog = compile_program(1024, source=PROBE_C)
         f = fib.Fib()
         try:
             yield b, prog.prog_fd, f

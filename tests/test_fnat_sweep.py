@@ -26,7 +26,7 @@ def _entry(maps: UserMaps, client_port: int, port: int, flow_port: int | None) -
 
 
 def test_sweep_removes_only_stale_entries():
-    maps = UserMaps(251, 1024)
+    maps = UserMaps(1024)
     live = _entry(maps, 40000, 20000, 20000)
     _entry(maps, 40001, 20001, None)  # its flow was evicted
     _entry(maps, 40002, 20002, 20009)  # its flow moved to another port
@@ -38,7 +38,7 @@ def test_sweep_removes_only_stale_entries():
 
 def test_an_entry_taken_over_meanwhile_stays(monkeypatch):
     """Between the scan and the delete a new flow took the port: its entry is kept."""
-    maps = UserMaps(251, 1024)
+    maps = UserMaps(1024)
     k = _entry(maps, 40001, 20001, None)
     stale = fnatsweep.stale_entries(maps)
     assert [bytes(s) for s in stale] == [bytes(k)]

@@ -23,16 +23,24 @@ from agent_process import XDPLB, AgentProcess, status, xdplb
 from lab import HERE, Lab
 from pools import BE1, BE2, VIP, Backend, Vip, pool_yaml
 
-from xdplb.abi.layout import MAX_BACKENDS, MAX_VIPS
+from xdplb.abi.layout import MAX_BACKENDS, MAX_RING_SLOTS, MAX_VIPS
 
 MEMORY_LIMIT = 1 << 30  # address space of each check-config run
 TIME_LIMIT = 20.0
 GOOD = pool_yaml(Vip("web", 80, (BE1, BE2)), Vip("stream", 7000, (BE1, BE2)))
 
 
-def _many_vips(n: int) -> str:
-    return pool_yaml(*(Vip(f"v{i}", 80, (BE1,), address=f"10.200.{i // 250}.{i % 250 + 1}")
-                       for i in range(n)))
+def _many_vips(n: int, table_size: int | None = None) -> list[Vip]:
+    """n VIPs of the lab's (in Lab.vip_net: 250 addresses, a port range each), on BE1:80.
+    fullnat: the replies of one backend endpoint serving them all are found by their own
+    ports (a nat endpoint serves at most REV_TARGETS VIPs)."""
+    return [Vip(f"v{i}", 10000 + i // 250, (Backend(BE1, port=80),),
+                address=f"10.200.0.{i % 250 + 1}", table_size=table_size, forwarding="fullnat")
+            for i in range(n)]
+
+
+# VIPs at the default table size over MAX_RING_SLOTS: refused for the rings' memory
+OVER_RINGS = MAX_RING_SLOTS // 65537 + 1
 
 
 def _many_backends(n: int, per_vip: int = 1000) -> str:
@@ -62,11 +70,13 @@ HOSTILE: dict[str, tuple[Callable[[], str | bytes], str]] = {
     "5mb": (lambda: GOOD + "# padding\n" * ((5 << 20) // 10), "the file is larger than"),
     "nul-bytes": (lambda: GOOD.replace("name: web", "name: w\0eb").encode(),
                   "control character U+0000"),
-    "1000-vips": (lambda: _many_vips(1000), "1000 VIPs: the data path holds at most"),
-    f"{MAX_VIPS + 1}-vips": (lambda: _many_vips(MAX_VIPS + 1),
+    f"{OVER_RINGS}-vips": (lambda: pool_yaml(*_many_vips(OVER_RINGS)),
+                           f"slots in all ({OVER_RINGS * 65537 * 4 >> 20} MiB of kernel memory)"),
+    f"{MAX_VIPS + 1}-vips": (lambda: pool_yaml(*_many_vips(MAX_VIPS + 1, 13)),
                              f"{MAX_VIPS + 1} VIPs: the data path holds at most {MAX_VIPS}"),
-    "10000-backends": (lambda: _many_backends(10_000),
-                       f"10000 backends over all VIPs: the data path holds at most {MAX_BACKENDS}"),
+    f"{MAX_BACKENDS + 1}-backends": (
+        lambda: _many_backends(MAX_BACKENDS + 1),
+        f"{MAX_BACKENDS + 1} backends over all VIPs: the data path holds at most {MAX_BACKENDS}"),
     "backend-is-its-vip": (lambda: _backend_at(VIP), "is this VIP's own address"),
     "backend-is-another-vip": (
         lambda: GOOD.replace("address: 10.200.0.10", "address: 10.200.0.11", 1)
@@ -184,6 +194,33 @@ def test_reload_refuses_hostile_files_while_traffic_flows(running: Running) -> N
     beating = {e["id"] for e in running.events("beat") if e["t"] > time.time() - 2}
     assert len(beating) == STREAMS  # every stream still moves data
     assert "reloaded" in xdplb(running.lab, "reload").stdout  # and a good file still applies
+
+
+@pytest.mark.root
+def test_1024_vips_balanced_while_traffic_flows(running: Running) -> None:
+    """A reload to 1,024 VIPs (the lab's two and 1,022 more, at the default table size:
+    256 MiB of rings) applies, and the last VIP balances; then back to two, the rings freed.
+    The streams never break."""
+    many = _many_vips(1022)
+    running.config.write_text(pool_yaml(Vip("web", 80, (BE1, BE2)),
+                                        Vip("stream", 7000, (BE1, BE2)), *many))
+    try:
+        t0 = time.monotonic()
+        xdplb(running.lab, "reload", timeout=120)
+        applied_s = time.monotonic() - t0
+        vips = status(running.lab)["groups"][0]["vips"]
+        assert len(vips) == 1024
+        last = many[-1]
+        for v in (last, many[0], many[511]):
+            body = running.lab.http_get(running.lab.client_ns, v.address, v.port)
+            assert BE1 in body, (v, body[-300:])
+    finally:
+        running.config.write_text(GOOD)
+    xdplb(running.lab, "reload", timeout=120)
+    assert len(status(running.lab)["groups"][0]["vips"]) == 2
+    assert running.events("break") == []
+    assert running.agent.proc.poll() is None
+    assert applied_s < 60, applied_s
 
 
 @pytest.mark.root

@@ -21,14 +21,15 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from testkit.fuzz import build
 
-from xdplb.abi.layout import _STRUCTS, TcpState, coarse_ns
-from xdplb.agent import metrics
+from xdplb.abi.layout import _STRUCTS, TcpState
+from xdplb.agent import flowsweep, metrics
 from xdplb.agent.mapsync import MapSync
 from xdplb.config import parse_config
 from xdplb.inspect import flowview, render, stats, status, trace
 from xdplb.inspect.catalog import FORWARDING, BackendRef, Catalog, VipRef, split_endpoint
 from xdplb.inspect.flowtable import FLOW_DTYPE, KEY_DTYPE, RAW_KEY, FlowFilter, FlowTable, order
 from xdplb.inspect.render import fmt_seconds, fmt_si
+from xdplb.inspect.trace import flow_key
 from xdplb.kernel import bulk
 from xdplb.kernel.maps import read_counters
 from xdplb.model.desired import MODES, desired_state
@@ -39,11 +40,12 @@ from xdplb.userspace.usermaps import UserMaps
 S = 10**9
 NOW = 1000 * S
 CAT = Catalog(
-    vips={0: VipRef(0, "10.200.0.10", 80, 6, "web"), 1: VipRef(1, "10.200.0.10", 53, 17, "dns")},
+    vips={0: VipRef(0, "10.200.0.10", 80, 6, "web", ring_size=65537),
+          1: VipRef(1, "10.200.0.10", 53, 17, "dns", ring_size=65537)},
     backends={0: BackendRef(0, 0, "10.20.0.11", 80, 3, False),
               1: BackendRef(1, 0, "10.20.0.12", 8080, 1, False),
               2: BackendRef(2, 1, "10.20.0.11", 53, 1, False)},
-    seed=0, ring_size=65537)
+    seed=0)
 
 
 def ip(a: str) -> int:
@@ -116,7 +118,7 @@ def test_filters(spec, want):
 def test_filter_errors_say_what_exists():
     with pytest.raises(ValueError, match=r"no VIP 'nosuch' here \(VIPs: dns, web\)"):
         FlowFilter.build(CAT, vip="nosuch")
-    unnamed = Catalog({0: VipRef(0, "10.200.0.10", 80, 6)}, {}, 0, 65537)
+    unnamed = Catalog({0: VipRef(0, "10.200.0.10", 80, 6, ring_size=65537)}, {}, 0)
     with pytest.raises(ValueError, match="ADDR:PORT"):
         FlowFilter.build(unnamed, vip="web")
     with pytest.raises(ValueError):
@@ -211,7 +213,8 @@ def _snapshot(ts: float, packets: int, counters: dict[str, int]) -> dict:
     vip = {"vip_id": 0, "vip": "web", "vip_address": "10.200.0.10", "vip_port": 80,
            "protocol": "tcp", "forwarding": "nat", "encap": None, "packets": packets,
            "bytes": packets * 100, "new_flows": 1,
-           "flows": 1, "active_flows": 1, "packets_per_s": None, "bytes_per_s": None,
+           "flows": 1, "active_flows": 1, "open_flows": 1, "opened_flows": 2,
+           "closed_flows": 1, "packets_per_s": None, "bytes_per_s": None,
            "new_flows_per_s": None}
     be = {"backend_id": 0, "address": "10.20.0.11", "port": 80, **{k: v for k, v in vip.items()
                                                                   if k != "vip_id"},
@@ -264,6 +267,9 @@ def test_metrics_families_parse_back():
     assert samples[("xdplb_packets_total", (("outcome", "pass_ttl"),))] == 2
     assert samples[("xdplb_events_total", (("event", "new_flow"),))] == 1
     assert samples[("xdplb_flow_table_fill_ratio", ())] == 0.1
+    assert samples[("xdplb_vip_open_flows", web)] == 1
+    assert samples[("xdplb_backend_opened_flows_total", be)] == 2
+    assert samples[("xdplb_backend_closed_flows_total", be)] == 1
 
 
 @pytest.mark.parametrize("spec,want", [
@@ -331,11 +337,7 @@ class ModesLab:
         return Catalog.read(self.maps)
 
     def table(self) -> FlowTable:
-        # as FlowTable.read: established flows and those still in their handshake
-        raw = [*self.maps.raw_items("flows"), *self.maps.raw_items("half_open")]
-        keys = np.frombuffer(b"".join(k for k, _ in raw), RAW_KEY)
-        flows = np.frombuffer(b"".join(v for _, v in raw), FLOW_DTYPE)
-        return FlowTable(keys, flows, coarse_ns(), self.maps.max_entries("flows"))
+        return flowsweep.read_table(self.maps)  # as FlowTable.read does the kernel's
 
 
 @dataclass
@@ -357,10 +359,10 @@ def modes() -> ModesLab:
     reply), dsr/l2, dsr/ipip, and the drops of dsr/l2 behind a gateway and fullnat without
     a neighbour."""
     cfg = parse_config(MODES_POOL, "modes.yaml")
-    um = UserMaps(cfg.maglev.table_size, cfg.flows.max_entries)
+    um = UserMaps(cfg.flows.max_entries)
     sync = MapSync(um, source_of=lambda _: ROUTED_SRC)
     sync.apply(desired_state(cfg, sync.read_current()), sync.read_current())
-    lab = ModesLab(um, PyDatapath(um, OneSegmentFib(), cfg.maglev.table_size), {})
+    lab = ModesLab(um, PyDatapath(um, OneSegmentFib()), {})
     for name, frame, verdict in (
         ("nat", syn(40000, 80), XDP_TX),
         ("fnat", syn(40001, 81), XDP_TX),
@@ -472,6 +474,42 @@ def _counted(modes: ModesLab) -> dict:
     return stats.collect(MapsReader(modes.maps, modes.catalog(), modes.table()))
 
 
+@dataclass
+class TablelessReader:
+    """A Reader whose flow table must not be read (what a metrics scrape gets)."""
+
+    maps: UserMaps
+    catalog: Catalog
+
+    @property
+    def flows(self) -> FlowTable:
+        raise AssertionError("the flow table was read")
+
+
+def test_flow_sweep_finds_the_ends_the_counters_cannot_see(modes: ModesLab):
+    """Open flows per backend are counted per connection; an entry that vanishes unseen (an
+    LRU eviction) is found by the agent's sweep, and a scrape with the sweep reads counters
+    only, never the table."""
+    for sport, dport in ((40000, 80), (40001, 81)):  # confirm nat's and fullnat's flows
+        modes.run(syn(sport, dport, "A"))
+    cat = modes.catalog()
+    by_port = {b.port: b.id for b in cat.backends.values()}
+    nat_key = flow_key(CLIENT, 40000, MODE_VIP, 80, 6)
+    assert modes.maps.delete("flows", nat_key)  # evicted, unseen by the data path
+    sweep = flowsweep.sweep(modes.maps)
+    st = stats.collect(TablelessReader(modes.maps, cat), sweep)
+    rows = {r["backend_id"]: r for r in st["backends"]}
+    nat = rows[by_port[80]]
+    assert (nat["opened_flows"], nat["closed_flows"], nat["open_flows"]) == (1, 0, 0)
+    assert sweep["backends"][str(by_port[80])]["unseen"] == 1
+    fnat = rows[by_port[8080]]
+    assert (fnat["opened_flows"], fnat["open_flows"], fnat["flows"]) == (1, 1, 2)
+    assert st["flow_table"]["entries"] == len(modes.table())
+    assert st["flow_table"]["swept_at"] == sweep["ts"]
+    with pytest.raises(AssertionError, match="flow table was read"):
+        stats.collect(TablelessReader(modes.maps, cat))  # the CLI's reading does read it
+
+
 def test_stats_and_counters_of_the_modes(modes: ModesLab):
     st = _counted(modes)
     for row in (*st["vips"], *st["backends"]):
@@ -561,7 +599,7 @@ def test_trace_knows_a_fullnat_reply(modes: ModesLab):
     flow = trace._flow_json(live, cat, probe)
     assert flow["source"] == f"{sent[IP].src}:{sent[TCP].sport}"
     # The trace's private tables get the flow and its port entry, so the reply is found there
-    um = UserMaps(251, 4096)
+    um = UserMaps(4096)
     trace._seed(um, live)
     assert um.lookup("fnat_ports", live.fnat_key) is not None
     text = render.render_trace({

@@ -38,6 +38,7 @@ from testkit.pktcheck import checksum_errors, rewrite_errors, scapy_recomputed_e
 from xdplb.abi.layout import ADDR_FILTER_BITS, OUTCOMES, coarse_ns, half_open_max
 from xdplb.config import Config
 from xdplb.inspect.trace import flow_key
+from xdplb.kernel.bpfsys import possible_cpus
 from xdplb.model.hashing import addr_slot
 from xdplb.offline.engines import (
     EFFECTS,
@@ -716,6 +717,87 @@ def test_a_flood_never_evicts_an_established_flow(fresh):
         n_half = sum(1 for _ in e.maps.raw_items("half_open"))
         assert n_half <= half_open_max(a.flow_max), (e.name, n_half)
         e.clear_flows()  # the kernel's LRU evicted other half-open entries than ours
+
+
+def test_open_flows_counted_per_connection(fresh):
+    """A flow opens when confirmed and closes at an established flow's FIN or RST, or when
+    its entry is replaced while open (a reused 5-tuple, a backend gone); a half-open flow's
+    RST, a FIN after a FIN, a retransmitted SYN count nothing. Both engines, per VIP and
+    backend."""
+    a, b = fresh
+
+    def counts() -> tuple[int, int]:
+        sums = [e.maps.percpu_sums("backend_stats") for e in (a, b)]
+        both = [(sum(s.opened for s in x.values()), sum(s.closed for s in x.values()))
+                for x in sums]
+        assert both[0] == both[1], both
+        vips = [e.maps.percpu_sums("vip_stats") for e in (a, b)]
+        assert [(sum(s.opened for s in x.values()), sum(s.closed for s in x.values()))
+                for x in vips] == both  # a flow counts on its VIP as on its backend
+        return both[0]
+
+    def send(sport: int, flags: str) -> None:
+        run_both(a, b, build(CLIENT, VIP, 6, sport, 80, flags=flags), 0)
+
+    base = counts()
+    send(44000, "S")
+    send(44000, "S")  # retransmitted: still half-open
+    assert counts() == base
+    send(44000, "A")
+    assert counts() == (base[0] + 1, base[1])  # confirmed: open
+    send(44000, "FA")
+    send(44000, "FA")
+    assert counts() == (base[0] + 1, base[1] + 1)  # closed once
+    send(44001, "S")
+    send(44001, "R")  # half-open: never opened, nothing closes
+    assert counts() == (base[0] + 1, base[1] + 1)
+    send(44002, "S")
+    send(44002, "A")
+    send(44002, "S")  # a new connection on the 5-tuple replaces the open one
+    assert counts() == (base[0] + 2, base[1] + 2)
+    send(44003, "A")
+    send(44003, "A")  # picked up mid-stream and confirmed: established
+    send(44003, "R")
+    assert counts() == (base[0] + 3, base[1] + 3)
+    for e in (a, b):  # a confirmed UDP flow replaced after its idle timeout
+        e.configure(config(corpus_pool(udp_idle_timeout="100ms")))
+    for _ in range(2):
+        run_both(a, b, build(CLIENT, VIP, 17, 44004, 53, payload=b"q"), 0)
+    assert counts() == (base[0] + 4, base[1] + 3)
+    time.sleep(0.15)
+    run_both(a, b, build(CLIENT, VIP, 17, 44004, 53, payload=b"q"), 0)
+    assert counts() == (base[0] + 4, base[1] + 4)
+
+
+def test_new_flows_over_the_rate_go_untracked(fresh):
+    """flows.new_flow_rate_limit: a CPU inserts its share of dsr new flows per second; the
+    rest are balanced by the table all the same, without an entry (their next packet is a
+    new flow again). nat and fullnat flows, whose replies need the entry, are always
+    inserted. The window restarts after a second. Same in both engines, on one CPU (the
+    windows are per CPU)."""
+    a, b = fresh
+    share = 5
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})  # BPF_PROG_TEST_RUN counts on the caller's CPU
+    try:
+        for e in (a, b):
+            e.configure(config(corpus_pool(new_flow_rate_limit=share * possible_cpus())))
+        dsr = [run_both(a, b, build(CLIENT, VIP4, 6, 42000 + i, 81, flags="S"), 0)
+               for i in range(share + 3)]
+        assert [r.effect for r in dsr] == ["created"] * share + ["untracked"] * 3, dsr
+        assert {(r.verdict, Ether(r.data)[Ether].dst) for r in dsr} == \
+            {(dsr[0].verdict, Ether(dsr[0].data)[Ether].dst)}  # all sent to the one backend
+        again = run_both(a, b, build(CLIENT, VIP4, 6, 42000 + share, 81, flags="A"), 0)
+        assert again.effect == "untracked" and again.verdict == dsr[0].verdict
+        nat = run_both(a, b, build(CLIENT, VIP, 6, 42100, 80, flags="S"), 0)
+        assert nat.effect == "created", nat  # over the rate, still tracked
+        time.sleep(1.05)
+        r = run_both(a, b, build(CLIENT, VIP4, 6, 42050, 81, flags="S"), 0)
+        assert r.effect == "created", r
+    finally:
+        os.sched_setaffinity(0, cpus)
+        for e in (a, b):
+            e.configure(config(CORPUS_CONFIG))
 
 
 def test_reused_tuple_after_drain_is_balanced_anew(fresh):

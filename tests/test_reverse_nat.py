@@ -64,7 +64,7 @@ def pool(**flows: int | str) -> str:
 
 
 def synced(text: str, maps: UserMaps | None = None) -> UserMaps:
-    maps = maps or UserMaps(251, FLOW_MAX)
+    maps = maps or UserMaps(FLOW_MAX)
     sync = MapSync(maps)
     cur = sync.read_current()
     sync.apply(desired_state(parse_config(text, "rev.yaml"), cur), cur)

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 from dataclasses import replace
 
 import pytest
 from pools import BE1, DNS, WEB, pool_yaml
 
-from xdplb.abi.layout import MAX_REV_NAT, MAX_VIPS, Counter, Flow, FlowKey, Stat, addr4, addr16
+from xdplb.abi.codec import vip_key
+from xdplb.abi.layout import (
+    MAX_BACKENDS,
+    MAX_REV_NAT,
+    MAX_VIPS,
+    Counter,
+    Flow,
+    FlowKey,
+    Stat,
+    addr4,
+    addr16,
+)
 from xdplb.agent.mapsync import MapSync
 from xdplb.config import parse_config
 from xdplb.kernel.maps import read_counters
@@ -24,8 +36,8 @@ def fkey(i: int) -> FlowKey:
 
 
 def test_sizes_follow_the_program_constants():
-    sizes = map_sizes(251, 1024)
-    assert sizes["maglev"] == MAX_VIPS * 251
+    sizes = map_sizes(1024)
+    assert sizes["maglev"] == MAX_VIPS  # rings: one map each
     assert sizes["flows"] == 1024
     assert sizes["rev_nat"] == MAX_REV_NAT
     assert sizes["counters"] == int(Counter.MAX)
@@ -33,11 +45,11 @@ def test_sizes_follow_the_program_constants():
 
 
 def test_arrays_hold_every_index():
-    m = UserMaps(251, 1024)
+    m = UserMaps(1024)
     assert m.lookup("backends", 17).flags == 0  # zero until written
-    assert m.lookup("backends", 4096) is None
+    assert m.lookup("backends", MAX_BACKENDS) is None
     with pytest.raises(OSError) as e:
-        m.update("backends", 4096, m.lookup("backends", 0))
+        m.update("backends", MAX_BACKENDS, m.lookup("backends", 0))
     assert e.value.errno == errno.E2BIG
     with pytest.raises(OSError) as e:
         m.delete("backends", 1)
@@ -47,11 +59,11 @@ def test_arrays_hold_every_index():
 
 
 def test_hash_refuses_when_full_and_deletes():
-    m = UserMaps(251, 1024)
+    m = UserMaps(1024)
     for i in range(MAX_VIPS):
-        m.update("vip_addrs", addr16(bytes((10, 0, 0, i))), 1)
+        m.update("vip_addrs", addr16(bytes((10, 0, i >> 8, i & 255))), 1)
     with pytest.raises(OSError) as e:
-        m.update("vip_addrs", addr16(bytes((10, 0, 1, 0))), 1)
+        m.update("vip_addrs", addr16(bytes((10, 1, 0, 0))), 1)
     assert e.value.errno == errno.E2BIG
     m.update("vip_addrs", addr16(bytes((10, 0, 0, 0))), 2)  # an existing key: fine
     assert m.delete("vip_addrs", addr16(bytes((10, 0, 0, 0))))
@@ -59,7 +71,7 @@ def test_hash_refuses_when_full_and_deletes():
 
 
 def test_lru_evicts_the_least_recently_used():
-    m = UserMaps(251, 1024)
+    m = UserMaps(1024)
     flows = m.table("flows")
     for i in range(1024):
         m.update("flows", fkey(i), Flow(backend_id=i))
@@ -73,7 +85,7 @@ def test_lru_evicts_the_least_recently_used():
 
 
 def test_values_are_copies_and_percpu_has_one_cpu():
-    m = UserMaps(251, 1024)
+    m = UserMaps(1024)
     f = Flow(backend_id=3)
     m.update("flows", fkey(1), f)
     f.backend_id = 4
@@ -86,13 +98,13 @@ def test_values_are_copies_and_percpu_has_one_cpu():
     m.table("vip_stats").ref(key_bytes(1)).packets += 7
     assert m.percpu_sums("vip_stats")[1].packets == 7
     k, v = next((k, v) for k, v in m.raw_items("vip_stats") if k == key_bytes(1))
-    assert len(v) == 24 and Stat.from_buffer_copy(v).packets == 7
+    assert len(v) == ctypes.sizeof(Stat) and Stat.from_buffer_copy(v).packets == 7
     assert len(dict(m.raw_items("counters"))[key_bytes(0)]) == 8  # per-CPU stride
 
 
 def test_mapsync_drives_it_unchanged():
     cfg = parse_config(CONFIG, "t.yaml")
-    m = UserMaps(251, 1024)
+    m = UserMaps(1024)
     sync = MapSync(m)
     writes = m.writes
     desired = desired_state(cfg, sync.read_current())
@@ -102,8 +114,8 @@ def test_mapsync_drives_it_unchanged():
     assert cur.vip_ids == {v.key: v.vip_id for v in desired.vips}
     assert set(cur.backend_ids.values()) == desired.backend_ids()
     web = next(v for v in desired.vips if v.name == "web")
-    ring = [m.lookup("maglev", web.vip_id * 251 + i) for i in range(251)]
-    assert ring == web.ring.tolist()
+    assert m.ring(web.vip_id).tolist() == web.ring.tolist()
+    assert m.lookup("vips", vip_key(*web.key)).ring_size == 251
     # A second apply of the same state writes nothing new to the ring.
     rep = MapSync(m).apply(desired_state(cfg, cur), cur)
     assert rep.slots_written == 0 and rep.backends_written == 0
@@ -119,6 +131,5 @@ def test_same_content_as_kernel_maps():
         for name in ("vips", "vip_addrs", "backends", "meta", "tx_ports", "tx_devs"):
             assert dict(k.maps.raw_items(name)) == dict(u.maps.raw_items(name)), name
         for v in k.state.vips:
-            base = v.vip_id * 251
-            assert [k.maps.lookup("maglev", base + i) for i in range(251)] == \
-                [u.maps.lookup("maglev", base + i) for i in range(251)]
+            assert k.maps.ring(v.vip_id).tolist() == u.maps.ring(v.vip_id).tolist() \
+                == v.ring.tolist()

@@ -59,6 +59,7 @@ class Vip:
     encap: str | None = None  # dsr only
     source: str | None = None  # fullnat only
     source_ports: str | None = None  # fullnat only: "FIRST-LAST"
+    table_size: int | None = None  # the VIP's own maglev.table_size (None: the pool's)
 
 
 # What several pools share: the lab's backends serve HTTP on 80 and 8080, UDP echo on 5000 and
@@ -96,6 +97,8 @@ def _vip(v: Vip) -> dict[str, Any]:
                "source_ports": v.source_ports})
     if v.health_check is not None:
         d["health_check"] = _set(asdict(v.health_check))
+    if v.table_size is not None:
+        d["maglev"] = {"table_size": v.table_size}
     d["backends"] = [_set(asdict(Backend(b) if isinstance(b, str) else b)) for b in v.backends]
     return d
 

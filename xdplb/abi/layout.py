@@ -23,9 +23,12 @@ from dataclasses import dataclass
 ADDR_LEN = 16
 FAMILY_IPV4 = 2  # AF_INET
 
-# Sizing. MAX_VIPS * ring size bounds the Maglev array; backends are per (VIP, backend) pair.
-MAX_VIPS = 64
-MAX_BACKENDS = 4096
+# Sizing. Each VIP's Maglev ring is a map of its own (``maglev``: an array of maps), so ring
+# memory follows the VIPs configured and their table sizes; MAX_RING_SLOTS bounds the sum
+# (4 bytes a slot). Backends are per (VIP, backend) pair.
+MAX_VIPS = 4096
+MAX_BACKENDS = 16384
+MAX_RING_SLOTS = 1 << 27
 MAX_TX_PORTS = 64
 IF_MACS = 256  # if_macs slots: an attached interface's MAC at slot ifindex % IF_MACS
 NO_BACKEND = 0xFFFFFFFF  # Maglev slot value for "no backend"
@@ -36,6 +39,7 @@ ADDR_MAYBE_VIP, ADDR_MAYBE_BACKEND, ADDR_MAYBE_LB_SOURCE = 1, 2, 4
 # dropped; see bpf/fullnat.h for why no more.
 FNAT_TRIES = 3
 IPIP_OVERHEAD = 20  # the outer IPv4 header of dsr/ipip
+RATE_WINDOW_NS = 1_000_000_000  # the window of flows.new_flow_rate_limit
 OUTER_TTL = 64
 # Reverse NAT: VIPs one backend endpoint (address, port, protocol) may serve and be told apart
 # by (the data path tries each one's flow key); entries for backends, their addresses, and
@@ -95,7 +99,9 @@ class Counter(enum.IntEnum):
     FNAT_PORT_TAKEN = 31  # fullnat: a source port tried for a new flow was in use
     IPIP_ENCAP = 32  # dsr/ipip: packet wrapped in an outer IPv4 header to its backend
     FLOW_CONFIRMED = 33  # a new flow's next packet (TCP: not SYN or RST): half_open -> flows
-    MAX = 34
+    # dsr: a new flow over flows.new_flow_rate_limit, balanced by the table, not inserted
+    NEW_FLOW_UNTRACKED = 34
+    MAX = 35
 
 
 OUTCOMES = tuple(c for c in Counter if c < Counter.NEW_FLOW)
@@ -290,8 +296,8 @@ class VipKey(_Struct):
 class VipInfo(_Struct):
     c_name = "xl_vip_info"
     _fields_ = [
-        ("vip_id", U32),  # index of the VIP's ring in the Maglev array
-        ("flags", U32),
+        ("vip_id", U32),  # index of the VIP's ring in ``maglev`` (and of its counters)
+        ("ring_size", U32),  # slots of that ring (M, prime)
         ("mode", U8),  # Forwarding of the VIP's new flows
         ("pad", U8),
         ("port_min", U16),  # fullnat: first source port (host order)
@@ -341,13 +347,20 @@ class IfMac(_Struct):
 
 
 class Stat(_Struct):
-    """Per-CPU packet/byte/flow counter of a VIP or a backend."""
+    """Per-CPU packet/byte/flow counter of a VIP or a backend. ``opened - closed`` is its
+    open flows, counted per connection by the data path: a flow opens when its next packet
+    confirms it (into ``flows``) and closes when a TCP flow established goes to FIN or RST,
+    or when the data path replaces its entry (a new connection on the 5-tuple, a UDP flow's
+    idle timeout, a backend gone). Flows that end unseen (an LRU eviction, a client that
+    vanished) are reconciled by the agent's flow sweep."""
 
     c_name = "xl_stat"
     _fields_ = [
         ("packets", U64),
         ("bytes", U64),
-        ("flows", U64),
+        ("flows", U64),  # flows created (half-open ones too)
+        ("opened", U64),
+        ("closed", U64),
     ]
 
 
@@ -357,10 +370,22 @@ class Meta(_Struct):
     c_name = "xl_meta"
     _fields_ = [
         ("seed", U32),
-        ("ring_size", U32),
+        # dsr new flows a CPU inserts per RATE_WINDOW_NS before it balances the rest without
+        # inserting them (flows.new_flow_rate_limit over the CPUs); 0: no limit
+        ("new_flows_per_cpu", U32),
         ("layout", U64),  # layout_version() as an int: readers check it
         ("next_hop_ttl_ns", U64),  # how long a flow's cached next hop is used; 0: never
         ("udp_idle_ns", U64),  # a UDP flow idle this long is over (a new flow next); 0: never
+    ]
+
+
+class RateWindow(_Struct):
+    """A CPU's count of inserted new flows in its current window (Meta.new_flows_per_cpu)."""
+
+    c_name = "xl_rate_window"
+    _fields_ = [
+        ("start_ns", U64),
+        ("count", U64),
     ]
 
 
@@ -386,7 +411,10 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec("vips", "hash", VipKey, VipInfo, "XL_MAX_VIPS"),
     MapSpec("vip_addrs", "hash", AddrKey, U32, "XL_MAX_VIPS"),
     MapSpec("backends", "array", U32, Backend, "XL_MAX_BACKENDS"),
-    MapSpec("maglev", "array", U32, U32, "XL_MAX_VIPS * XL_RING_SIZE"),
+    # Array of maps: slot vip_id holds that VIP's ring, a u32 array of VipInfo.ring_size
+    # backend ids (RING_TEMPLATE). The agent creates, fills and swaps rings whole, so a VIP's
+    # table size can change on reload; readers open a ring by the map id the slot gives.
+    MapSpec("maglev", "array_of_maps", U32, U32, "XL_MAX_VIPS"),
     # One common LRU list: per-CPU lists (BPF_F_NO_COMMON_LRU) measured slower for inserts
     # here (bench/perpacket.py: 1395 vs 1135 ns for a new flow) and split the capacity.
     MapSpec("flows", "lru_hash", FlowKey, Flow, "XL_FLOW_MAX", "datapath"),
@@ -413,13 +441,15 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec("vip_stats", "percpu_array", U32, Stat, "XL_MAX_VIPS", "datapath"),
     MapSpec("backend_stats", "percpu_array", U32, Stat, "XL_MAX_BACKENDS", "datapath"),
     MapSpec("meta", "array", U32, Meta, "1"),
+    MapSpec("new_flow_rate", "percpu_array", U32, RateWindow, "1", "datapath"),
 )
 MAP_BY_NAME = {m.name: m for m in MAPS}
+RING_TEMPLATE = "maglev_ring"  # the inner map type of ``maglev`` (never holds a ring)
 
 _C_SCALARS = {U8: "__u8", U16: "__u16", U32: "__u32", U64: "__u64"}
 _STRUCTS: tuple[type[_Struct], ...] = (  # in dependency order
     FlowKey, NextHop, Flow, FnatKey, RevKey, RevTarget, RevNat, VipKey, VipInfo, AddrKey,
-    Backend, IfMac, Stat, Meta,
+    Backend, IfMac, Stat, Meta, RateWindow,
 )
 
 
@@ -487,6 +517,7 @@ def render_structs() -> str:
         f"#define XL_REV_TARGETS {REV_TARGETS}",
         f"#define XL_MAX_REV_NAT {MAX_REV_NAT}",
         f"#define XL_REV_ANY_PORT {REV_ANY_PORT}",
+        f"#define XL_RATE_WINDOW_NS {RATE_WINDOW_NS}ull",
     ]
     for s in _STRUCTS:
         _check_natural(s)
@@ -507,6 +538,14 @@ def render_maps(pin_dir: str | None, pinned: frozenset[str] | None = None,
     for m in maps:
         pin = pin_dir and (pinned is None or m.name in pinned)
         kind = f'"{m.kind}:{pin_dir}/{m.name}"' if pin else f'"{m.kind}"'
+        if m.kind == "array_of_maps":
+            # BCC creates the outer map from a template inner map; BPF_F_INNER_MAP lets the
+            # inner maps differ from it in size (each VIP's table size)
+            out.append(f'BPF_F_TABLE("array", __u32, __u32, {RING_TEMPLATE}, 1, '
+                       f"BPF_F_INNER_MAP);")
+            kind = kind.replace(m.kind, f"{m.kind}${RING_TEMPLATE}")
+            out.append(f"BPF_TABLE({kind}, __u32, __u32, {m.name}, {m.max_entries});")
+            continue
         if m.kind == "devmap":  # BCC gives redirect_map() only to this declaration form
             out.append(f"BPF_XDP_REDIRECT_MAP({kind}, {_c_type(m.value)}, {m.name}, "
                        f"{m.max_entries});")

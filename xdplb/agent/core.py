@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xdplb.abi.layout import MAX_VIPS
-from xdplb.agent import faults, fnatsweep, migrate
+from xdplb.agent import faults, flowsweep, fnatsweep, migrate
 from xdplb.agent.detach import detach_if_ours
 from xdplb.agent.errors import AttachError, UsageError
 from xdplb.agent.health import HealthChecker, Target
@@ -40,7 +39,7 @@ from xdplb.kernel import bpfsys, offload, xdp_link
 from xdplb.kernel.localaddrs import local_addresses, local_port_range
 from xdplb.kernel.maps import KernelMaps
 from xdplb.kernel.pinned import PinnedProgram, build_pinned
-from xdplb.model.desired import backend_label, desired_state
+from xdplb.model.desired import backend_label, desired_state, ring_slots
 
 log = logging.getLogger("xdplb")
 
@@ -49,11 +48,9 @@ DATAPATHS = ("bpf", "scapy")
 
 
 def _check_pinned_sizes(group: pins.PinGroup, cfg: Config) -> None:
-    """Pinned maps are reused as they are: their sizes must match this config."""
-    want = {
-        "maglev": MAX_VIPS * cfg.maglev.table_size,
-        "flows": cfg.flows.max_entries,
-    }
+    """Pinned maps are reused as they are: their sizes must match this config (the Maglev
+    rings are not pinned maps: they are replaced at any size)."""
+    want = {"flows": cfg.flows.max_entries}
     for name, n in want.items():
         path = group.map_path(name)
         if not path.exists():
@@ -66,7 +63,7 @@ def _check_pinned_sizes(group: pins.PinGroup, cfg: Config) -> None:
         if have != n:
             raise UsageError(
                 f"pinned map {path} holds {have} entries but the config needs {n} "
-                f"(maglev.table_size or flows.max_entries changed); run "
+                f"(flows.max_entries changed); run "
                 f"`xdplb detach {group.ifaces[0]}` first (this drops tracked flows)"
             )
 
@@ -110,6 +107,8 @@ class Agent:
     _publish_failing: bool = field(init=False, default=False)
     neighbours: NeighbourKeeper = field(init=False, default_factory=NeighbourKeeper)
     _next_sweep: float = field(init=False, default=0.0)
+    _next_flow_sweep: float = field(init=False, default=0.0)
+    _slots: dict[int, int] = field(init=False, default_factory=dict)  # published for readers
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -199,9 +198,7 @@ class Agent:
         if self.datapath == "scapy":
             self._start_scapy(indexes)
             return
-        self.program = build_pinned(
-            self.cfg.maglev.table_size, self.cfg.flows.max_entries, self.group.path
-        )
+        self.program = build_pinned(self.cfg.flows.max_entries, self.group.path)
         self.maps = KernelMaps(self.program.map_fds, own=False)
         self.sync = MapSync(faults.FaultyMaps(self.maps) if faults.enabled() else self.maps)
         for old in older:  # an older build is attached: bring its flows along
@@ -294,6 +291,7 @@ class Agent:
         rep = self.sync.apply(desired, current)
         self.neighbours.keep(desired)
         self.generation += 1
+        self._slots = ring_slots(desired)
         log.info("%s: maps updated (generation %d): %d backends and %d Maglev slots written, "
                  "%d VIPs added, %d removed, %d backends removed", why, self.generation,
                  rep.backends_written, rep.slots_written, rep.vips_added, rep.vips_removed,
@@ -384,6 +382,7 @@ class Agent:
         if self._watch is not None and self._watch.check(list(self.attached)):
             changed = True
         self._sweep_fnat()
+        self._sweep_flows()
         if changed or self._publish_failing:
             self._publish()
         else:
@@ -399,6 +398,18 @@ class Agent:
         try:
             if n := fnatsweep.sweep(self.maps):
                 log.info("fullnat: %d stale reply-table entries removed", n)
+        except OSError as e:
+            self.errors.count("sweep", e, "sweeping again later")
+
+    def _sweep_flows(self) -> None:
+        """Every flowsweep.SWEEP_INTERVAL: the flow counts that need the table, published
+        for metrics scrapes (which then never read it)."""
+        now = time.monotonic()
+        if now < self._next_flow_sweep or self.maps is None:
+            return
+        self._next_flow_sweep = now + flowsweep.SWEEP_INTERVAL
+        try:
+            flowsweep.publish(self.group, self.maps)
         except OSError as e:
             self.errors.count("sweep", e, "sweeping again later")
 
@@ -432,12 +443,9 @@ class Agent:
         except ConfigError as e:
             log.error("reload rejected, nothing changed:\n%s", e)
             return self._done("reload", False, str(e))
-        fixed = [(k, getattr(self.cfg.maglev if k == "table_size" else self.cfg.flows, k),
-                  getattr(cfg.maglev if k == "table_size" else cfg.flows, k))
-                 for k in ("table_size", "max_entries")]
-        changed = [f"{k} {a} -> {b}" for k, a, b in fixed if a != b]
-        if changed:
-            msg = (f"reload rejected, nothing changed: {', '.join(changed)} resizes the maps; "
+        if cfg.flows.max_entries != self.cfg.flows.max_entries:
+            msg = (f"reload rejected, nothing changed: flows.max_entries "
+                   f"{self.cfg.flows.max_entries} -> {cfg.flows.max_entries} resizes the maps; "
                    "restart with `xdplb detach` + `xdplb attach` (drops tracked flows)")
             log.error(msg)
             return self._done("reload", False, msg)
@@ -467,6 +475,8 @@ class Agent:
             # VIP names for readers, so that they need not load and validate the config file.
             runfiles.write_vip_names(self.group, self.cfg, self.config_path)
             runfiles.write_json(self.group, runfiles.AGENT_FILE, self._agent_info())
+            runfiles.write_json(self.group, runfiles.SLOTS_FILE,
+                                {"generation": self.generation, "slots": self._slots})
             self._publish_health(raising=True)
         except OSError as e:
             if not self._publish_failing:

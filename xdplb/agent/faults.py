@@ -48,10 +48,13 @@ class FaultyMaps:
     def __init__(self, maps: Any) -> None:
         self._maps = maps
 
-    def update_many(self, name: str, items: Any) -> None:
-        if name == "maglev":
-            fire("map_write")
-        self._maps.update_many(name, items)
+    def put_ring(self, vip_id: int, values: Any) -> None:
+        fire("map_write")
+        self._maps.put_ring(vip_id, values)
+
+    def ring_update(self, vip_id: int, slots: Any) -> None:
+        fire("map_write")
+        self._maps.ring_update(vip_id, slots)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._maps, name)

@@ -20,7 +20,6 @@ from xdplb.abi.layout import (
     ADDR_MAYBE_VIP,
     FAMILY_IPV4,
     IF_MACS,
-    NO_BACKEND,
     REV_ANY_PORT,
     U8,
     AddrKey,
@@ -65,7 +64,6 @@ class MapSync:
         # The balancer's address toward a backend, for fullnat and dsr/ipip (the kernel's
         # route, unless the config names a source)
         self.source_of = source_of
-        self.ring_size = 0
         self.rings: dict[int, np.ndarray] = {}  # vip id -> ring as last written
 
     def read_current(self) -> Current:
@@ -78,18 +76,21 @@ class MapSync:
                 cur.backend_ids[(be.vip_id, ipv4_of(be.addr), from_be16(be.port))] = bid
         return cur
 
-    def _ring_now(self, vip_id: int, size: int) -> np.ndarray:
-        if vip_id in self.rings and len(self.rings[vip_id]) == size:
-            return self.rings[vip_id]
-        ring = self.maps.u32_slice("maglev", vip_id * size, size)
-        self.rings[vip_id] = ring
-        return ring
+    def _ring_now(self, vip_id: int) -> np.ndarray | None:
+        """The ring of ``vip_id`` as the maps hold it (as last written, or read once)."""
+        if vip_id not in self.rings:
+            ring = self.maps.ring(vip_id)
+            if ring is None:
+                return None
+            self.rings[vip_id] = ring
+        return self.rings[vip_id]
 
     def apply(self, desired: DesiredState, current: Current) -> SyncReport:
         rep = SyncReport()
         m = self.maps
-        M = desired.ring_size
-        m.update("meta", 0, Meta(desired.seed, M, int(layout_version(), 16),
+        # The rate is counted per CPU (RSS spreads flows over them): an even share each
+        per_cpu = -(-desired.new_flow_rate // m.cpus())
+        m.update("meta", 0, Meta(desired.seed, per_cpu, int(layout_version(), 16),
                                  desired.next_hop_ttl_ns, desired.udp_idle_ns))
 
         # 1. removed VIPs go first: their id may be reused by a VIP added below
@@ -122,7 +123,7 @@ class MapSync:
 
         # 4. rings, slot by slot where they differ
         for v in desired.vips:
-            rep.slots_written += self._write_ring(v, M, fresh=v.key not in current.vip_ids)
+            rep.slots_written += self._write_ring(v)
 
         # 5. VIPs (now that their rings are complete) and their addresses
         for key, v in wanted.items():
@@ -143,9 +144,11 @@ class MapSync:
         for bid in set(current.backend_ids.values()) - keep:
             m.update("backends", bid, Backend())
             rep.backends_removed += 1
+        # 7. rings of VIPs that left (known from this run, or from the maps after a restart)
         live = {v.vip_id for v in desired.vips}
-        for vid in [i for i in self.rings if i not in live]:
-            self._clear_ring(vid, M)
+        for vid in {*self.rings, *current.vip_ids.values()} - live:
+            self.maps.drop_ring(vid)
+            self.rings.pop(vid, None)
         return rep
 
     def _sources(self, desired: DesiredState) -> dict[tuple[int, str], str]:
@@ -208,21 +211,25 @@ class MapSync:
             if have | bits != have:
                 self.maps.update("addr_filter", slot, have | bits)
 
-    def _write_ring(self, v: DesiredVip, size: int, fresh: bool) -> int:
+    def _write_ring(self, v: DesiredVip) -> int:
+        """Write ``v``'s ring: the slots that differ, or, for a VIP without one or with a
+        table of another size, a whole new ring swapped in. The VIP's ring_size and the
+        ring it finds are written in an order that keeps every slot the data path computes
+        inside the ring: a smaller table's size first, a larger table's after (step 5)."""
         new = v.ring.astype(np.uint32)
-        if fresh and v.vip_id not in self.rings:  # nothing of this VIP in the map yet
-            changed = np.arange(size)
-        else:
-            changed = np.nonzero(self._ring_now(v.vip_id, size) != new)[0]
-        base = v.vip_id * size
-        self.maps.update_many("maglev", ((base + int(i), int(new[i])) for i in changed))
+        have = self._ring_now(v.vip_id)
+        if have is not None and len(have) == len(new):
+            changed = np.nonzero(have != new)[0]
+            self.maps.ring_update(v.vip_id, ((int(i), int(new[i])) for i in changed))
+            self.rings[v.vip_id] = new
+            return len(changed)
+        if have is not None and len(new) < len(have):
+            old = self.maps.lookup("vips", vip_key(*v.key))
+            if old is not None and old.vip_id == v.vip_id:
+                self.maps.update("vips", vip_key(*v.key), vip_info(v))
+        self.maps.put_ring(v.vip_id, new)
         self.rings[v.vip_id] = new
-        return len(changed)
-
-    def _clear_ring(self, vip_id: int, size: int) -> None:
-        base = vip_id * size
-        self.maps.update_many("maglev", ((base + i, NO_BACKEND) for i in range(size)))
-        del self.rings[vip_id]
+        return len(new)
 
     def set_tx_ports(self, ifindexes: list[int], macs: dict[int, bytes] | None = None) -> None:
         """Interfaces packets may be redirected to: ifindex -> devmap slot -> ifindex; and
@@ -244,7 +251,7 @@ class MapSync:
 def vip_info(v: DesiredVip) -> VipInfo:
     """A VIP's ``vips`` value: its ring and how its new flows are forwarded."""
     lo, hi = v.ports
-    return VipInfo(v.vip_id, 0, int(v.mode), 0, lo, hi - lo + 1 if hi else 0)
+    return VipInfo(v.vip_id, v.ring_size, int(v.mode), 0, lo, hi - lo + 1 if hi else 0)
 
 
 def rev_key(address: str, port: int, proto: int) -> RevKey:

@@ -1,8 +1,10 @@
 """Prometheus metrics of a balancer instance, read from its pinned maps at each scrape.
 
-No background polling: a scrape runs the same reading as ``xdplb stats`` and ``xdplb
-backends`` (so the numbers agree with them) and turns it into metric families. The agent
-serves them when started with ``--metrics-addr HOST:PORT``.
+A scrape costs O(VIPs + backends), never O(flows): it reads the per-CPU counters (open flows
+are counted per connection by the data path), the VIP names and Maglev shares the agent
+published, and the agent's last flow sweep (``flowsweep``) for the counts only the flow
+table knows (tracked and active flows, the table's fill). The agent serves them when
+started with ``--metrics-addr HOST:PORT``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from xdplb.abi.layout import OUTCOMES
+from xdplb.agent import flowsweep
 from xdplb.inspect import backends, stats
 from xdplb.inspect.reader import Reader
 from xdplb.instance import pins
@@ -42,6 +45,18 @@ def _vip_label(row: dict[str, Any]) -> str:
     return row["vip"] or f"{row['vip_address']}:{row['vip_port']}"
 
 
+def _open_families(kind: str, labels: list[str]) -> dict[str, Metric]:
+    """The data path's per-connection flow counts of a VIP or backend."""
+    return {
+        "open_flows": GaugeMetricFamily(f"xdplb_{kind}_open_flows", "Flows confirmed and not "
+                                        "ended (counted per connection)", labels=labels),
+        "opened_flows": CounterMetricFamily(f"xdplb_{kind}_opened_flows", "Flows confirmed "
+                                            "by their next packet", labels=labels),
+        "closed_flows": CounterMetricFamily(f"xdplb_{kind}_closed_flows", "Confirmed flows "
+                                            "seen to end (FIN, RST, replaced)", labels=labels),
+    }
+
+
 def families(st: dict[str, Any], backends: list[dict[str, Any]]) -> list[Metric]:
     """Metric families from one ``stats.collect`` and one ``backends.collect``."""
     vl = ["vip", "address", "port", "protocol"]
@@ -50,10 +65,12 @@ def families(st: dict[str, Any], backends: list[dict[str, Any]]) -> list[Metric]
                                        labels=vl),
         "bytes": CounterMetricFamily("xdplb_vip_bytes", "Bytes balanced to the VIP", labels=vl),
         "new_flows": CounterMetricFamily("xdplb_vip_new_flows", "Flows created", labels=vl),
-        "flows": GaugeMetricFamily("xdplb_vip_flows", "Tracked flows", labels=vl),
+        "flows": GaugeMetricFamily("xdplb_vip_flows", "Tracked flows (as of the last flow "
+                                   "sweep)", labels=vl),
         "active_flows": GaugeMetricFamily("xdplb_vip_active_flows",
-                                          "Tracked flows not closed and recently seen",
-                                          labels=vl),
+                                          "Tracked flows not closed and recently seen (as of "
+                                          "the last flow sweep)", labels=vl),
+        **_open_families("vip", vl),
     }
     # The mode as an info metric (join on the VIP's labels), so that the counters' series
     # stay as they were and a VIP's change of mode does not start new ones.
@@ -73,10 +90,12 @@ def families(st: dict[str, Any], backends: list[dict[str, Any]]) -> list[Metric]
                                      labels=bl),
         "new_flows": CounterMetricFamily("xdplb_backend_new_flows", "Flows created",
                                          labels=bl),
-        "flows": GaugeMetricFamily("xdplb_backend_flows", "Tracked flows", labels=bl),
+        "flows": GaugeMetricFamily("xdplb_backend_flows", "Tracked flows (as of the last "
+                                   "flow sweep)", labels=bl),
         "active_flows": GaugeMetricFamily("xdplb_backend_active_flows",
-                                          "Tracked flows not closed and recently seen",
-                                          labels=bl),
+                                          "Tracked flows not closed and recently seen (as of "
+                                          "the last flow sweep)", labels=bl),
+        **_open_families("backend", bl),
     }
     for row in st["backends"]:
         labels = [_vip_label(row), f"{row['address']}:{row['port']}"]
@@ -112,6 +131,10 @@ def families(st: dict[str, Any], backends: list[dict[str, Any]]) -> list[Metric]
                           value=ft["capacity"]),
         GaugeMetricFamily("xdplb_flow_table_fill_ratio", "Entries / size", value=ft["fill"]),
     ]
+    if ft.get("swept_at") is not None:
+        table.append(GaugeMetricFamily("xdplb_flow_sweep_timestamp_seconds", "When the flow "
+                                       "table was last read (the sweep's counts)",
+                                       value=ft["swept_at"]))
     return [info, *vip_fams.values(), *be_fams.values(), up, health, weight, share, packets,
             events, *table]
 
@@ -126,8 +149,9 @@ class PinnedCollector(Collector):
         return []  # no reading at registration time
 
     def collect(self) -> Iterator[Metric]:
+        sweep = flowsweep.read(self.group) or {}  # before the agent's first sweep: zeroes
         with Reader(self.group) as r:
-            st, bes = stats.collect(r), backends.collect(r)
+            st, bes = stats.collect(r, sweep), backends.collect(r, sweep)
         yield from families(st, bes)
 
 

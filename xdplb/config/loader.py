@@ -37,6 +37,7 @@ from xdplb.config.schema import (
     Maglev,
     Vip,
     VipFacts,
+    VipMaglev,
     backend_address_problems,
     capacity_problems,
     none_as_empty,
@@ -271,5 +272,5 @@ def _model_at(loc: Sequence[Any]) -> type[BaseModel] | None:
             continue  # a list index: same element model
         if seg not in fields or seg not in model.model_fields:
             return None
-        model = fields[seg]
+        model = VipMaglev if (model, seg) == (Vip, "maglev") else fields[seg]
     return model

@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from xdplb.abi.layout import MAX_BACKENDS, MAX_REV_NAT, MAX_VIPS, REV_TARGETS
+from xdplb.abi.layout import MAX_BACKENDS, MAX_REV_NAT, MAX_RING_SLOTS, MAX_VIPS, REV_TARGETS
 from xdplb.config.errors import Loc, Problem, describe, fail
 
 Protocol = Literal["tcp", "udp"]
@@ -44,7 +44,6 @@ MAX_ENTRIES_MIN, MAX_ENTRIES_MAX = 1024, 100_000_000
 DURATION_MIN, DURATION_MAX = 0.001, 3600.0
 _LIMITED_BROADCAST = IPv4Address("255.255.255.255")
 _THIS_NETWORK = IPv4Network("0.0.0.0/8")  # "this host on this network": never a destination
-_U32_MAX = 2**32 - 1
 # Validation context key: the balancer's own addresses, when the caller knows them.
 LOCAL_ADDRESSES = "xdplb_local_addresses"
 # ... and the range the host's own sockets take ephemeral ports from (ip_local_port_range).
@@ -70,6 +69,7 @@ Seed = Annotated[StrictInt, _in_range(0, 2**32 - 1)]
 MaxEntries = Annotated[StrictInt, _in_range(MAX_ENTRIES_MIN, MAX_ENTRIES_MAX)]
 StatusCode = Annotated[StrictInt, _in_range(100, 599)]
 CacheMs = Annotated[StrictInt, _in_range(0, 10_000)]
+RateLimit = Annotated[StrictInt, _in_range(0, 2**32 - 1)]  # per CPU it must fit a u32
 Count = Annotated[StrictInt, Field(ge=1)]
 
 
@@ -83,9 +83,6 @@ def _is_prime(n: int) -> bool:
 def _check_table_size(value: int) -> int:
     if not TABLE_SIZE_MIN <= value <= TABLE_SIZE_MAX:
         fail(f"{value} is out of range ({TABLE_SIZE_MIN}-{TABLE_SIZE_MAX})")
-    if MAX_VIPS * value > _U32_MAX:  # one array of MAX_VIPS rings; its size is a u32
-        fail(f"{value} is too large for the data path's {MAX_VIPS} rings "
-             f"(at most {_U32_MAX // MAX_VIPS} slots each)")
     if not _is_prime(value):
         below = next(n for n in range(value - 1, 1, -1) if _is_prime(n))
         above = next(n for n in range(value + 1, 2 * value + 2) if _is_prime(n))
@@ -282,6 +279,13 @@ class Backend(_Model):
         return vip.port if self.port is None else self.port
 
 
+class VipMaglev(_Model):
+    """A VIP's own Maglev table size (its ring is a map of its own), e.g. a small prime for
+    the many VIPs of few backends each: kernel memory is 4 bytes a slot."""
+
+    table_size: TableSize
+
+
 class Vip(_Model):
     """A virtual service: address, port and protocol, load-balanced over ``backends``."""
 
@@ -297,6 +301,7 @@ class Vip(_Model):
     encap: Encap | None = None  # dsr only; None: ipip
     source: SourceAddress | None = None  # fullnat only; None: the address toward each backend
     source_ports: PortRange | None = None  # fullnat only; None: DEFAULT_SOURCE_PORTS
+    maglev: VipMaglev | None = None  # None: the top-level maglev.table_size
 
     @property
     def mode(self) -> str:
@@ -382,6 +387,11 @@ class Flows(_Model):
     # UDP has no end of connection: a flow idle this long is over, and the client's next
     # datagram is a new flow (balanced anew: a drained backend gets no more). 0: never.
     udp_idle_timeout: OptionalDuration = 60.0
+    # dsr VIPs' new flows a second (over all CPUs, counted per CPU) that are inserted into the
+    # flow tables; the rest are balanced by the table without an entry (Katran's LRU bypass:
+    # a flood cannot churn the tables faster). nat and fullnat replies need their flow's
+    # entry, so their flows are always inserted. 0: no limit.
+    new_flow_rate_limit: RateLimit = 0
 
 
 def _check_iface(value: str) -> str:
@@ -421,6 +431,10 @@ class Config(_Model):
             fail(*problems)
         return vips
 
+    def table_size_of(self, vip: Vip) -> int:
+        """Slots of ``vip``'s Maglev ring: its own table_size, else the top-level one."""
+        return vip.maglev.table_size if vip.maglev is not None else self.maglev.table_size
+
     @model_validator(mode="after")
     def _check_table_fits(self) -> Config:
         facts = [VipFacts.of(i, v) for i, v in enumerate(self.vips)]
@@ -449,11 +463,13 @@ class VipFacts(NamedTuple):
     n_backends: int | None
     address: IPv4Address | None = None  # known even when the key is not (a bad port)
     backend_addresses: tuple[IPv4Address | None, ...] = ()
+    table_size: int | None = None  # the VIP's own maglev.table_size, if it gives a valid one
 
     @classmethod
     def of(cls, index: int, vip: Vip) -> VipFacts:
         return cls(index, vip.name, vip.key, len(vip.backends), vip.address,
-                   tuple(b.address for b in vip.backends))
+                   tuple(b.address for b in vip.backends),
+                   vip.maglev.table_size if vip.maglev is not None else None)
 
     @classmethod
     def from_raw(cls, index: int, raw: Any) -> VipFacts:
@@ -466,12 +482,14 @@ class VipFacts(NamedTuple):
             valid_or_none(_PROTOCOL, raw.get("protocol")),
         )
         key = None if None in parts else parts
+        own = valid_or_none(_VIP_MAGLEV, raw.get("maglev"))
+        size = own.table_size if own is not None else None
         backends = raw.get("backends")
         if not isinstance(backends, list):
-            return cls(index, name, key, None, parts[0])
+            return cls(index, name, key, None, parts[0], (), size)
         addresses = tuple(valid_or_none(_BACKEND_ADDRESS, b.get("address"))
                           if isinstance(b, dict) else None for b in backends)
-        return cls(index, name, key, len(backends), parts[0], addresses)
+        return cls(index, name, key, len(backends), parts[0], addresses, size)
 
 
 _NAME: TypeAdapter[str] = TypeAdapter(Name)
@@ -480,6 +498,7 @@ _BACKEND_ADDRESS: TypeAdapter[IPv4Address] = TypeAdapter(BackendAddress)
 _PORT: TypeAdapter[int] = TypeAdapter(Port)
 _PROTOCOL: TypeAdapter[str] = TypeAdapter(Protocol)
 MAGLEV: TypeAdapter[Maglev] = TypeAdapter(Maglev)
+_VIP_MAGLEV: TypeAdapter[VipMaglev] = TypeAdapter(VipMaglev)
 
 
 def valid_or_none(adapter: TypeAdapter[Any], value: Any) -> Any:
@@ -507,18 +526,29 @@ def uniqueness_problems(vips: Sequence[VipFacts]) -> list[Problem]:
 
 
 def table_fit_problems(maglev: Maglev, vips: Sequence[VipFacts]) -> list[Problem]:
-    """VIPs with at least table_size backends; locs relative to the whole config."""
+    """VIPs with at least table_size backends, and rings over MAX_RING_SLOTS in all; locs
+    relative to the whole config."""
     # Maglev gives every backend a slot only if the table is larger than the backend count.
-    # Blame table_size if the author set it, else the VIP with too many backends.
-    size = maglev.table_size
+    # Blame the table_size the author set (the VIP's, else the top-level one), else the VIP
+    # with too many backends.
     explicit = "table_size" in maglev.model_fields_set
     problems: list[Problem] = []
+    total = 0
     for vip in vips:
+        size = vip.table_size or maglev.table_size
+        total += size
         if vip.n_backends is not None and vip.n_backends >= size:
-            loc: Loc = ("maglev", "table_size") if explicit else ("vips", vip.index, "backends")
+            loc: Loc = (("vips", vip.index, "maglev", "table_size") if vip.table_size
+                        else ("maglev", "table_size") if explicit
+                        else ("vips", vip.index, "backends"))
             label = repr(vip.name) if vip.name is not None else f"vips[{vip.index}]"
             msg = f"Maglev table_size {size} must be greater than the number of backends"
             problems.append((loc, f"{msg} (VIP {label} has {vip.n_backends})", None))
+    if total > MAX_RING_SLOTS:
+        msg = (f"the VIPs' Maglev tables have {total} slots in all ({total * 4 >> 20} MiB of "
+               f"kernel memory); the data path holds at most {MAX_RING_SLOTS}: give VIPs of "
+               "few backends a smaller table (vips[].maglev.table_size)")
+        problems.append(((("maglev", "table_size") if explicit else ("vips",)), msg, None))
     return problems
 
 
@@ -607,11 +637,14 @@ def reverse_nat_problems(vips: Sequence[Vip]) -> list[Problem]:
     """What the data path's reverse NAT (``rev_nat``) cannot hold; locs relative to the
     config. A reply from a backend endpoint (address, target port, protocol) is told apart
     between at most REV_TARGETS VIPs, and the map has an entry per endpoint and per
-    (address, protocol)."""
+    (address, protocol). Only nat VIPs need it: fullnat replies find their flow by their
+    own port, dsr replies never pass the balancer (``DesiredState.reverse_nat``)."""
     served: dict[tuple[IPv4Address, int, str], list[int]] = {}
     addresses: set[tuple[IPv4Address, str]] = set()
     problems: list[Problem] = []
     for i, vip in enumerate(vips):
+        if vip.forwarding != "nat":
+            continue
         for j, backend in enumerate(vip.backends):
             port = backend.target_port(vip)
             seen = served.setdefault((backend.address, port, vip.protocol), [])

@@ -55,6 +55,7 @@ class VipRef:
     name: str | None = None
     mode: int = Forwarding.NAT  # VipInfo.mode: how its new flows are forwarded
     source_ports: tuple[int, int] | None = None  # fullnat: first and last source port
+    ring_size: int = 0  # VipInfo.ring_size: slots of its Maglev ring
 
     @property
     def forwarding(self) -> tuple[str, str | None]:
@@ -94,7 +95,6 @@ class Catalog:
     vips: dict[int, VipRef]
     backends: dict[int, BackendRef]  # valid slots of the backends array only
     seed: int
-    ring_size: int
     udp_idle_ns: int = 0  # meta.udp_idle_ns: a UDP flow idle this long is over (0: never)
 
     @classmethod
@@ -106,7 +106,8 @@ class Catalog:
             key = (ipv4_of(k.addr), from_be16(k.port), k.proto)
             ports = (info.port_min, info.port_min + info.port_count - 1) \
                 if info.port_count else None
-            vips[info.vip_id] = VipRef(info.vip_id, *key, names.get(key), info.mode, ports)
+            vips[info.vip_id] = VipRef(info.vip_id, *key, names.get(key), info.mode, ports,
+                                       info.ring_size)
         backends = {}
         # Plain ints: IntFlag's & costs more than the rest of a slot's decoding, times 4096.
         valid, down = int(BackendFlag.VALID), int(BackendFlag.DOWN)
@@ -117,7 +118,7 @@ class Catalog:
                                            be.weight, bool(be.flags & down),
                                            ipv4_of(src) if any(src) else None)
         meta = maps.lookup("meta", 0)
-        return cls(vips, backends, meta.seed, meta.ring_size, meta.udp_idle_ns)
+        return cls(vips, backends, meta.seed, meta.udp_idle_ns)
 
     @property
     def named(self) -> bool:
@@ -201,16 +202,7 @@ def split_endpoint(spec: str, port_required: bool = True) -> tuple[str | None, i
 
 
 def read_rings(maps: KernelMaps, cat: Catalog) -> dict[int, np.ndarray]:
-    """Each VIP's Maglev ring (backend id per slot), by VIP id."""
-    import numpy as np  # here, not at the top: `xdplb status` reads the catalog, not rings
-
-    from xdplb.kernel import bulk
-
-    m = cat.ring_size
-    if not cat.vips or not m:
-        return {}
-    u32 = np.dtype("<u4")
-    # The rings lie in VIP id order: read up to the last one in use, not all MAX_VIPS.
-    _, owners = bulk.read_map(maps.fds["maglev"], u32, u32, batch=m,
-                              stop_after=(max(cat.vips) + 1) * m)
-    return {vid: owners[vid * m : (vid + 1) * m] for vid in cat.vips}
+    """Each VIP's Maglev ring (backend id per slot), by VIP id; a VIP without one (being
+    added) is left out."""
+    rings = {vid: maps.ring(vid) for vid in cat.vips}
+    return {vid: r for vid, r in rings.items() if r is not None}

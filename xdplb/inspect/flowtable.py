@@ -41,15 +41,20 @@ class FlowTable:
     flows: np.ndarray  # FLOW_DTYPE
     now_ns: int
     capacity: int  # max_entries of the map
+    in_flows: np.ndarray | None = None  # per row: in flows (confirmed), not half_open
 
     @classmethod
     def read(cls, maps: KernelMaps, batch: int = bulk.BATCH) -> FlowTable:
         keys, flows = bulk.read_map(maps.fds["flows"], RAW_KEY, FLOW_DTYPE, batch)
-        if "half_open" in maps.fds:  # new flows not confirmed by a second packet yet
-            hk, hf = bulk.read_map(maps.fds["half_open"], RAW_KEY, FLOW_DTYPE, batch)
-            keys, flows = np.concatenate((keys, hk)), np.concatenate((flows, hf))
+        hk, hf = bulk.read_map(maps.fds["half_open"], RAW_KEY, FLOW_DTYPE, batch)
         # Read the clock after the map: the coarse stamps then never lie in the future.
-        return cls(keys, flows, coarse_ns(), maps.max_entries("flows"))
+        in_flows = np.concatenate((np.ones(len(flows), bool), np.zeros(len(hf), bool)))
+        return cls(np.concatenate((keys, hk)), np.concatenate((flows, hf)), coarse_ns(),
+                   maps.max_entries("flows"), in_flows)
+
+    def confirmed(self) -> np.ndarray:
+        """Mask of the flows confirmed by their next packet (entries of ``flows``)."""
+        return np.ones(len(self.flows), bool) if self.in_flows is None else self.in_flows
 
     @property
     def keys(self) -> np.ndarray:
@@ -60,7 +65,8 @@ class FlowTable:
 
     def take(self, index: np.ndarray) -> FlowTable:
         """The flows selected by a boolean mask or an index array, in that order."""
-        return FlowTable(self.raw_keys[index], self.flows[index], self.now_ns, self.capacity)
+        return FlowTable(self.raw_keys[index], self.flows[index], self.now_ns, self.capacity,
+                         self.confirmed()[index])
 
     def age_s(self) -> np.ndarray:
         return _seconds_since(self.now_ns, self.flows["first_ns"])

@@ -1,14 +1,18 @@
 """``xdplb stats`` (and the metrics endpoint): packets, bytes and flows per VIP and per
 backend, the global counters, and the flow table's fill, with rates between two reads.
 
-The per-VIP and per-backend counters are per-CPU arrays the data path bumps; the flow
-counts come from one bulk read of the flow table.
+The per-VIP and per-backend counters are per-CPU arrays the data path bumps, open flows
+among them (counted per connection); the tracked and active flow counts come from one bulk
+read of the flow table, or, for metrics, from the agent's last flow sweep.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from xdplb.abi.layout import MAX_BACKENDS, MAX_VIPS
 from xdplb.inspect.reader import Reader
@@ -17,29 +21,58 @@ from xdplb.kernel.maps import read_counters
 RATED = ("packets", "bytes", "new_flows")
 
 
-def collect(r: Reader) -> dict[str, Any]:
-    """One reading of an instance's counters (rate fields null: see ``add_rates``)."""
-    cat, t = r.catalog, r.flows
-    active = t.active()
-    per = {
-        col: (t.count_by(col, size), t.count_by(col, size, active))
-        for col, size in (("vip_id", MAX_VIPS), ("backend_id", MAX_BACKENDS))
-    }
-    vip_stats = r.maps.percpu_sums("vip_stats")
-    backend_stats = r.maps.percpu_sums("backend_stats")
+def flow_counts(r: Reader, kind: str, size: int, sweep: dict[str, Any] | None
+                ) -> Callable[[int], dict[str, int]]:
+    """Flow counts of VIP or backend ``i`` (``kind`` "vip" or "backend"): ``flows`` (tracked
+    entries) and ``active_flows`` from the flow table, or from the agent's last ``sweep``
+    without reading the table; ``open_flows`` from the data path's per-connection counts
+    less the ends the sweep found unseen."""
+    stat = r.maps.percpu_sums(f"{kind}_stats")
+    if sweep is None:
+        t = r.flows
+        col = f"{kind}_id"
+        flows, active = t.count_by(col, size), t.count_by(col, size, t.active())
+        table = {i: {"flows": int(flows[i]), "active_flows": int(active[i])}
+                 for i in np.nonzero(flows)[0].tolist()}
+    else:
+        table = {int(i): row for i, row in sweep.get(f"{kind}s", {}).items()}
 
-    def row(ident: dict[str, Any], stat: Any, col: str, i: int) -> dict[str, Any]:
-        flows, act = per[col]
-        return {**ident, "packets": stat.packets, "bytes": stat.bytes, "new_flows": stat.flows,
-                "flows": int(flows[i]), "active_flows": int(act[i]),
+    def counts(i: int) -> dict[str, int]:
+        s, row = stat[i], table.get(i, {})
+        unseen = row.get("unseen", 0) if sweep is not None else 0
+        return {"new_flows": s.flows, "flows": row.get("flows", 0),
+                "active_flows": row.get("active_flows", 0),
+                "open_flows": max(0, s.opened - s.closed - unseen),
+                "opened_flows": s.opened, "closed_flows": s.closed}
+
+    return counts
+
+
+def collect(r: Reader, sweep: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One reading of an instance's counters (rate fields null: see ``add_rates``). Given
+    the agent's last ``sweep`` (metrics), the flow table is not read: O(VIPs + backends)."""
+    cat = r.catalog
+    stats = {kind: r.maps.percpu_sums(f"{kind}_stats") for kind in ("vip", "backend")}
+    counts = {kind: flow_counts(r, kind, size, sweep)
+              for kind, size in (("vip", MAX_VIPS), ("backend", MAX_BACKENDS))}
+
+    def row(ident: dict[str, Any], kind: str, i: int) -> dict[str, Any]:
+        stat = stats[kind][i]
+        return {**ident, "packets": stat.packets, "bytes": stat.bytes, **counts[kind](i),
                 **{f"{k}_per_s": None for k in RATED}}
 
-    vips = [row(cat.vip_json(v), vip_stats[v], "vip_id", v) for v in sorted(cat.vips)]
+    vips = [row(cat.vip_json(v), "vip", v) for v in sorted(cat.vips)]
     backends = [
         row({"backend_id": b.id, "address": b.address, "port": b.port,
-             **cat.vip_json(b.vip_id)}, backend_stats[b.id], "backend_id", b.id)
+             **cat.vip_json(b.vip_id)}, "backend", b.id)
         for b in sorted(cat.backends.values(), key=lambda b: b.id)
     ]
+    if sweep is None:
+        t = r.flows
+        entries, capacity = len(t), t.capacity
+    else:
+        entries = sweep.get("entries", 0) + sweep.get("half_open", 0)
+        capacity = sweep.get("capacity", 0)
     return {
         "ts": round(time.time(), 3),
         "interval_s": None,
@@ -47,8 +80,9 @@ def collect(r: Reader) -> dict[str, Any]:
         "backends": backends,
         "counters": read_counters(r.maps),
         "counters_per_s": None,
-        "flow_table": {"entries": len(t), "capacity": t.capacity,
-                       "fill": round(len(t) / t.capacity, 6) if t.capacity else 0.0},
+        "flow_table": {"entries": entries, "capacity": capacity,
+                       "fill": round(entries / capacity, 6) if capacity else 0.0,
+                       "swept_at": None if sweep is None else sweep.get("ts")},
     }
 
 

@@ -22,7 +22,6 @@ from xdplb.abi.layout import (
     FAMILY_IPV4,
     IF_MACS,
     MAPS,
-    MAX_VIPS,
     NO_BACKEND,
     Flow,
     FlowKey,
@@ -188,10 +187,10 @@ def model(maps: KernelMaps, cat: Catalog, p: Probe, live: Live) -> dict[str, Any
                     "out": _out(f.mode, be.address, be.port, p)}
     h = flow_hash(ipaddress.IPv4Address(p.src).packed, ipaddress.IPv4Address(p.dst).packed,
                   p.sport, p.dport, p.proto, cat.seed)
-    slot = h % cat.ring_size
-    owner = maps.lookup("maglev", vip.id * cat.ring_size + slot)
-    ring = {"hash": h, "seed": cat.seed, "ring_size": cat.ring_size, "slot": slot,
-            "index": vip.id * cat.ring_size + slot,
+    slot = h % vip.ring_size if vip.ring_size else 0
+    table = maps.ring(vip.id)
+    owner = int(table[slot]) if table is not None and slot < len(table) else NO_BACKEND
+    ring = {"hash": h, "seed": cat.seed, "ring_size": vip.ring_size, "slot": slot,
             "owner": None if owner == NO_BACKEND else owner}
     be = cat.backends.get(owner) if owner != NO_BACKEND else None
     decision = "rebalanced" if f is not None else "new"
@@ -235,11 +234,7 @@ def _tcp_flags(live: Live) -> str:
 
 def run_bpf(r: Reader, p: Probe, live: Live) -> dict[str, Any]:
     """The probe through the real program, on private flow tables seeded from ``live``."""
-    meta = r.maps.lookup("meta", 0)
-    if r.maps.max_entries("maglev") != MAX_VIPS * meta.ring_size:
-        raise RuntimeError(f"the pinned Maglev map does not match the ring size "
-                           f"{meta.ring_size} in meta; the instance is inconsistent")
-    program = compile_program(meta.ring_size, PRIVATE_FLOWS, r.group.path, pinned=CONFIG_MAPS)
+    program = compile_program(PRIVATE_FLOWS, r.group.path, pinned=CONFIG_MAPS)
     try:
         own = KernelMaps(program.map_fds, own=False)
         _seed(own, live)
@@ -288,17 +283,16 @@ def scapy_model(r: Reader, p: Probe, live: Live, ingress: str) -> dict[str, Any]
     except ImportError:
         return None
     cat = r.catalog
-    um = UserMaps(cat.ring_size, PRIVATE_FLOWS)
+    um = UserMaps(PRIVATE_FLOWS)
     for name in CONFIG_MAPS - {"maglev"}:
         um.update_many(name, r.maps.items(name))
     for vid, ring in read_rings(r.maps, cat).items():
-        base = vid * cat.ring_size
-        um.update_many("maglev", enumerate(ring.tolist(), base))
+        um.put_ring(vid, ring)
     _seed(um, live)
     fib = Fib()
     try:
         before = read_counters(um)
-        res = PyDatapath(um, fib, cat.ring_size).run(
+        res = PyDatapath(um, fib).run(
             p.frame(_tcp_flags(live), _own_mac(r.maps, ingress)), xdp_link.ifindex(ingress))
         after = read_counters(um)
     finally:

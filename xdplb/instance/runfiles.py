@@ -52,6 +52,18 @@ def read_json(group: pins.PinGroup, name: str) -> dict[str, Any] | None:
         return None
 
 
+SLOTS_FILE = "slots.json"  # {"generation", "slots": {backend id: Maglev slots}}
+
+
+def ring_slots(group: pins.PinGroup) -> dict[int, int] | None:
+    """The Maglev slots per backend id the live agent last wrote, or None (no live agent:
+    readers count them in the rings)."""
+    data = read_json(group, SLOTS_FILE) if agent_info(group) else None
+    if not data:
+        return None
+    return {int(k): v for k, v in data.get("slots", {}).items()}
+
+
 def agent_info(group: pins.PinGroup) -> dict[str, Any] | None:
     """{"pid", "config", "ifaces", "datapath", ...} of the live agent of a group, or None."""
     info = read_json(group, AGENT_FILE)

@@ -90,6 +90,7 @@ BPF_F_ZERO_SEED = 1 << 6
 BPF_F_RDONLY_PROG = 1 << 7
 BPF_F_WRONLY_PROG = 1 << 8
 BPF_F_MMAPABLE = 1 << 10
+BPF_F_INNER_MAP = 1 << 12  # an inner map type whose max_entries may differ per map
 
 # prog load / test run flags
 BPF_F_XDP_HAS_FRAGS = 1 << 5
@@ -538,6 +539,15 @@ def map_info(fd: int) -> MapInfo:
     )
 
 
+def map_memlock(fd: int) -> int:
+    """Bytes of kernel memory the map holds, as the kernel accounts it (fdinfo memlock)."""
+    with open(f"/proc/self/fdinfo/{int(fd)}") as f:
+        for line in f:
+            if line.startswith("memlock:"):
+                return int(line.split()[1])
+    raise BpfError(errno.EINVAL, "map_memlock", f"fd {int(fd)} is not a map")
+
+
 def prog_info(fd: int) -> ProgInfo:
     """Type, id, tag, name, load time and map ids of a program."""
     raw = _BpfProgInfo()
@@ -879,25 +889,43 @@ def map_update_batch(
         for k, v in zip(keys, values, strict=True):
             map_update(fd, k, v, flags)
         return
-    kbuf = _in_buf(b"".join(keys))
-    vbuf = _in_buf(b"".join(values))
-    attr = _BpfAttr()
-    b = attr.batch
-    b.keys = ctypes.addressof(kbuf)
-    b.values = ctypes.addressof(vbuf)
-    b.count = len(keys)
-    b.map_fd = int(fd)
-    b.elem_flags = flags
-    _, err = _bpf(BPF_MAP_UPDATE_BATCH, attr)
+    err, written = _update_batch(fd, b"".join(keys), b"".join(values), len(keys), flags)
     if not err:
         return
     # Rejected before touching any element (count is left as passed, or 0): a map type without
     # batch support, or a bad first element, which the one-by-one path reports exactly.
-    if err in _NO_BATCH and b.count in (0, len(keys)):
+    if err in _NO_BATCH and written in (0, len(keys)):
         for k, v in zip(keys, values, strict=True):
             map_update(fd, k, v, flags)
         return
-    raise BpfError(err, "map_update_batch", f"fd {int(fd)}, {b.count}/{len(keys)} written")
+    raise BpfError(err, "map_update_batch", f"fd {int(fd)}, {written}/{len(keys)} written")
+
+
+def _update_batch(fd: int, keys: bytes, values: bytes, count: int, flags: int = BPF_ANY
+                  ) -> tuple[int, int]:
+    """One BPF_MAP_UPDATE_BATCH of ``count`` packed keys and values: (errno, count done)."""
+    kbuf, vbuf = _in_buf(keys), _in_buf(values)
+    attr = _BpfAttr()
+    b = attr.batch
+    b.keys = ctypes.addressof(kbuf)
+    b.values = ctypes.addressof(vbuf)
+    b.count = count
+    b.map_fd = int(fd)
+    b.elem_flags = flags
+    _, err = _bpf(BPF_MAP_UPDATE_BATCH, attr)
+    return err, b.count
+
+
+def array_fill(fd: int, values: bytes, value_size: int) -> None:
+    """Write indexes 0..n-1 of an array map from ``values`` (n packed values) in one call:
+    a ring of 65,537 slots without 65,537 Python objects."""
+    n = len(values) // value_size
+    import numpy as np  # only here: bpfsys is imported by readers that never fill arrays
+
+    keys = np.arange(n, dtype="<u4").tobytes()
+    err, written = _update_batch(fd, keys, values, n)
+    if err:
+        raise BpfError(err, "array_fill", f"fd {int(fd)}, {written}/{n} written")
 
 
 def map_delete_batch(fd: int, keys: Sequence[bytes]) -> int:

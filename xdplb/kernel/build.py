@@ -25,9 +25,9 @@ from xdplb.kernel.pinned import (
 )
 
 
-def build(ring_size: int, flow_max: int, pin_dir: Path) -> dict:
+def build(flow_max: int, pin_dir: Path) -> dict:
     """Compile, pin, and return the report (the ids of what was pinned)."""
-    program = compile_program(ring_size, flow_max, pin_dir)
+    program = compile_program(flow_max, pin_dir)
     try:
         staged = pin_dir / STAGED_PIN
         staged.unlink(missing_ok=True)  # left by a build whose agent died before attaching
@@ -40,12 +40,11 @@ def build(ring_size: int, flow_max: int, pin_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m {BUILD_MODULE}",
                                  description=__doc__.splitlines()[0])
-    ap.add_argument("--ring-size", type=int, required=True)
     ap.add_argument("--flow-max", type=int, required=True)
     ap.add_argument("--pin-dir", type=Path, required=True)
     args = ap.parse_args(argv)
     try:
-        report = build(args.ring_size, args.flow_max, args.pin_dir)
+        report = build(args.flow_max, args.pin_dir)
     except (CompileError, OSError) as e:
         print(json.dumps(report_error(e)), flush=True)
         return 1

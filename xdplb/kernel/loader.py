@@ -49,19 +49,17 @@ class Program:
 
 
 def generated_sources(
-    ring_size: int, flow_max: int, pin_dir: str | None, pinned: frozenset[str] | None = None
+    flow_max: int, pin_dir: str | None, pinned: frozenset[str] | None = None
 ) -> dict[str, str]:
     """The generated header and -D flags for one build."""
     return {
         "layout.h": render_structs() + render_maps(pin_dir, pinned),
-        "XL_RING_SIZE": f"{ring_size}u",
         "XL_FLOW_MAX": str(flow_max),
         "XL_HALF_OPEN_MAX": str(half_open_max(flow_max)),
     }
 
 
 def compile_program(
-    ring_size: int,
     flow_max: int,
     pin_dir: Path | None = None,
     source: str | Path = MAIN_SOURCE,
@@ -84,10 +82,9 @@ def compile_program(
     if pin_dir is not None and pinned is None:
         pin_dir.mkdir(parents=True, exist_ok=True)
 
-    gen = generated_sources(ring_size, flow_max, str(pin_dir) if pin_dir else None, pinned)
+    gen = generated_sources(flow_max, str(pin_dir) if pin_dir else None, pinned)
     text = inline_includes(source, {"layout.h": gen["layout.h"]}, dirs)
     cflags = [
-        f"-DXL_RING_SIZE={gen['XL_RING_SIZE']}",
         f"-DXL_FLOW_MAX={gen['XL_FLOW_MAX']}",
         f"-DXL_HALF_OPEN_MAX={gen['XL_HALF_OPEN_MAX']}",
         "-Wno-unused-function",

@@ -8,12 +8,12 @@ Keys and values are ctypes objects, or ints for scalar types.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xdplb.abi.codec import decode, encode
-from xdplb.abi.layout import MAP_BY_NAME, MAPS, Counter, MapSpec, Stat
+from xdplb.abi.layout import MAP_BY_NAME, MAPS, U32, Counter, MapSpec, Stat
 from xdplb.kernel import bpfsys
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ class KernelMaps:
         self.fds = {n: fd if isinstance(fd, bpfsys.Fd) else bpfsys.Fd(fd) for n, fd in fds.items()}
         self.own = own
         self._info = {name: bpfsys.map_info(fd) for name, fd in self.fds.items()}
+        self._rings: dict[int, tuple[int, bpfsys.Fd]] = {}  # vip id -> (ring map id, fd)
 
     @classmethod
     def open_pinned(cls, pin_dir: Path) -> KernelMaps:
@@ -51,12 +52,19 @@ class KernelMaps:
             for fd in self.fds.values():
                 bpfsys.close(fd)
         self.fds = {}
+        for _, fd in self._rings.values():
+            fd.close()
+        self._rings = {}
 
     def __enter__(self) -> KernelMaps:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def cpus(self) -> int:
+        """CPUs that per-CPU maps hold a copy for (and that count rates apart)."""
+        return bpfsys.possible_cpus()
 
     def max_entries(self, name: str) -> int:
         return self._info[name].max_entries
@@ -100,17 +108,80 @@ class KernelMaps:
             [encode(m.value, v) for _, v in pairs],
         )
 
-    def u32_slice(self, name: str, start: int, count: int) -> np.ndarray:
-        """Values ``start .. start+count-1`` of a u32 array map, by batch reads (an array
-        dumps in index order, so only the prefix up to the slice is read)."""
-        import numpy as np  # here: readers of single entries (`xdplb status`) skip numpy
+    def _ring_fd(self, vip_id: int) -> bpfsys.Fd | None:
+        """An fd of VIP ``vip_id``'s ring (the outer slot gives its map id), or None."""
+        map_id = self.lookup("maglev", vip_id)
+        if map_id is None:
+            return None
+        cached = self._rings.get(vip_id)
+        if cached and cached[0] == map_id:
+            return cached[1]
+        if cached:
+            cached[1].close()
+        fd = bpfsys.map_get_fd_by_id(map_id)
+        self._rings[vip_id] = (map_id, fd)
+        return fd
+
+    def ring(self, vip_id: int) -> np.ndarray | None:
+        """VIP ``vip_id``'s ring (backend id per slot), or None when it has none."""
+        import numpy as np
 
         from xdplb.kernel import bulk
 
+        fd = self._ring_fd(vip_id)
+        if fd is None:
+            return None
+        size = bpfsys.map_info(fd).max_entries
         u32 = np.dtype("<u4")
-        _, values = bulk.read_map(self.fds[name], u32, u32, batch=max(count, 1),
-                                  stop_after=start + count)
-        return values[start : start + count].astype(np.uint32)
+        _, values = bulk.read_map(fd, u32, u32, batch=size)
+        return values.astype(np.uint32)
+
+    def put_ring(self, vip_id: int, values: Sequence[int]) -> None:
+        """Give VIP ``vip_id`` a new ring holding ``values``: created and filled, then
+        swapped into the outer slot in one update (the data path sees the old ring or the
+        new one, whole)."""
+        # The template's flags too (layout.render_maps): the kernel compares them
+        fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, 4, 4, len(values),
+                               flags=bpfsys.BPF_F_INNER_MAP, name=f"xl_ring_{vip_id}")
+        try:
+            import numpy as np
+
+            bpfsys.array_fill(fd, np.asarray(values, dtype="<u4").tobytes(), 4)
+            self.update("maglev", vip_id, int(fd))
+        except BaseException:
+            fd.close()
+            raise
+        old = self._rings.pop(vip_id, None)
+        if old:
+            old[1].close()
+        self._rings[vip_id] = (bpfsys.map_info(fd).id, fd)
+
+    def ring_update(self, vip_id: int, slots: Iterable[tuple[int, int]]) -> None:
+        """Write single slots of VIP ``vip_id``'s existing ring."""
+        pairs = list(slots)
+        fd = self._ring_fd(vip_id)
+        if fd is None:
+            raise KeyError(f"VIP {vip_id} has no ring")
+        if pairs:
+            bpfsys.map_update_batch(fd, [bytes(U32(k)) for k, _ in pairs],
+                                    [bytes(U32(int(v))) for _, v in pairs])
+
+    def drop_ring(self, vip_id: int) -> bool:
+        """Take VIP ``vip_id``'s ring out (the kernel frees it with its last reference)."""
+        old = self._rings.pop(vip_id, None)
+        if old:
+            old[1].close()
+        return self.delete("maglev", vip_id)
+
+    def ring_memory(self) -> tuple[int, int]:
+        """(rings, bytes of kernel memory they hold): memlock of every VIP's ring map."""
+        n = total = 0
+        for vip_id in range(self.max_entries("maglev")):
+            fd = self._ring_fd(vip_id)
+            if fd is not None:
+                n += 1
+                total += bpfsys.map_memlock(fd)
+        return n, total
 
     def raw_items(self, name: str, batch: int = 8192) -> Iterator[tuple[bytes, bytes]]:
         """Entries as raw bytes (per-CPU values as whole per-CPU buffers)."""

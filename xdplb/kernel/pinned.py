@@ -55,14 +55,14 @@ class PinnedProgram:
             fd.close()
 
 
-def build_pinned(ring_size: int, flow_max: int, pin_dir: Path) -> PinnedProgram:
+def build_pinned(flow_max: int, pin_dir: Path) -> PinnedProgram:
     """Compile and load the program in a child process (maps pinned in, or reused from,
     ``pin_dir``) and open the result. Raises CompileError (or OSError) as an in-process
     compile would; leaves no staging pin behind on failure."""
     staged = pin_dir / STAGED_PIN
     # -P: `-m` would put the working directory first on sys.path, so an installed agent
     # started inside a checkout would build the checkout's sources instead of its own.
-    cmd = [sys.executable, "-P", "-m", BUILD_MODULE, "--ring-size", str(ring_size),
+    cmd = [sys.executable, "-P", "-m", BUILD_MODULE,
            "--flow-max", str(flow_max), "--pin-dir", str(pin_dir)]
     try:
         # stderr is inherited: XDPLB_BCC_VERBOSE output and a crash's traceback show as before.

@@ -69,14 +69,19 @@ class DesiredVip:
     def key(self) -> Service:
         return (self.address, self.port, self.proto)
 
+    @property
+    def ring_size(self) -> int:
+        """Slots of the VIP's Maglev ring (its table size)."""
+        return len(self.ring)
+
 
 @dataclass(frozen=True)
 class DesiredState:
     vips: tuple[DesiredVip, ...]
-    ring_size: int
     seed: int
     next_hop_ttl_ns: int = 0
     udp_idle_ns: int = 0
+    new_flow_rate: int = 0  # flows.new_flow_rate_limit: dsr new flows a second (0: no limit)
 
     def backend_ids(self) -> set[int]:
         return {b.backend_id for v in self.vips for b in v.backends}
@@ -157,7 +162,7 @@ def desired_state(
         backend_keys += [(vip_ids[vk], str(b.address), b.target_port(v)) for b in v.backends]
     backend_ids = _allocate(backend_keys, current.backend_ids, MAX_BACKENDS, "backends")
 
-    M, seed = cfg.maglev.table_size, cfg.maglev.seed
+    seed = cfg.maglev.seed
     vips = []
     for v, vk in zip(cfg.vips, vip_keys, strict=True):
         vid = vip_ids[vk]
@@ -168,17 +173,27 @@ def desired_state(
             weight = 0 if label in drained else b.weight
             bes.append(DesiredBackend(backend_ids[bk], bk[1], bk[2], weight, label in down))
         table = maglev.build_table(
-            [(b.maglev_key, 0 if b.down else b.weight) for b in bes], M, seed
+            [(b.maglev_key, 0 if b.down else b.weight) for b in bes], cfg.table_size_of(v), seed
         )
         ids = np.array([b.backend_id for b in bes] + [NO_BACKEND], dtype=np.uint32)
         ring = ids[np.where(table < 0, len(bes), table)]
         vips.append(DesiredVip(vid, v.name, vk[0], vk[1], vk[2], tuple(bes), ring,
                                MODES[v.mode], None if v.source is None else str(v.source),
                                v.port_range if v.forwarding == "fullnat" else (0, 0)))
-    state = DesiredState(tuple(vips), M, seed, cfg.flows.next_hop_cache_ms * 1_000_000,
-                         round(cfg.flows.udp_idle_timeout * 1e9))
+    state = DesiredState(tuple(vips), seed, cfg.flows.next_hop_cache_ms * 1_000_000,
+                         round(cfg.flows.udp_idle_timeout * 1e9), cfg.flows.new_flow_rate_limit)
     _check_reverse(state)
     return state
+
+
+def ring_slots(state: DesiredState) -> dict[int, int]:
+    """Slots each backend holds in its VIP's ring, by backend id (what readers show as its
+    Maglev share), without reading the rings back from the kernel."""
+    out: dict[int, int] = {}
+    for v in state.vips:
+        ids, counts = np.unique(v.ring[v.ring != NO_BACKEND], return_counts=True)
+        out.update(zip(ids.tolist(), counts.tolist(), strict=True))
+    return out
 
 
 def _check_reverse(state: DesiredState) -> None:

@@ -125,7 +125,7 @@ class Engine:
     def __init__(self, maps: KernelMaps | UserMaps, cfg: Config,
                  tx_ifindexes: list[int] | None = None) -> None:
         self.maps = maps
-        self.ring_size, self.flow_max = cfg.maglev.table_size, cfg.flows.max_entries
+        self.flow_max = cfg.flows.max_entries
         self.sync = MapSync(maps)
         self.state: DesiredState
         self.configure(cfg)
@@ -134,9 +134,9 @@ class Engine:
 
     def configure(self, cfg: Config, down: frozenset = frozenset()) -> None:
         """Apply a config (``down``: backend keys marked failed), as the agent does."""
-        if (cfg.maglev.table_size, cfg.flows.max_entries) != (self.ring_size, self.flow_max):
-            raise ValueError("maglev.table_size and flows.max_entries are fixed per engine "
-                             "(the BPF program is compiled with them)")
+        if cfg.flows.max_entries != self.flow_max:
+            raise ValueError("flows.max_entries is fixed per engine (the BPF program is "
+                             "compiled with it)")
         current = self.sync.read_current()
         self.state = desired_state(cfg, current, down)
         self.sync.apply(self.state, current)
@@ -169,6 +169,8 @@ class Engine:
         reason = next((c for c in _OUTCOME_NAMES if c in delta), verdict)
         if "reply" in delta:
             effect, backend = "reply", _endpoint(frame, src=True)
+        elif "new_flow_untracked" in delta:  # balanced over the new-flow rate, no entry
+            effect, backend = "untracked", None
         elif "new_flow" in delta or "flow_hit" in delta:
             effect = "hit" if "flow_hit" in delta else "rebalanced" if existed else "created"
             backend = self._flow_backend(key)
@@ -221,7 +223,7 @@ class BpfEngine(Engine):
     name = "bpf"
 
     def __init__(self, cfg: Config, tx_ifindexes: list[int] | None = None) -> None:
-        self.program: Program = compile_program(cfg.maglev.table_size, cfg.flows.max_entries)
+        self.program: Program = compile_program(cfg.flows.max_entries)
         super().__init__(KernelMaps(self.program.map_fds, own=False), cfg, tx_ifindexes)
 
     def _execute(self, frame: bytes, ingress_ifindex: int) -> tuple[str, bytes]:
@@ -239,9 +241,9 @@ class ScapyEngine(Engine):
     name = "scapy"
 
     def __init__(self, cfg: Config, tx_ifindexes: list[int] | None = None) -> None:
-        maps = UserMaps(cfg.maglev.table_size, cfg.flows.max_entries)
+        maps = UserMaps(cfg.flows.max_entries)
         self.fib = Fib()
-        self.datapath = PyDatapath(maps, self.fib, cfg.maglev.table_size)
+        self.datapath = PyDatapath(maps, self.fib)
         super().__init__(maps, cfg, tx_ifindexes)
 
     def _execute(self, frame: bytes, ingress_ifindex: int) -> tuple[str, bytes]:

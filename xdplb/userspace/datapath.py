@@ -25,6 +25,7 @@ from xdplb.abi.layout import (
     NO_BACKEND,
     NO_TX_SLOT,
     OUTER_TTL,
+    RATE_WINDOW_NS,
     Backend,
     BackendFlag,
     Counter,
@@ -113,10 +114,11 @@ def _stat_add(s: Stat | None, length: int, flows: int) -> None:
         s.flows += flows
 
 
-def _tcp_track(f: Flow, buf: bytearray, tcp: int, reply: bool) -> None:
-    """xl_tcp_track: coarse TCP state, enough to tell half-open, established and closing."""
+def _tcp_track(f: Flow, buf: bytearray, tcp: int, reply: bool) -> bool:
+    """xl_tcp_track: coarse TCP state, enough to tell half-open, established and closing.
+    True when it closes an established flow (counted by the caller: xl_flow_count)."""
     if tcp < 0:
-        return
+        return False
     flags = buf[tcp + 13]
     st = f.tcp_state
     if flags & TCP_RST:
@@ -127,25 +129,16 @@ def _tcp_track(f: Flow, buf: bytearray, tcp: int, reply: bool) -> None:
         st = TcpState.SYN_SEEN
     elif flags & TCP_ACK and not flags & TCP_SYN and st == TcpState.SYN_SEEN and not reply:
         st = TcpState.ESTABLISHED
+    closes = False
     if st != f.tcp_state:
+        closes = f.tcp_state == TcpState.ESTABLISHED and not _open_state(st)
         f.tcp_state = st
+    return closes
 
 
-def _flow_seen(f: Flow | None, buf: bytearray, p: Pkt, now: int, reply: bool
-               ) -> NextHop | None:
-    """xl_flow_seen: one packet of a tracked flow (None: none), one direction: last seen,
-    counters, TCP state. Returns that direction's next-hop cache."""
-    if f is None:
-        return None
-    f.last_ns = now
-    if reply:
-        f.rev_packets += 1
-        f.rev_bytes += len(buf)
-    else:
-        f.fwd_packets += 1
-        f.fwd_bytes += len(buf)
-    _tcp_track(f, buf, p.tcp, reply)
-    return f.rev_nh if reply else f.fwd_nh
+def _open_state(st: int) -> bool:
+    """xl_flow_open_state: is a confirmed flow in TCP state ``st`` still open?"""
+    return st not in (TcpState.FIN, TcpState.RST)
 
 
 def _rewrite(buf: bytearray, p: Pkt, addr: int, new_addr: bytes, port: int, new_port: int
@@ -197,21 +190,20 @@ def _confirms(buf: bytearray, p: Pkt) -> bool:
 
 
 class PyDatapath:
-    """xdplb_main() over UserMaps. ``ring_size`` is what the BPF program is compiled with
-    (XL_RING_SIZE), not what the meta map says."""
+    """xdplb_main() over UserMaps."""
 
-    def __init__(self, maps: UserMaps, fib: Fib, ring_size: int, clock=coarse_ns) -> None:
+    def __init__(self, maps: UserMaps, fib: Fib, clock=coarse_ns) -> None:
         t = maps.tables
         self.vips, self.vip_addrs, self.backends = t["vips"], t["vip_addrs"], t["backends"]
         self.maglev, self.flows, self.rev_nat = t["maglev"], t["flows"], t["rev_nat"]
         self.fnat_ports, self.fnat_cursor = t["fnat_ports"], t["fnat_cursor"]
         self.half_open, self.if_macs = t["half_open"], t["if_macs"]
+        self.new_flow_rate = t["new_flow_rate"]
         self.tracked = _Tracked(self.flows, self.half_open)
         self.tx_ports, self.tx_devs, self.meta = t["tx_ports"], t["tx_devs"], t["meta"]
         self.counters, self.vip_stats = t["counters"], t["vip_stats"]
         self.backend_stats, self.addr_filter = t["backend_stats"], t["addr_filter"]
         self.fib = fib
-        self.ring_size = ring_size
         self.clock = clock
 
     def run(self, frame: bytes, ingress_ifindex: int = 0) -> Outcome:
@@ -299,7 +291,7 @@ class PyDatapath:
                         return self._established(buf, p, f, be, ingress, now, fk, old)
                 vip = self.vips.ref(daddr + ADDR_PAD + dport + bytes((p.proto,)) + _FAMILY)
                 if vip is not None:
-                    return self._new_flow(buf, p, fk, vip, ingress, old)
+                    return self._new_flow(buf, p, fk, vip, ingress, f, old)
             if self._vip_addr(daddr):
                 # Rules for VIP addresses: fragments and IP options are never balanced.
                 if p.frag:
@@ -467,23 +459,29 @@ class PyDatapath:
         if self._ttl_expired(buf, p):
             return self._time_exceeded(buf, p, ingress)
         if where == _IN_HALF_OPEN and _confirms(buf, p):
-            f = self._promote(fk, f)
+            f = self._promote(fk, f, p.tcp >= 0)
         self._count(Counter.FLOW_HIT)
         return self._to_backend(buf, p, f, be, f.backend_id, f.vip_id, now, 0, ingress)
 
     def _new_flow(self, buf: bytearray, p: Pkt, fk: bytes, vip: VipInfo, ingress: int,
-                  old: int) -> tuple[int, int]:
-        """Client -> VIP without a flow that can take it: the Maglev ring picks."""
+                  of: Flow | None, old: int) -> tuple[int, int]:
+        """Client -> VIP without a flow that can take it: the Maglev ring picks (replacing
+        entry ``of``, found ``old``)."""
         if self._ttl_expired(buf, p):
             return self._time_exceeded(buf, p, ingress)
         saddr, daddr, sport, dport = fk[:4], fk[4:8], fk[8:10], fk[10:12]
         h = flow_hash(saddr, daddr, int.from_bytes(sport, "big"), int.from_bytes(dport, "big"),
                       p.proto, self.meta.ref(_ZERO).seed)
-        owner = self.maglev.ref(key_bytes(vip.vip_id * self.ring_size + h % self.ring_size))
-        if owner is None or owner.value == NO_BACKEND:
+        # The VIP's own ring; a slot outside it (ring_size naming a ring being swapped in)
+        # finds no owner, as the inner map lookup fails in the BPF program
+        ring = self.maglev.ring(vip.vip_id)
+        slot = h % vip.ring_size if vip.ring_size else 0
+        owner = int(ring[slot]) if ring is not None and vip.ring_size and slot < len(ring) \
+            else None
+        if owner is None or owner == NO_BACKEND:
             self._count(Counter.DROP_NO_BACKEND)
             return XDP_DROP, 0
-        bid = owner.value
+        bid = owner
         be = self.backends.ref(key_bytes(bid))
         if not _serves(be, daddr, dport, p.proto):
             self._count(Counter.DROP_NO_BACKEND)
@@ -504,18 +502,67 @@ class PyDatapath:
             nf.nat_addr[:] = src
         self._count(Counter.NEW_FLOW)
         verdict = self._to_backend(buf, p, nf, be, bid, vip.vip_id, now, 1, ingress)
-        # Into half_open until its next packet confirms it; an entry it replaces in flows goes
+        # Into half_open until its next packet confirms it; an entry it replaces in flows goes.
+        # Only dsr flows (whose replies need no entry) may go untracked, over the rate.
+        if nf.mode not in (_NAT, _FULLNAT) and not self._insert_allowed(now):
+            return verdict
         self.half_open.put(fk, nf)
-        if old == _IN_FLOWS:
+        if old == _IN_FLOWS and of is not None:
+            if _open_state(of.tcp_state):
+                self._flow_count(of, closed=True)  # replaced while open: its connection is over
             self.flows.remove(fk)
         return verdict
 
-    def _promote(self, fk: bytes, f: Flow) -> Flow:
-        """xl_promote: unconfirmed flow ``f`` moved into flows."""
+    def _flow_seen(self, f: Flow | None, buf: bytearray, p: Pkt, now: int, reply: bool
+                   ) -> NextHop | None:
+        """xl_flow_seen: one packet of a tracked flow (None: none), one direction: last seen,
+        counters, TCP state. Returns that direction's next-hop cache."""
+        if f is None:
+            return None
+        f.last_ns = now
+        if reply:
+            f.rev_packets += 1
+            f.rev_bytes += len(buf)
+        else:
+            f.fwd_packets += 1
+            f.fwd_bytes += len(buf)
+        if _tcp_track(f, buf, p.tcp, reply):
+            self._flow_count(f, closed=True)
+        return f.rev_nh if reply else f.fwd_nh
+
+    def _flow_count(self, f: Flow, closed: bool) -> None:
+        """xl_flow_count: one more opened (or closed) flow on its VIP and backend."""
+        for table, i in ((self.vip_stats, f.vip_id), (self.backend_stats, f.backend_id)):
+            s = table.ref(key_bytes(i))
+            if s is not None:
+                if closed:
+                    s.closed += 1
+                else:
+                    s.opened += 1
+
+    def _insert_allowed(self, now: int) -> bool:
+        """xl_insert_allowed: under meta.new_flows_per_cpu new flows in this window."""
+        limit = self.meta.ref(_ZERO).new_flows_per_cpu
+        if not limit:
+            return True
+        w = self.new_flow_rate.ref(_ZERO)
+        if (now - w.start_ns) % (1 << 64) >= RATE_WINDOW_NS:  # unsigned, as in C
+            w.start_ns, w.count = now, 0
+        if w.count >= limit:
+            self._count(Counter.NEW_FLOW_UNTRACKED)
+            return False
+        w.count += 1
+        return True
+
+    def _promote(self, fk: bytes, f: Flow, tcp: bool) -> Flow:
+        """xl_promote: unconfirmed flow ``f`` moved into flows (a TCP one is established)."""
         copy = Flow.from_buffer_copy(bytes(f))
+        if tcp:
+            copy.tcp_state = TcpState.ESTABLISHED
         self.flows.put(fk, copy)
         self.half_open.remove(fk)
         self._count(Counter.FLOW_CONFIRMED)
+        self._flow_count(copy, closed=False)
         return self.flows.ref(fk)
 
     def _to_backend(self, buf: bytearray, p: Pkt, f: Flow, be: Backend, bid: int,
@@ -524,7 +571,7 @@ class PyDatapath:
         destination, fullnat the source too, dsr/l2 only the MACs, dsr/ipip wraps the
         packet. ``f`` is the tracked entry, or a new one not inserted yet."""
         mode = f.mode
-        nh = _flow_seen(f, buf, p, now, False)
+        nh = self._flow_seen(f, buf, p, now, False)
         _stat_add(self.vip_stats.ref(key_bytes(vip_id)), len(buf), created)
         _stat_add(self.backend_stats.ref(key_bytes(bid)), len(buf), created)
         ip = p.ip
@@ -597,7 +644,7 @@ class PyDatapath:
         if self._ttl_expired(buf, p):  # to our own address: the kernel would not forward it
             return self._time_exceeded(buf, p, ingress)
         now = self.clock()
-        nh = _flow_seen(f, buf, p, now, True)
+        nh = self._flow_seen(f, buf, p, now, True)
         self._count(Counter.REPLY)
         ip = p.ip
         vip, client = fk[4:8], fk[0:4]
@@ -657,7 +704,7 @@ class PyDatapath:
         if self._ttl_expired(buf, p):
             return self._pass(Counter.PASS_TTL)
         now = self.clock()
-        nh = _flow_seen(f, buf, p, now, True)
+        nh = self._flow_seen(f, buf, p, now, True)
         self._count(Counter.REPLY)
         ip = p.ip
         h, too_big = self._route(buf, p, ingress, nh, now, bytes(t.vip_addr),

@@ -65,9 +65,9 @@ class ScapyForwarder:
 
     def __init__(self, cfg: Config, ifaces: dict[str, int],
                  publish: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self.maps = UserMaps(cfg.maglev.table_size, cfg.flows.max_entries)
+        self.maps = UserMaps(cfg.flows.max_entries)
         self.fib = Fib()
-        self.datapath = PyDatapath(self.maps, self.fib, cfg.maglev.table_size)
+        self.datapath = PyDatapath(self.maps, self.fib)
         self.ifaces = dict(ifaces)
         self.publish = publish
         self.guard = nftguard.Guard(nftguard.table_name(list(ifaces.values())), list(ifaces))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import errno
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,7 +39,7 @@ from xdplb.kernel import bpfsys
 from xdplb.kernel.maps import KernelMaps
 
 
-def map_sizes(ring_size: int, flow_max: int) -> dict[str, int]:
+def map_sizes(flow_max: int) -> dict[str, int]:
     """max_entries of every map, from the same constants the BPF program is compiled with."""
     consts = {
         "XL_MAX_VIPS": MAX_VIPS,
@@ -47,13 +47,12 @@ def map_sizes(ring_size: int, flow_max: int) -> dict[str, int]:
         "XL_MAX_TX_PORTS": MAX_TX_PORTS,
         "XL_IF_MACS": IF_MACS,
         "XL_MAX_REV_NAT": MAX_REV_NAT,
-        "XL_RING_SIZE": ring_size,
         "XL_FLOW_MAX": flow_max,
         "XL_HALF_OPEN_MAX": half_open_max(flow_max),
         "XL_COUNTER_MAX": int(Counter.MAX),
         "XL_ADDR_FILTER_SIZE": 1 << ADDR_FILTER_BITS,
     }
-    # "XL_MAX_VIPS * XL_RING_SIZE" and friends: products of named constants or numbers
+    # "XL_MAX_VIPS" and friends: products of named constants or numbers
     return {m.name: _product(m.max_entries, consts) for m in MAPS}
 
 
@@ -151,16 +150,41 @@ class LruTable(Table):
         self.data.move_to_end(key)
 
 
-_TABLES = {"array": ArrayTable, "percpu_array": ArrayTable, "lru_hash": LruTable}
+class RingsTable(Table):
+    """The array of maps ``maglev``: slot (VIP id) -> the map id of that VIP's ring, and the
+    rings themselves (uint32 arrays the engine indexes), as the kernel holds inner maps."""
+
+    def __init__(self, spec: MapSpec, max_entries: int) -> None:
+        super().__init__(spec, max_entries)
+        self.rings: dict[int, np.ndarray] = {}
+        self.next_id = 1
+
+    def ring(self, vip_id: int) -> np.ndarray | None:
+        return self.rings.get(vip_id)
+
+    def put_ring(self, vip_id: int, values: np.ndarray) -> None:
+        if vip_id >= self.max_entries:
+            raise OSError(errno.E2BIG, f"index {vip_id} out of map {self.spec.name}")
+        self.rings[vip_id] = values
+        self.data[key_bytes(vip_id)] = U32(self.next_id)
+        self.next_id += 1
+
+    def remove(self, key: bytes) -> bool:
+        self.rings.pop(int.from_bytes(key, "little"), None)
+        return super().remove(key)
+
+
+_TABLES = {"array": ArrayTable, "percpu_array": ArrayTable, "lru_hash": LruTable,
+           "array_of_maps": RingsTable}
 
 
 class UserMaps(KernelMaps):
     """Every map of the data path, in this process: a ``KernelMaps`` (``items``,
     ``percpu_sums`` and the context manager are inherited) whose entries live in Tables."""
 
-    def __init__(self, ring_size: int, flow_max: int) -> None:
+    def __init__(self, flow_max: int) -> None:
         # KernelMaps.__init__ is not called: it opens map fds, and there are none here.
-        sizes = map_sizes(ring_size, flow_max)
+        sizes = map_sizes(flow_max)
         self.tables = {m.name: _TABLES.get(m.kind, Table)(m, sizes[m.name]) for m in MAPS}
         self.writes = 0  # control-plane updates and deletes so far: readers notice changes
 
@@ -170,11 +194,44 @@ class UserMaps(KernelMaps):
     def close(self) -> None:
         """Nothing to release."""
 
-    def u32_slice(self, name: str, start: int, count: int) -> np.ndarray:
-        return np.array([self.lookup(name, start + i) for i in range(count)], dtype=np.uint32)
+    def cpus(self) -> int:
+        # The kernel's count, so that both engines get the same meta (per-CPU shares of a
+        # rate): this one CPU then admits one share of it.
+        return bpfsys.possible_cpus()
 
     def max_entries(self, name: str) -> int:
         return self.tables[name].max_entries
+
+    # --- Maglev rings (KernelMaps' interface) ----------------------------------------------
+
+    @property
+    def _rings(self) -> RingsTable:
+        t = self.tables["maglev"]
+        assert isinstance(t, RingsTable)
+        return t
+
+    def ring(self, vip_id: int) -> np.ndarray | None:
+        r = self._rings.ring(vip_id)
+        return None if r is None else r.copy()
+
+    def put_ring(self, vip_id: int, values: Sequence[int]) -> None:
+        self._rings.put_ring(vip_id, np.array(values, dtype=np.uint32))
+        self.writes += 1
+
+    def ring_update(self, vip_id: int, slots: Iterable[tuple[int, int]]) -> None:
+        r = self._rings.ring(vip_id)
+        if r is None:
+            raise KeyError(f"VIP {vip_id} has no ring")
+        for k, v in slots:
+            r[k] = v
+        self.writes += 1
+
+    def drop_ring(self, vip_id: int) -> bool:
+        return self.delete("maglev", vip_id)
+
+    def ring_memory(self) -> tuple[int, int]:
+        rings = self._rings.rings
+        return len(rings), sum(4 * len(r) for r in rings.values())
 
     # --- single entries --------------------------------------------------------------------
 
