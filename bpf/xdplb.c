@@ -110,12 +110,14 @@ static __always_inline int xl_new_flow(struct xdp_md *ctx, struct xl_pkt *p,
     __u32 size = vip->ring_size;
     void *ring = maglev.lookup(&vip_id);
     __u32 slot = size ? h % size : 0;
-    __u32 *owner = ring && size ? bpf_map_lookup_elem(ring, &slot) : NULL;
-    if (!owner || *owner == XL_NO_BACKEND) {
+    __u32 word = slot / XL_RING_SLOTS_PER_WORD; /* u16 slots, four to a word (abi/ring.py) */
+    __u64 *w = ring && size ? bpf_map_lookup_elem(ring, &word) : NULL;
+    __u32 bid = w ? (*w >> ((slot % XL_RING_SLOTS_PER_WORD) * 16)) & 0xFFFF
+                  : XL_RING_NO_BACKEND;
+    if (bid == XL_RING_NO_BACKEND) {
         xl_count(XL_C_DROP_NO_BACKEND);
         return XDP_DROP;
     }
-    __u32 bid = *owner;
     struct xl_backend *be = backends.lookup(&bid);
     if (!xl_backend_serves(be, p)) {
         xl_count(XL_C_DROP_NO_BACKEND);

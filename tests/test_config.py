@@ -809,7 +809,7 @@ def test_ring_memory_follows_the_tables(tmp_path: Path) -> None:
     text = _pool(n + 1, 1)
     msg = only_error(tmp_path, text)
     assert msg == (f"pool.yaml:1: vips: the VIPs' Maglev tables have {(n + 1) * 65537} slots in "
-                   f"all ({(n + 1) * 65537 * 4 >> 20} MiB of kernel memory); the data path holds "
+                   f"all ({(n + 1) * 65537 * 2 >> 20} MiB of kernel memory); the data path holds "
                    f"at most {MAX_RING_SLOTS}: give VIPs of few backends a smaller table "
                    "(vips[].maglev.table_size)")
     # The same VIPs with small tables of their own fit

@@ -400,7 +400,7 @@ def test_rings_read_back_as_written(eng):
     engine, _, _ = eng
     fresh = MapSync(engine.maps)  # a new agent: no ring cache
     for v in engine.state.vips:
-        got = fresh._ring_now(v.vip_id)
+        got = fresh._ring_now(v.vip_id, v.ring_size)
         assert (got == v.ring.astype("uint32")).all(), v.name
     assert fresh.apply(engine.state, fresh.read_current()).slots_written == 0
 
@@ -416,7 +416,7 @@ def test_table_size_changes_on_reload(eng):
             engine.configure(config(web=WEB.backends, table=size))
             web = next(v for v in engine.state.vips if v.name == "web")
             assert engine.maps.lookup("vips", vip_key(*web.key)).ring_size == size
-            assert engine.maps.ring(web.vip_id).tolist() == web.ring.tolist()
+            assert engine.maps.ring(web.vip_id, size).tolist() == web.ring.tolist()
             assert len(web.ring) == size
             r = engine.run(syn(sport=42000, flags="A"), d0)
             assert r.counters.get("flow_hit") == 1 and Ether(r.data)[IP].dst == kept

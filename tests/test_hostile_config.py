@@ -71,7 +71,7 @@ HOSTILE: dict[str, tuple[Callable[[], str | bytes], str]] = {
     "nul-bytes": (lambda: GOOD.replace("name: web", "name: w\0eb").encode(),
                   "control character U+0000"),
     f"{OVER_RINGS}-vips": (lambda: pool_yaml(*_many_vips(OVER_RINGS)),
-                           f"slots in all ({OVER_RINGS * 65537 * 4 >> 20} MiB of kernel memory)"),
+                           f"slots in all ({OVER_RINGS * 65537 * 2 >> 20} MiB of kernel memory)"),
     f"{MAX_VIPS + 1}-vips": (lambda: pool_yaml(*_many_vips(MAX_VIPS + 1, 13)),
                              f"{MAX_VIPS + 1} VIPs: the data path holds at most {MAX_VIPS}"),
     f"{MAX_BACKENDS + 1}-backends": (
@@ -199,7 +199,7 @@ def test_reload_refuses_hostile_files_while_traffic_flows(running: Running) -> N
 @pytest.mark.root
 def test_1024_vips_balanced_while_traffic_flows(running: Running) -> None:
     """A reload to 1,024 VIPs (the lab's two and 1,022 more, at the default table size:
-    256 MiB of rings) applies, and the last VIP balances; then back to two, the rings freed.
+    128 MiB of rings) applies, and the last VIP balances; then back to two, the rings freed.
     The streams never break."""
     many = _many_vips(1022)
     running.config.write_text(pool_yaml(Vip("web", 80, (BE1, BE2)),

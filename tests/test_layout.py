@@ -57,3 +57,27 @@ def test_bcc_sees_the_same_layouts():
         assert bpfsys.map_info(prog.map_fds["maglev"]).max_entries == MAX_VIPS  # of rings
     finally:
         prog.close()
+
+
+def test_ring_packing_round_trip():
+    """A ring's u16 slots, four to a word: padding slots read as no backend, ids as they were;
+    words of another ring's size come back whole."""
+    import numpy as np
+
+    from xdplb.abi import ring
+    from xdplb.abi.layout import MAX_BACKENDS, NO_BACKEND
+
+    for size in (3, 5, 251, 65537):
+        ids = np.arange(size, dtype=np.uint32) % MAX_BACKENDS
+        ids[::7] = NO_BACKEND
+        blob = ring.pack(ids)
+        assert len(blob) == 8 * ring.words(size) and ring.words(size) == -(-size // 4)
+        assert (ring.unpack(blob, size) == ids).all()
+        whole = ring.unpack(blob)
+        assert len(whole) == 4 * ring.words(size) and (whole[size:] == NO_BACKEND).all()
+        # slot k is bits 16 * (k % 4) of word k // 4, as bpf/xdplb.c reads it
+        last = ring.words(size) - 1
+        word = int.from_bytes(blob[8 * last : 8 * last + 8], "little")
+        want = [int(ids[k]) if k < size else NO_BACKEND for k in range(4 * last, 4 * last + 4)]
+        assert [(word >> (16 * j)) & 0xFFFF for j in range(4)] == \
+            [0xFFFF if i == NO_BACKEND else i for i in want]

@@ -114,7 +114,7 @@ def test_mapsync_drives_it_unchanged():
     assert cur.vip_ids == {v.key: v.vip_id for v in desired.vips}
     assert set(cur.backend_ids.values()) == desired.backend_ids()
     web = next(v for v in desired.vips if v.name == "web")
-    assert m.ring(web.vip_id).tolist() == web.ring.tolist()
+    assert m.ring(web.vip_id, 251).tolist() == web.ring.tolist()
     assert m.lookup("vips", vip_key(*web.key)).ring_size == 251
     # A second apply of the same state writes nothing new to the ring.
     rep = MapSync(m).apply(desired_state(cfg, cur), cur)
@@ -131,5 +131,5 @@ def test_same_content_as_kernel_maps():
         for name in ("vips", "vip_addrs", "backends", "meta", "tx_ports", "tx_devs"):
             assert dict(k.maps.raw_items(name)) == dict(u.maps.raw_items(name)), name
         for v in k.state.vips:
-            assert k.maps.ring(v.vip_id).tolist() == u.maps.ring(v.vip_id).tolist() \
+            assert k.maps.ring(v.vip_id, 251).tolist() == u.maps.ring(v.vip_id).tolist() \
                 == v.ring.tolist()

@@ -25,13 +25,15 @@ FAMILY_IPV4 = 2  # AF_INET
 
 # Sizing. Each VIP's Maglev ring is a map of its own (``maglev``: an array of maps), so ring
 # memory follows the VIPs configured and their table sizes; MAX_RING_SLOTS bounds the sum
-# (4 bytes a slot). Backends are per (VIP, backend) pair.
+# (2 bytes a slot: abi/ring.py). Backends are per (VIP, backend) pair.
 MAX_VIPS = 4096
-MAX_BACKENDS = 16384
+MAX_BACKENDS = 16384  # < RING_NO_BACKEND: a ring slot is a u16
 MAX_RING_SLOTS = 1 << 27
 MAX_TX_PORTS = 64
 IF_MACS = 256  # if_macs slots: an attached interface's MAC at slot ifindex % IF_MACS
-NO_BACKEND = 0xFFFFFFFF  # Maglev slot value for "no backend"
+NO_BACKEND = 0xFFFFFFFF  # backend id of "no backend"
+# A ring slot is a u16 backend id (MAX_BACKENDS fits), four to a u64 word: abi/ring.py
+RING_SLOTS_PER_WORD, RING_NO_BACKEND = 4, 0xFFFF
 NO_TX_SLOT = 0xFFFFFFFF  # NextHop.tx_slot: leave by XDP_TX
 ADDR_FILTER_BITS = 16
 ADDR_MAYBE_VIP, ADDR_MAYBE_BACKEND, ADDR_MAYBE_LB_SOURCE = 1, 2, 4
@@ -411,9 +413,10 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec("vips", "hash", VipKey, VipInfo, "XL_MAX_VIPS"),
     MapSpec("vip_addrs", "hash", AddrKey, U32, "XL_MAX_VIPS"),
     MapSpec("backends", "array", U32, Backend, "XL_MAX_BACKENDS"),
-    # Array of maps: slot vip_id holds that VIP's ring, a u32 array of VipInfo.ring_size
-    # backend ids (RING_TEMPLATE). The agent creates, fills and swaps rings whole, so a VIP's
-    # table size can change on reload; readers open a ring by the map id the slot gives.
+    # Array of maps: slot vip_id holds that VIP's ring, VipInfo.ring_size u16 backend ids
+    # packed four to a u64 word (RING_TEMPLATE, abi/ring.py). The agent creates, fills and
+    # swaps rings whole, so a VIP's table size can change on reload; readers open a ring by
+    # the map id the slot gives.
     MapSpec("maglev", "array_of_maps", U32, U32, "XL_MAX_VIPS"),
     # One common LRU list: per-CPU lists (BPF_F_NO_COMMON_LRU) measured slower for inserts
     # here (bench/perpacket.py: 1395 vs 1135 ns for a new flow) and split the capacity.
@@ -504,6 +507,8 @@ def render_structs() -> str:
         f"#define XL_MAX_TX_PORTS {MAX_TX_PORTS}",
         f"#define XL_IF_MACS {IF_MACS}",
         f"#define XL_NO_BACKEND {NO_BACKEND}u",
+        f"#define XL_RING_SLOTS_PER_WORD {RING_SLOTS_PER_WORD}",
+        f"#define XL_RING_NO_BACKEND {RING_NO_BACKEND}",
         f"#define XL_NO_TX_SLOT {NO_TX_SLOT}u",
         f"#define XL_FAMILY_IPV4 {FAMILY_IPV4}",
         f"#define XL_ADDR_FILTER_BITS {ADDR_FILTER_BITS}",
@@ -541,7 +546,7 @@ def render_maps(pin_dir: str | None, pinned: frozenset[str] | None = None,
         if m.kind == "array_of_maps":
             # BCC creates the outer map from a template inner map; BPF_F_INNER_MAP lets the
             # inner maps differ from it in size (each VIP's table size)
-            out.append(f'BPF_F_TABLE("array", __u32, __u32, {RING_TEMPLATE}, 1, '
+            out.append(f'BPF_F_TABLE("array", __u32, __u64, {RING_TEMPLATE}, 1, '
                        f"BPF_F_INNER_MAP);")
             kind = kind.replace(m.kind, f"{m.kind}${RING_TEMPLATE}")
             out.append(f"BPF_TABLE({kind}, __u32, __u32, {m.name}, {m.max_entries});")

@@ -52,9 +52,9 @@ class FaultyMaps:
         fire("map_write")
         self._maps.put_ring(vip_id, values)
 
-    def ring_update(self, vip_id: int, slots: Any) -> None:
+    def ring_update(self, vip_id: int, values: Any, changed: Any) -> None:
         fire("map_write")
-        self._maps.ring_update(vip_id, slots)
+        self._maps.ring_update(vip_id, values, changed)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._maps, name)

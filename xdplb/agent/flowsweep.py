@@ -43,16 +43,20 @@ def read_table(maps: Any) -> FlowTable:
                      maps.max_entries("flows"), in_flows)
 
 
-def open_counts(stats: dict[int, Stat]) -> dict[int, int]:
-    """Open flows by the data path's counts alone (opened - closed), non-zero ones."""
-    return {i: s.opened - s.closed for i, s in stats.items() if s.opened != s.closed}
+def open_counts(stats: np.ndarray) -> dict[int, int]:
+    """Open flows by the data path's counts alone (opened - closed), non-zero ones, from
+    ``KernelMaps.percpu_array`` of a Stat map."""
+    names = [name for name, _ in Stat._fields_]
+    diff = stats[:, names.index("opened")].astype(np.int64) \
+        - stats[:, names.index("closed")].astype(np.int64)
+    return {int(i): int(diff[i]) for i in np.nonzero(diff)[0]}
 
 
 def sweep(maps: KernelMaps) -> dict[str, Any]:
     """One reading: per VIP and backend, the open entries really there, the active ones,
     and the unseen ends (counters first, then the tables: a flow opening in between counts
     in the table only, so unseen errs low, never hides a flow)."""
-    claimed = {kind: open_counts(maps.percpu_sums(f"{kind}_stats")) for kind in SIZES}
+    claimed = {kind: open_counts(maps.percpu_array(f"{kind}_stats")) for kind in SIZES}
     t = read_table(maps)
     open_mask = t.confirmed() & ~np.isin(t.flows["tcp_state"], CLOSED)
     active = t.active()

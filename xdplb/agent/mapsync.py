@@ -76,10 +76,11 @@ class MapSync:
                 cur.backend_ids[(be.vip_id, ipv4_of(be.addr), from_be16(be.port))] = bid
         return cur
 
-    def _ring_now(self, vip_id: int) -> np.ndarray | None:
-        """The ring of ``vip_id`` as the maps hold it (as last written, or read once)."""
+    def _ring_now(self, vip_id: int, size: int) -> np.ndarray | None:
+        """The ring of ``vip_id`` as the maps hold it (as last written, or read once; of
+        ``size`` slots when it is a ring of that size)."""
         if vip_id not in self.rings:
-            ring = self.maps.ring(vip_id)
+            ring = self.maps.ring(vip_id, size)
             if ring is None:
                 return None
             self.rings[vip_id] = ring
@@ -217,10 +218,10 @@ class MapSync:
         ring it finds are written in an order that keeps every slot the data path computes
         inside the ring: a smaller table's size first, a larger table's after (step 5)."""
         new = v.ring.astype(np.uint32)
-        have = self._ring_now(v.vip_id)
+        have = self._ring_now(v.vip_id, len(new))
         if have is not None and len(have) == len(new):
             changed = np.nonzero(have != new)[0]
-            self.maps.ring_update(v.vip_id, ((int(i), int(new[i])) for i in changed))
+            self.maps.ring_update(v.vip_id, new, changed)
             self.rings[v.vip_id] = new
             return len(changed)
         if have is not None and len(new) < len(have):

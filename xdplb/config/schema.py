@@ -281,7 +281,7 @@ class Backend(_Model):
 
 class VipMaglev(_Model):
     """A VIP's own Maglev table size (its ring is a map of its own), e.g. a small prime for
-    the many VIPs of few backends each: kernel memory is 4 bytes a slot."""
+    the many VIPs of few backends each: kernel memory is 2 bytes a slot."""
 
     table_size: TableSize
 
@@ -545,7 +545,7 @@ def table_fit_problems(maglev: Maglev, vips: Sequence[VipFacts]) -> list[Problem
             msg = f"Maglev table_size {size} must be greater than the number of backends"
             problems.append((loc, f"{msg} (VIP {label} has {vip.n_backends})", None))
     if total > MAX_RING_SLOTS:
-        msg = (f"the VIPs' Maglev tables have {total} slots in all ({total * 4 >> 20} MiB of "
+        msg = (f"the VIPs' Maglev tables have {total} slots in all ({total * 2 >> 20} MiB of "
                f"kernel memory); the data path holds at most {MAX_RING_SLOTS}: give VIPs of "
                "few backends a smaller table (vips[].maglev.table_size)")
         problems.append(((("maglev", "table_size") if explicit else ("vips",)), msg, None))

@@ -7,13 +7,14 @@ live agent (only pins left) VIPs go by address:port.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from xdplb.abi.codec import PROTO_NAMES, PROTOCOLS, from_be16, ipv4_of
-from xdplb.abi.layout import BackendFlag, Forwarding
+from xdplb.abi.layout import Backend, BackendFlag, Forwarding
 from xdplb.instance import pins, runfiles
 from xdplb.kernel.maps import KernelMaps
 
@@ -109,14 +110,21 @@ class Catalog:
             vips[info.vip_id] = VipRef(info.vip_id, *key, names.get(key), info.mode, ports,
                                        info.ring_size)
         backends = {}
-        # Plain ints: IntFlag's & costs more than the rest of a slot's decoding, times 4096.
+        # Plain ints: IntFlag's & costs more than the rest of a slot's decoding; and only
+        # the slots in use are decoded (their flags byte read in place), of 16,384.
         valid, down = int(BackendFlag.VALID), int(BackendFlag.DOWN)
-        for bid, be in maps.items("backends"):
-            if be.flags & valid:
-                src = bytes(be.src)[:4]
-                backends[bid] = BackendRef(bid, be.vip_id, ipv4_of(be.addr), from_be16(be.port),
-                                           be.weight, bool(be.flags & down),
-                                           ipv4_of(src) if any(src) else None)
+        size, flags_at = ctypes.sizeof(Backend), Backend.flags.offset
+        bid = 0
+        for chunk in maps.raw_values("backends"):
+            for at in range(0, len(chunk), size):
+                if chunk[at + flags_at] & valid:
+                    be = Backend.from_buffer_copy(chunk, at)
+                    src = bytes(be.src)[:4]
+                    backends[bid] = BackendRef(bid, be.vip_id, ipv4_of(be.addr),
+                                               from_be16(be.port), be.weight,
+                                               bool(be.flags & down),
+                                               ipv4_of(src) if any(src) else None)
+                bid += 1
         meta = maps.lookup("meta", 0)
         return cls(vips, backends, meta.seed, meta.udp_idle_ns)
 
@@ -204,5 +212,5 @@ def split_endpoint(spec: str, port_required: bool = True) -> tuple[str | None, i
 def read_rings(maps: KernelMaps, cat: Catalog) -> dict[int, np.ndarray]:
     """Each VIP's Maglev ring (backend id per slot), by VIP id; a VIP without one (being
     added) is left out."""
-    rings = {vid: maps.ring(vid) for vid in cat.vips}
+    rings = {vid: maps.ring(vid, v.ring_size) for vid, v in cat.vips.items()}
     return {vid: r for vid, r in rings.items() if r is not None}

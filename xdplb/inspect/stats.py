@@ -14,11 +14,21 @@ from typing import Any
 
 import numpy as np
 
-from xdplb.abi.layout import MAX_BACKENDS, MAX_VIPS
+from xdplb.abi.layout import MAX_BACKENDS, MAX_VIPS, Stat
 from xdplb.inspect.reader import Reader
 from xdplb.kernel.maps import read_counters
 
 RATED = ("packets", "bytes", "new_flows")
+_STAT = {name: i for i, (name, _) in enumerate(Stat._fields_)}  # columns of stat_sums
+
+
+def stat_sums(r: Reader, kind: str) -> np.ndarray:
+    """``vip_stats`` or ``backend_stats`` summed over CPUs (row per id, column per Stat
+    field), read once per Reader: every row of a reading shares it."""
+    cache = r.__dict__.setdefault("_stat_sums", {})
+    if kind not in cache:
+        cache[kind] = r.maps.percpu_array(f"{kind}_stats")
+    return cache[kind]
 
 
 def flow_counts(r: Reader, kind: str, size: int, sweep: dict[str, Any] | None
@@ -27,7 +37,8 @@ def flow_counts(r: Reader, kind: str, size: int, sweep: dict[str, Any] | None
     entries) and ``active_flows`` from the flow table, or from the agent's last ``sweep``
     without reading the table; ``open_flows`` from the data path's per-connection counts
     less the ends the sweep found unseen."""
-    stat = r.maps.percpu_sums(f"{kind}_stats")
+    stat = stat_sums(r, kind)
+    flows_, opened, closed = _STAT["flows"], _STAT["opened"], _STAT["closed"]
     if sweep is None:
         t = r.flows
         col = f"{kind}_id"
@@ -38,12 +49,12 @@ def flow_counts(r: Reader, kind: str, size: int, sweep: dict[str, Any] | None
         table = {int(i): row for i, row in sweep.get(f"{kind}s", {}).items()}
 
     def counts(i: int) -> dict[str, int]:
-        s, row = stat[i], table.get(i, {})
+        s, row = stat[i].tolist(), table.get(i, {})  # Python ints
         unseen = row.get("unseen", 0) if sweep is not None else 0
-        return {"new_flows": s.flows, "flows": row.get("flows", 0),
+        return {"new_flows": s[flows_], "flows": row.get("flows", 0),
                 "active_flows": row.get("active_flows", 0),
-                "open_flows": max(0, s.opened - s.closed - unseen),
-                "opened_flows": s.opened, "closed_flows": s.closed}
+                "open_flows": max(0, s[opened] - s[closed] - unseen),
+                "opened_flows": s[opened], "closed_flows": s[closed]}
 
     return counts
 
@@ -52,13 +63,14 @@ def collect(r: Reader, sweep: dict[str, Any] | None = None) -> dict[str, Any]:
     """One reading of an instance's counters (rate fields null: see ``add_rates``). Given
     the agent's last ``sweep`` (metrics), the flow table is not read: O(VIPs + backends)."""
     cat = r.catalog
-    stats = {kind: r.maps.percpu_sums(f"{kind}_stats") for kind in ("vip", "backend")}
+    stats = {kind: stat_sums(r, kind) for kind in ("vip", "backend")}
+    packets, bytes_ = _STAT["packets"], _STAT["bytes"]
     counts = {kind: flow_counts(r, kind, size, sweep)
               for kind, size in (("vip", MAX_VIPS), ("backend", MAX_BACKENDS))}
 
     def row(ident: dict[str, Any], kind: str, i: int) -> dict[str, Any]:
-        stat = stats[kind][i]
-        return {**ident, "packets": stat.packets, "bytes": stat.bytes, **counts[kind](i),
+        stat = stats[kind][i].tolist()
+        return {**ident, "packets": stat[packets], "bytes": stat[bytes_], **counts[kind](i),
                 **{f"{k}_per_s": None for k in RATED}}
 
     vips = [row(cat.vip_json(v), "vip", v) for v in sorted(cat.vips)]

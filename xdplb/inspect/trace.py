@@ -188,7 +188,7 @@ def model(maps: KernelMaps, cat: Catalog, p: Probe, live: Live) -> dict[str, Any
     h = flow_hash(ipaddress.IPv4Address(p.src).packed, ipaddress.IPv4Address(p.dst).packed,
                   p.sport, p.dport, p.proto, cat.seed)
     slot = h % vip.ring_size if vip.ring_size else 0
-    table = maps.ring(vip.id)
+    table = maps.ring(vip.id, vip.ring_size)
     owner = int(table[slot]) if table is not None and slot < len(table) else NO_BACKEND
     ring = {"hash": h, "seed": cat.seed, "ring_size": vip.ring_size, "slot": slot,
             "owner": None if owner == NO_BACKEND else owner}

@@ -779,11 +779,6 @@ def map_keys(fd: int, key_size: int) -> Iterator[bytes]:
 _NO_BATCH = (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP)
 
 
-def _split(buf: ctypes.Array, size: int, count: int) -> list[bytes]:
-    raw = ctypes.string_at(buf, size * count)
-    return [raw[i : i + size] for i in range(0, size * count, size)]
-
-
 def map_lookup_batch(
     fd: int, key_size: int, value_size: int, batch: int = 4096
 ) -> Iterator[tuple[list[bytes], list[bytes]]]:
@@ -793,6 +788,17 @@ def map_lookup_batch(
     values are whole per-CPU buffers. A chunk is larger than `batch` only when one hash bucket
     holds more entries than that. A map changing meanwhile may be seen partly.
     """
+    vsize = _layout(fd).value_buf_size
+    for keys, vals, got in map_lookup_batch_raw(fd, key_size, value_size, batch):
+        yield [keys[i * key_size:(i + 1) * key_size] for i in range(got)], \
+            [vals[i * vsize:(i + 1) * vsize] for i in range(got)]
+
+
+def map_lookup_batch_raw(
+    fd: int, key_size: int, value_size: int, batch: int = 4096
+) -> Iterator[tuple[bytes, bytes, int]]:
+    """map_lookup_batch's chunks as packed bytes: (keys, values, count), no object per entry
+    (for numpy readers)."""
     info = _layout(fd)
     if key_size != info.key_size:
         raise ValueError(f"map_lookup_batch: key_size {key_size}, map has {info.key_size}")
@@ -832,14 +838,16 @@ def map_lookup_batch(
                 vals = ctypes.create_string_buffer(vsize * cap)
             continue
         if err in _NO_BATCH and first:
-            yield from _lookup_batch_fallback(fd, key_size, value_size, batch)
+            for ks, vs in _lookup_batch_fallback(fd, key_size, value_size, batch):
+                yield b"".join(ks), b"".join(vs), len(ks)
             return
         if err and err != errno.ENOENT:
             raise BpfError(err, "map_lookup_batch", f"fd {int(fd)}")
         first = False
         got = b.count
         if got:
-            yield _split(keys, key_size, got), _split(vals, vsize, got)
+            yield (ctypes.string_at(keys, key_size * got), ctypes.string_at(vals, vsize * got),
+                   got)
         # ENOENT marks the end, and may come with the last entries.
         if err == errno.ENOENT:
             return

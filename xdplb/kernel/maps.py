@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xdplb.abi.codec import decode, encode
-from xdplb.abi.layout import MAP_BY_NAME, MAPS, U32, Counter, MapSpec, Stat
+from xdplb.abi.layout import MAP_BY_NAME, MAPS, RING_SLOTS_PER_WORD, U32, Counter, MapSpec, Stat
 from xdplb.kernel import bpfsys
 
 if TYPE_CHECKING:
@@ -122,31 +122,33 @@ class KernelMaps:
         self._rings[vip_id] = (map_id, fd)
         return fd
 
-    def ring(self, vip_id: int) -> np.ndarray | None:
-        """VIP ``vip_id``'s ring (backend id per slot), or None when it has none."""
-        import numpy as np
-
-        from xdplb.kernel import bulk
+    def ring(self, vip_id: int, size: int | None = None) -> np.ndarray | None:
+        """VIP ``vip_id``'s ring (backend id per slot, NO_BACKEND for none), or None when it
+        has none: ``size`` slots when the ring is of that size (abi/ring.py: its words hold
+        a few padding slots), else every slot its words hold."""
+        from xdplb.abi import ring
 
         fd = self._ring_fd(vip_id)
         if fd is None:
             return None
-        size = bpfsys.map_info(fd).max_entries
-        u32 = np.dtype("<u4")
-        _, values = bulk.read_map(fd, u32, u32, batch=size)
-        return values.astype(np.uint32)
+        n = bpfsys.map_info(fd).max_entries
+        blob = b"".join(v for _, v, _ in bpfsys.map_lookup_batch_raw(fd, 4, 8, max(n, 1)))
+        return ring.unpack(blob, size)
 
     def put_ring(self, vip_id: int, values: Sequence[int]) -> None:
         """Give VIP ``vip_id`` a new ring holding ``values``: created and filled, then
         swapped into the outer slot in one update (the data path sees the old ring or the
         new one, whole)."""
+        import numpy as np
+
+        from xdplb.abi import ring
+
+        packed = ring.pack(np.asarray(values))
         # The template's flags too (layout.render_maps): the kernel compares them
-        fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, 4, 4, len(values),
+        fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_ARRAY, 4, 8, len(packed) // 8,
                                flags=bpfsys.BPF_F_INNER_MAP, name=f"xl_ring_{vip_id}")
         try:
-            import numpy as np
-
-            bpfsys.array_fill(fd, np.asarray(values, dtype="<u4").tobytes(), 4)
+            bpfsys.array_fill(fd, packed, 8)
             self.update("maglev", vip_id, int(fd))
         except BaseException:
             fd.close()
@@ -156,15 +158,22 @@ class KernelMaps:
             old[1].close()
         self._rings[vip_id] = (bpfsys.map_info(fd).id, fd)
 
-    def ring_update(self, vip_id: int, slots: Iterable[tuple[int, int]]) -> None:
-        """Write single slots of VIP ``vip_id``'s existing ring."""
-        pairs = list(slots)
+    def ring_update(self, vip_id: int, values: np.ndarray, changed: np.ndarray) -> None:
+        """Make slots ``changed`` of VIP ``vip_id``'s existing ring those of ``values`` (the
+        whole new ring, of the ring's size): the words holding them are written."""
+        import numpy as np
+
+        from xdplb.abi import ring
+
         fd = self._ring_fd(vip_id)
         if fd is None:
             raise KeyError(f"VIP {vip_id} has no ring")
-        if pairs:
-            bpfsys.map_update_batch(fd, [bytes(U32(k)) for k, _ in pairs],
-                                    [bytes(U32(int(v))) for _, v in pairs])
+        if not len(changed):
+            return
+        packed = ring.pack(values)
+        touched = np.unique(np.asarray(changed) // RING_SLOTS_PER_WORD).tolist()
+        bpfsys.map_update_batch(fd, [bytes(U32(w)) for w in touched],
+                                [packed[w * 8 : (w + 1) * 8] for w in touched])
 
     def drop_ring(self, vip_id: int) -> bool:
         """Take VIP ``vip_id``'s ring out (the kernel frees it with its last reference)."""
@@ -195,6 +204,27 @@ class KernelMaps:
         m = MAP_BY_NAME[name]
         for k, v in self.raw_items(name):
             yield decode(m.key, k), decode(m.value, v)
+
+    def percpu_array(self, name: str) -> np.ndarray:
+        """A per-CPU array of u64 fields (counters, Stat) summed over CPUs, as a numpy
+        array: one row per index, one column per field. No object per entry: 16,384
+        backends' stats cost one batch read and one sum."""
+        import numpy as np
+
+        m = MAP_BY_NAME[name]
+        size = ctypes.sizeof(m.value)
+        stride = bpfsys.percpu_stride(size)
+        blob = b"".join(self.raw_values(name))
+        n = self.max_entries(name)  # an array dumps every index
+        per_cpu = np.frombuffer(blob, dtype="<u8").reshape(n, -1, stride // 8)
+        return per_cpu[:, :, : size // 8].sum(axis=1, dtype=np.uint64)
+
+    def raw_values(self, name: str) -> Iterator[bytes]:
+        """The values of a map as packed chunks (an array's in index order)."""
+        m = MAP_BY_NAME[name]
+        for _, values, _ in bpfsys.map_lookup_batch_raw(
+                self.fds[name], ctypes.sizeof(m.key), ctypes.sizeof(m.value), 65536):
+            yield values
 
     def percpu_sums(self, name: str) -> dict[int, Any]:
         """A per-CPU array summed over CPUs: index -> int or Stat."""

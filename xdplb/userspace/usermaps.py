@@ -210,20 +210,19 @@ class UserMaps(KernelMaps):
         assert isinstance(t, RingsTable)
         return t
 
-    def ring(self, vip_id: int) -> np.ndarray | None:
-        r = self._rings.ring(vip_id)
-        return None if r is None else r.copy()
-
     def put_ring(self, vip_id: int, values: Sequence[int]) -> None:
         self._rings.put_ring(vip_id, np.array(values, dtype=np.uint32))
         self.writes += 1
 
-    def ring_update(self, vip_id: int, slots: Iterable[tuple[int, int]]) -> None:
+    def ring(self, vip_id: int, size: int | None = None) -> np.ndarray | None:
+        r = self._rings.ring(vip_id)
+        return None if r is None else r.copy()
+
+    def ring_update(self, vip_id: int, values: np.ndarray, changed: np.ndarray) -> None:
         r = self._rings.ring(vip_id)
         if r is None:
             raise KeyError(f"VIP {vip_id} has no ring")
-        for k, v in slots:
-            r[k] = v
+        r[changed] = values[changed]
         self.writes += 1
 
     def drop_ring(self, vip_id: int) -> bool:
@@ -260,6 +259,10 @@ class UserMaps(KernelMaps):
     def update_many(self, name: str, items: Iterable[tuple[Any, Any]]) -> None:
         for k, v in items:
             self.update(name, k, v)
+
+    def raw_values(self, name: str) -> Iterator[bytes]:
+        for _, v in self.raw_items(name):
+            yield v
 
     def raw_items(self, name: str, batch: int = 8192) -> Iterator[tuple[bytes, bytes]]:
         """Entries as raw bytes (per-CPU values as a one-CPU per-CPU buffer)."""
