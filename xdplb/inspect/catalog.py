@@ -46,6 +46,14 @@ def mode_text(forwarding: str | None, encap: str | None) -> str:
     return f"{forwarding}/{encap}" if encap else forwarding
 
 
+def role_text(backup: bool, serving: str | None) -> str:
+    """A backend's role after its state in tables: `` backup``, or `` backup, serving``
+    while its VIP's backups take the new flows (no primary is up); nothing for a primary."""
+    if not backup:
+        return ""
+    return " backup, serving" if serving == "backup" else " backup"
+
+
 @dataclass(frozen=True)
 class VipRef:
     id: int
