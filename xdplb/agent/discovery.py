@@ -37,6 +37,7 @@ log = logging.getLogger("xdplb.discovery")
 
 QUERY_TIMEOUT = 2.0  # seconds, for one source's query and its SRV targets' together
 TTL_MIN = 1.0  # a TTL of 0 must not make the agent query in a loop
+FAILURE_RETRY = 5.0  # a failed query is asked again after min(refresh, this)
 
 
 class DnsFailure(Exception):
@@ -120,9 +121,12 @@ def lookup(src: DnsDiscovery, vip_port: int, timeout: float = QUERY_TIMEOUT) -> 
 
 
 def next_query_in(src: DnsDiscovery, outcome: Outcome) -> float:
-    """Seconds until ``src`` is asked again: min(TTL, refresh), not below TTL_MIN."""
-    ttl = outcome.ttl if isinstance(outcome, Answer) else None
-    return max(TTL_MIN, min(src.refresh, ttl if ttl is not None else src.refresh))
+    """Seconds until ``src`` is asked again: min(TTL, refresh), not below TTL_MIN; after a
+    failure min(refresh, FAILURE_RETRY)."""
+    if isinstance(outcome, DnsFailure):
+        return min(src.refresh, FAILURE_RETRY)
+    return max(TTL_MIN, min(src.refresh, outcome.ttl if outcome.ttl is not None
+                            else src.refresh))
 
 
 @dataclass
