@@ -45,6 +45,7 @@ class World:
         self.config.write_text(pool_yaml(DNS_WEB, DNS_STREAM, DNS_ALT, table_size=251))
         self.agent = AgentProcess(lab, self.config)
         self.traffic = Traffic(lab, VIP, tmp / "traffic.jsonl", streams=6, rate=10)
+        self.traffic.wait_streams()
 
     def backends(self, vip: str) -> dict[str, dict]:
         rows = json.loads(xdplb(self.lab, "backends", "--json").stdout)["backends"]
@@ -61,18 +62,20 @@ class World:
         return got
 
 
+    def close(self) -> None:
+        self.traffic.stop()
+        self.agent.stop()
+        self.dns.stop()
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("discovery")
     with Lab(topology="one-armed", backends=3, prefix="xlt-dns") as lab:
-        w = World(lab, tmp)
+        w = World(lab, tmp_path_factory.mktemp("discovery"))
         try:
-            w.traffic.wait_streams()
             yield w
         finally:
-            w.traffic.stop()
-            w.agent.stop()
-            w.dns.stop()
+            w.close()
 
 
 def new_backends(world: World, since: float) -> set[str]:

@@ -76,8 +76,8 @@ def test_backends_from_keys():
      "pool.yaml:7: vips[0].backends_from.dns.name: 'a..lab' is not a DNS name (labels of "
      "letters, digits, '-' and '_', separated by dots)"),
     ("    backends_from:\n      dns: {name: a.lab., type: A, resolver: ns1.lab}\n",
-     "pool.yaml:7: vips[0].backends_from.dns.resolver: 'ns1.lab' is not an IP address (the "
-     "resolver is named by address)"),
+     "pool.yaml:7: vips[0].backends_from.dns.resolver: 'ns1.lab' is not a unicast IP "
+     "address (the resolver is named by address)"),
     ("    backends_from:\n      dns: {name: a.lab., type: A, refresh: 500ms}\n",
      "pool.yaml:7: vips[0].backends_from.dns.refresh: refresh must be at least 1s"),
     ("    backends_from:\n      dns: {name: a.lab., type: A, refesh: 5s}\n",

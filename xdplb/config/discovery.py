@@ -14,6 +14,7 @@ gets 1. A records: every address a backend, weight 1, on ``port`` or the VIP's p
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -54,15 +55,13 @@ def _check_dns_name(value: str) -> str:
 
 
 def _parse_resolver(value: Any) -> IPv4Address | IPv6Address:
-    if not isinstance(value, str):
-        fail(f"expected an IP address string, got {describe(value)}")
-    try:
-        addr = ipaddress.ip_address(value)
-    except ValueError:
-        fail(f"{value!r} is not an IP address (the resolver is named by address)")
-    if addr.is_multicast or addr.is_unspecified:
-        fail(f"{addr} is not a unicast address")
-    return addr
+    # Loopback is fine here (a local caching resolver), unlike for VIPs and backends.
+    with contextlib.suppress(ValueError, TypeError):
+        addr = ipaddress.ip_address(value) if isinstance(value, str) else None
+        if addr is not None and not (addr.is_multicast or addr.is_unspecified):
+            return addr
+    fail(f"{describe(value) if not isinstance(value, str) else repr(value)} is not a unicast "
+         "IP address (the resolver is named by address)")
 
 
 def _check_refresh(value: float) -> float:
