@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xdplb.abi.codec import PROTOCOLS
 from xdplb.abi.layout import MAX_VIPS
 from xdplb.agent import faults, fnatsweep, migrate
 from xdplb.agent.detach import detach_if_ours
@@ -575,6 +576,7 @@ class Agent:
         """Per VIP: which set serves, its backups, its DNS discovery (for readers)."""
         dns = self.discovery.snapshot()
         return {"vips": {v.name: {
+            "key": [str(v.address), v.port, PROTOCOLS[v.protocol]],
             "serving": self._serving.get(v.name),
             "backups": [f"{b.address}:{b.target_port(v)}" for b in v.backends if b.backup],
             "dns": dns.get(v.name)} for v in self.cfg.vips}}

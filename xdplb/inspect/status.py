@@ -68,17 +68,16 @@ def _agent(g: pins.PinGroup) -> dict[str, Any] | None:
 
 def _vips(maps: KernelMaps, g: pins.PinGroup) -> list[dict[str, Any]]:
     cat = Catalog.read(maps)
-    # Names, backups and discovery from the live agent's run files (no config parsing here).
-    info = runfiles.agent_info(g)
-    names = (runfiles.vip_names(g, info) if info else None) or {}
-    pool = runfiles.pool(g) if info else {}
+    # Names, backups and discovery as the live agent applied them (no config parsing here).
+    pool = runfiles.pool(g) if runfiles.agent_info(g) else {}
+    by_key = {tuple(p["key"]): {**p, "name": name} for name, p in pool.items()}
 
     def role(v: Any) -> dict[str, Any]:
-        return pool.get(names.get((v.address, v.port, v.proto), ""), {})
+        return by_key.get((v.address, v.port, v.proto), {})
 
     return [{
         "id": v.id,
-        "name": names.get((v.address, v.port, v.proto)),
+        "name": role(v).get("name"),
         "serving": role(v).get("serving"),
         "dns": role(v).get("dns"),
         "address": v.address,

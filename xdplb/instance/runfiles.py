@@ -73,8 +73,9 @@ def health(group: pins.PinGroup) -> dict[str, Any]:
 
 
 def pool(group: pins.PinGroup) -> dict[str, dict[str, Any]]:
-    """Per VIP name, as the live agent published it: {"serving": "primary" | "backup" |
-    "none", "backups": ["ADDR:PORT", ...], "dns": its discovery's state or None}."""
+    """Per VIP name, as the live agent published it: {"key": [address, port, ip proto],
+    "serving": "primary" | "backup" | "none", "backups": ["ADDR:PORT", ...], "dns": its
+    discovery's state or None}."""
     return (read_json(group, POOL_FILE) or {}).get("vips", {})
 
 
