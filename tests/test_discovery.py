@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,26 @@ def test_authoritative_empty_answer_empties_the_pool(world):
     assert "no records" in d["stream"]["last_answer"]
     assert set(world.backends("web")) == {f"{BE1}:80", f"{BE2}:80", f"{BE3}:80"}
     assert "VIP stream (10.200.0.10:7000): it has no backends" in world.agent.log_text()
+
+
+def test_reload_asks_a_new_source_first(world):
+    good = world.config.read_text()
+    alt = replace(DNS_ALT, backends_from=replace(DNS_ALT.backends_from, refresh="2s"))
+    world.dns.stop()
+    world.config.write_text(pool_yaml(DNS_WEB, DNS_STREAM, alt, table_size=251))
+    try:
+        r = xdplb(world.lab, "reload", check=False)
+        assert r.returncode == 2, r
+        assert "VIP alt: backends_from alt.web.lab. A from 10.20.0.53 failed" in r.stderr
+        assert world.backends("alt") == {}  # nothing changed (the pool was empty)
+        world.dns.serve(START)
+        r = xdplb(world.lab, "reload", check=False)
+        assert r.returncode == 0, r
+        assert set(world.backends("alt")) == {f"{BE1}:8080"}  # asked during the reload
+        assert world.discovery()["alt"]["refresh"] == 2.0
+    finally:
+        world.config.write_text(good)
+    assert xdplb(world.lab, "reload").returncode == 0
 
 
 def test_unanswered_first_query_refuses_attach(world, tmp_path):

@@ -320,3 +320,20 @@ def test_servfail_is_a_failure(servfail_server):
     src = DnsDiscovery(name="web.lab.", type="A", resolver=servfail_server)
     with pytest.raises(DnsFailure, match="answered SERVFAIL"):
         lookup(src, 80)
+
+
+def test_metrics_of_backups_and_discovery():
+    from xdplb.agent.metrics import families
+
+    row = {"vip": "web", "vip_address": "10.200.0.10", "vip_port": 80, "address": "10.20.0.12",
+           "port": 80, "down": False, "weight": 1, "maglev_share": 100.0, "backup": True,
+           "serving": "backup", "health": {"state": "up"}}
+    st = {"vips": [], "backends": [], "counters": {}, "discovery": [
+        {"vip": "web", "dns_failures": 3, "backends": 2}],
+        "flow_table": {"entries": 0, "capacity": 1, "fill": 0.0}}
+    got = {(s.name, tuple(s.labels.values())): s.value
+           for fam in families(st, [row]) for s in fam.samples}
+    assert got[("xdplb_backend_backup", ("web", "10.20.0.12:80"))] == 1
+    assert got[("xdplb_vip_serving_backups", ("web",))] == 1
+    assert got[("xdplb_dns_failures_total", ("web",))] == 3
+    assert got[("xdplb_dns_backends", ("web",))] == 2
