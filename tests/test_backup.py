@@ -78,7 +78,8 @@ def test_backup_takes_over_and_hands_back(datapath, tmp_path):
                 if bpf:
                     flows = [json.loads(line) for line in xdplb(
                         lab, "flows", "--json", "--vip", "stream").stdout.splitlines()]
-                    assert flows and {f["backend"] for f in flows} == {BE2}
+                    assert flows and {(f["backend"], f["backup"]) for f in flows} == {(BE2, True)}
+                    assert "(backup)" in xdplb(lab, "flows", "--vip", "stream").stdout
             finally:
                 traffic.stop()
             assert "a primary backend is up again" in agent.log_text()

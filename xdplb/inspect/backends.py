@@ -25,21 +25,19 @@ def collect(r: Reader) -> list[dict[str, Any]]:
     active = t.count_by("backend_id", MAX_BACKENDS, t.active())
     slots = ring_slots(r)
     health = runfiles.health(r.group)
-    pool = runfiles.pool(r.group)
     rows = []
     for b in sorted(cat.backends.values(), key=lambda b: (b.vip_id, b.id)):
         n = int(slots[b.vip_id][b.id]) if b.vip_id in slots else 0
         key = cat.health_key(b)
         h = health.get(key) if key else None
-        vip = pool.get(cat.vips[b.vip_id].name or "", {}) if b.vip_id in cat.vips else {}
         rows.append({
             "backend_id": b.id, "address": b.address, "port": b.port,
             **cat.vip_json(b.vip_id),
             "weight": b.weight,
             "down": b.down,
             # backup: true (or a higher SRV priority); serving: the VIP's set in the ring
-            "backup": b.endpoint in vip.get("backups", ()),
-            "serving": vip.get("serving"),
+            "backup": b.id in cat.backups,
+            "serving": cat.serving.get(b.vip_id),
             # Without the agent's results, the data path's flag is all there is to say.
             "health": h or {"state": "down" if b.down else "unknown", "since": None,
                             "last": None},

@@ -12,7 +12,6 @@ from typing import Any
 
 from xdplb.abi.layout import MAX_BACKENDS, MAX_VIPS
 from xdplb.inspect.reader import Reader
-from xdplb.instance import runfiles
 from xdplb.kernel.maps import read_counters
 
 RATED = ("packets", "bytes", "new_flows")
@@ -51,14 +50,9 @@ def collect(r: Reader) -> dict[str, Any]:
         "flow_table": {"entries": len(t), "capacity": t.capacity,
                        "fill": round(len(t) / t.capacity, 6) if t.capacity else 0.0},
         # backends_from VIPs: their DNS discovery as the agent publishes it (dns_failures)
-        "discovery": discovery(r),
+        "discovery": [{"vip": p["name"], **p["dns"]}
+                      for _, p in sorted(cat.published.items()) if p.get("dns")],
     }
-
-
-def discovery(r: Reader) -> list[dict[str, Any]]:
-    """One row per ``backends_from`` VIP: its query, last answer, ``dns_failures``."""
-    return [{"vip": name, **p["dns"]} for name, p in sorted(runfiles.pool(r.group).items())
-            if p.get("dns")]
 
 
 def add_rates(cur: dict[str, Any], prev: dict[str, Any]) -> dict[str, Any]:

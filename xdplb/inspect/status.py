@@ -67,19 +67,13 @@ def _agent(g: pins.PinGroup) -> dict[str, Any] | None:
 
 
 def _vips(maps: KernelMaps, g: pins.PinGroup) -> list[dict[str, Any]]:
-    cat = Catalog.read(maps)
     # Names, backups and discovery as the live agent applied them (no config parsing here).
-    pool = runfiles.pool(g) if runfiles.agent_info(g) else {}
-    by_key = {tuple(p["key"]): {**p, "name": name} for name, p in pool.items()}
-
-    def role(v: Any) -> dict[str, Any]:
-        return by_key.get((v.address, v.port, v.proto), {})
-
+    cat = Catalog.read(maps, roles_of=g)
     return [{
         "id": v.id,
-        "name": role(v).get("name"),
-        "serving": role(v).get("serving"),
-        "dns": role(v).get("dns"),
+        "name": cat.published.get(v.id, {}).get("name"),
+        "serving": cat.serving.get(v.id),
+        "dns": cat.published.get(v.id, {}).get("dns"),
         "address": v.address,
         "port": v.port,
         "protocol": v.protocol,
@@ -88,7 +82,7 @@ def _vips(maps: KernelMaps, g: pins.PinGroup) -> list[dict[str, Any]]:
         "source_ports": list(v.source_ports) if v.source_ports else None,
         "backends": [{"id": b.id, "address": b.address, "port": b.port, "weight": b.weight,
                       "down": b.down, "source": b.source,
-                      "backup": b.endpoint in role(v).get("backups", ())}
+                      "backup": b.id in cat.backups}
                      for b in cat.vip_backends(v.id)],
     } for v in sorted(cat.vips.values(), key=lambda v: v.id)]
 
