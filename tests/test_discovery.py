@@ -106,6 +106,17 @@ def test_srv_and_a_records_become_backends(world):
     assert [b["backup"] for b in web_status["backends"]] == [False, False, True]
 
 
+def test_drain_a_discovered_backend(world):
+    xdplb(world.lab, "drain", "web", f"{BE2}:80")
+    try:
+        assert world.backends("web")[f"{BE2}:80"]["weight"] == 0
+    finally:
+        xdplb(world.lab, "undrain", "web", BE2)
+    assert world.backends("web")[f"{BE2}:80"]["weight"] == 1
+    r = xdplb(world.lab, "drain", "web", "10.20.0.99", check=False)
+    assert r.returncode == 2 and "no backend '10.20.0.99' in VIP web" in r.stderr, r
+
+
 def test_asked_again_at_min_of_ttl_and_refresh(world):
     d = world.discovery()
     # web: refresh 30s, TTL 2s -> every 2s; stream: refresh 1s, TTL 2s -> every second

@@ -318,7 +318,7 @@ def servfail_server() -> Iterator[str]:
 
 def test_servfail_is_a_failure(servfail_server):
     src = DnsDiscovery(name="web.lab.", type="A", resolver=servfail_server)
-    with pytest.raises(DnsFailure, match="answered SERVFAIL"):
+    with pytest.raises(DnsFailure, match=f"^{servfail_server} answered SERVFAIL$"):
         lookup(src, 80)
 
 

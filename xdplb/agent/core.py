@@ -151,6 +151,7 @@ class Agent:
         try:
             self._start()
         except BaseException:
+            self.discovery.stop()
             self._release()
             raise
 
@@ -579,6 +580,8 @@ class Agent:
             "key": [str(v.address), v.port, PROTOCOLS[v.protocol]],
             "serving": self._serving.get(v.name),
             "backups": [f"{b.address}:{b.target_port(v)}" for b in v.backends if b.backup],
+            # what `xdplb drain` may name in a backends_from VIP (the file lists none)
+            "backends": [f"{b.address}:{b.target_port(v)}" for b in v.backends],
             "dns": dns.get(v.name)} for v in self.cfg.vips}}
 
     def _publish_health(self, raising: bool = False) -> None:

@@ -19,6 +19,7 @@ about (``first_answers``).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -64,6 +65,10 @@ def _resolver(src: DnsDiscovery) -> dns.resolver.Resolver:
     return res
 
 
+def _server(name: object) -> str:
+    return re.sub(r"^Do53:(.*)@53$", r"\1", str(name))
+
+
 def _resolve(res: dns.resolver.Resolver, name: str | dns.name.Name, rdtype: str,
              deadline: float) -> dns.resolver.Answer | None:
     """One query; None for an authoritative "no such records" (NXDOMAIN, NODATA)."""
@@ -78,7 +83,8 @@ def _resolve(res: dns.resolver.Resolver, name: str | dns.name.Name, rdtype: str,
         return None
     except dns.resolver.NoNameservers as e:  # SERVFAIL, REFUSED, ... from every server
         errors = e.kwargs.get("errors") or []
-        raise DnsFailure("; ".join(f"{err[0]} answered {err[3]}" for err in errors)
+        # dnspython names a server "Do53:10.0.0.53@53": the address is what the config says
+        raise DnsFailure("; ".join(f"{_server(err[0])} answered {err[3]}" for err in errors)
                          or "no server answered") from None
     except dns.exception.Timeout:
         raise DnsFailure(f"no answer within {QUERY_TIMEOUT:g}s") from None
