@@ -323,7 +323,8 @@ class Agent:
         for v in desired.vips:
             was = serving.get(v.name)
             if v.serving == "none":
-                why = "it has no backends" if not v.backends else "no backend is up"
+                why = "it has no backends" if not v.backends else \
+                    "no backend is up (every one down, drained or of weight 0)"
                 log.error("VIP %s (%s:%d): %s; its packets are dropped (counter "
                           "drop_no_backend)", v.name, v.address, v.port, why)
             elif v.serving == "backup" and was != "backup":
