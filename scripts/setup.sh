@@ -21,8 +21,10 @@ log() { printf '[setup] %s\n' "$*"; }
 # systemd: `systemd-analyze verify` of packaging/systemd/xdplb@.service (tests/test_service.py;
 # only the binaries are used: PID 1 need not be systemd). util-linux: setpriv, for that test.
 # hping3: the SYN flood (random sources) of tests/test_flood.py.
+# dnsmasq-base: the DNS server (SRV and A records from a file) of tests/test_discovery.py; the
+# binary only, no system service (the dnsmasq package would start one).
 pkgs=(python3-bpfcc python3-venv python3-pip linux-headers-amd64 iproute2 ethtool
-      tcpdump curl iperf3 util-linux procps kmod nftables vagrant systemd hping3)
+      tcpdump curl iperf3 util-linux procps kmod nftables vagrant systemd hping3 dnsmasq-base)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

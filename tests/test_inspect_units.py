@@ -160,7 +160,8 @@ def test_json_rows_and_table():
     assert rows[0] == {
         "proto": "tcp", "client": "10.10.0.2", "client_port": 40000, "vip": "web",
         "vip_address": "10.200.0.10", "vip_port": 80, "backend_id": 0,
-        "backend": "10.20.0.11", "backend_port": 80, "forwarding": "nat", "encap": None,
+        "backend": "10.20.0.11", "backend_port": 80, "backup": False, "forwarding": "nat",
+        "encap": None,
         "source": None, "tcp_state": "established", "fwd_packets": 1, "fwd_bytes": 500,
         "rev_packets": 1, "rev_bytes": 9000,
         "age_s": 30.0, "idle_s": 1.0,

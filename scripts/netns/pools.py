@@ -30,6 +30,7 @@ class Backend:
     address: str
     port: int | None = None  # None: the VIP's port
     weight: int | None = None  # None: the config's default
+    backup: bool | None = None  # True: new flows only while no primary is up
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,17 @@ class HealthCheck:
     timeout: str | None = None
     rise: int | None = None
     fall: int | None = None
+
+
+@dataclass(frozen=True)
+class Dns:
+    """A VIP's ``backends_from.dns``; fields left None are not written."""
+
+    name: str
+    type: str  # "SRV" or "A"
+    resolver: str | None = None
+    port: int | None = None  # type A only
+    refresh: str | None = None  # a duration as pool.yaml writes it: "2s"
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,7 @@ class Vip:
     source: str | None = None  # fullnat only
     source_ports: str | None = None  # fullnat only: "FIRST-LAST"
     table_size: int | None = None  # the VIP's own maglev.table_size (None: the pool's)
+    backends_from: Dns | None = None  # instead of backends (give backends=())
 
 
 # What several pools share: the lab's backends serve HTTP on 80 and 8080, UDP echo on 5000 and
@@ -99,7 +112,11 @@ def _vip(v: Vip) -> dict[str, Any]:
         d["health_check"] = _set(asdict(v.health_check))
     if v.table_size is not None:
         d["maglev"] = {"table_size": v.table_size}
-    d["backends"] = [_set(asdict(Backend(b) if isinstance(b, str) else b)) for b in v.backends]
+    if v.backends_from is not None:
+        d["backends_from"] = {"dns": _set(asdict(v.backends_from))}
+    else:
+        d["backends"] = [_set(asdict(Backend(b) if isinstance(b, str) else b))
+                         for b in v.backends]
     return d
 
 
@@ -116,5 +133,27 @@ def _yaml(data: Mapping[str, Any], indent: int) -> Iterator[str]:
                 first, *rest = _yaml(item, indent + 4)
                 yield f"{pad}  - {first.lstrip()}"
                 yield from rest
+        elif isinstance(value, bool):
+            yield f"{pad}{key}: {str(value).lower()}\n"
         else:
             yield f"{pad}{key}: {value}\n"
+
+
+# Backups (backup: true): BE1 serves while it is up, BE2 stands in when it is not; health
+# checked fast, so that a stopped server is down within a second. Web on 80, streams on 7000.
+FAST_HTTP = HealthCheck("http", path="/healthz", interval="500ms", timeout="400ms", rise=2,
+                        fall=2)
+FAST_TCP = HealthCheck("tcp", interval="500ms", timeout="400ms", rise=2, fall=2)
+BACKUP_WEB = Vip("web", 80, (BE1, Backend(BE2, backup=True)), health_check=FAST_HTTP)
+BACKUP_STREAM = Vip("stream", 7000, (BE1, Backend(BE2, backup=True)), health_check=FAST_TCP)
+
+# Backends from DNS (tests/test_discovery.py): a resolver on an address of its own in the
+# lab (scripts/netns/dnsserver.py). web: SRV (targets, ports, weights, priorities); stream:
+# A records on the VIP's port, asked again every second; alt: A records on port 8080.
+RESOLVER = "10.20.0.53"
+DNS_WEB = Vip("web", 80, (), health_check=FAST_HTTP,
+              backends_from=Dns("_http._tcp.web.lab.", "SRV", RESOLVER, refresh="30s"))
+DNS_STREAM = Vip("stream", 7000, (),
+                 backends_from=Dns("stream.web.lab.", "A", RESOLVER, refresh="1s"))
+DNS_ALT = Vip("alt", 81, (),
+              backends_from=Dns("alt.web.lab.", "A", RESOLVER, port=8080, refresh="1s"))

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xdplb.abi.codec import PROTOCOLS
 from xdplb.agent import faults, flowsweep, fnatsweep, migrate
 from xdplb.agent.detach import detach_if_ours
+from xdplb.agent.discovery import Discovery, DnsFailure, Outcome, Source
 from xdplb.agent.errors import AttachError, UsageError
 from xdplb.agent.health import HealthChecker, Target
 from xdplb.agent.loop import Errors, ProgramWatch, Retry
@@ -34,12 +36,13 @@ from xdplb.agent.mapsync import MapSync
 from xdplb.agent.neigh import NeighbourKeeper
 from xdplb.agent.notify import notify
 from xdplb.config import Config, ConfigError, check_backends_not_local, load_config
+from xdplb.config.discovery import DiscoveryError, DnsDiscovery, effective_config
 from xdplb.instance import locks, pins, runfiles
 from xdplb.kernel import bpfsys, offload, xdp_link
 from xdplb.kernel.localaddrs import local_addresses, local_port_range
 from xdplb.kernel.maps import KernelMaps
 from xdplb.kernel.pinned import PinnedProgram, build_pinned
-from xdplb.model.desired import backend_label, desired_state, ring_slots
+from xdplb.model.desired import DesiredState, backend_label, desired_state, ring_slots
 
 log = logging.getLogger("xdplb")
 
@@ -109,6 +112,11 @@ class Agent:
     _next_sweep: float = field(init=False, default=0.0)
     _next_flow_sweep: float = field(init=False, default=0.0)
     _slots: dict[int, int] = field(init=False, default_factory=dict)  # published for readers
+    # backends_from: cfg is the file's config with the discovered backends put in; this is
+    # the file's own, which DNS answers are applied to.
+    _file_cfg: Config = field(init=False)
+    discovery: Discovery = field(init=False)
+    _serving: dict[str, str] = field(init=False, default_factory=dict)  # VIP -> serving set
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -120,6 +128,8 @@ class Agent:
         if self.datapath == "scapy" and self.keep:
             raise UsageError("--keep needs the bpf data path: the scapy one ends with the agent")
         self.group = pins.group_for(self.ifaces)
+        self._file_cfg = self.cfg
+        self.discovery = Discovery(self._on_dns)
         if self.config_path:
             self.config_path = str(Path(self.config_path).resolve())
 
@@ -131,10 +141,16 @@ class Agent:
                                      local_port_range())
         except ConfigError as e:
             raise UsageError(f"invalid config, nothing changed:\n{e}") from None
+        try:  # before anything changes: an unanswered first query refuses the attach
+            self.cfg, sources = self._discovered(self.cfg)
+        except (DnsFailure, DiscoveryError) as e:
+            raise UsageError(f"{e}; nothing changed") from None
+        self.discovery.use(sources)
         self._own_interfaces()
         try:
             self._start()
         except BaseException:
+            self.discovery.stop()
             self._release()
             raise
 
@@ -290,16 +306,73 @@ class Agent:
         desired = desired_state(self.cfg, current, frozenset(self._down), frozenset(drained))
         rep = self.sync.apply(desired, current)
         self.neighbours.keep(desired)
+        self._log_serving(desired)
         self.generation += 1
         self._slots = ring_slots(desired)
         log.info("%s: maps updated (generation %d): %d backends and %d Maglev slots written, "
                  "%d VIPs added, %d removed, %d backends removed", why, self.generation,
                  rep.backends_written, rep.slots_written, rep.vips_added, rep.vips_removed,
                  rep.backends_removed)
+
+    def _log_serving(self, desired: DesiredState) -> None:
+        """Say when a VIP's new flows move between primaries and backups, and (each time)
+        when it has no backend to give them to."""
+        serving, self._serving = self._serving, {v.name: v.serving for v in desired.vips}
         for v in desired.vips:
-            if all(b.down for b in v.backends):
-                log.error("VIP %s (%s:%d): every backend is down; its packets are dropped "
-                          "(counter drop_no_backend)", v.name, v.address, v.port)
+            was = serving.get(v.name)
+            if v.serving == "none":
+                why = "it has no backends" if not v.backends else \
+                    "no backend is up (every one down, drained or of weight 0)"
+                log.error("VIP %s (%s:%d): %s; its packets are dropped (counter "
+                          "drop_no_backend)", v.name, v.address, v.port, why)
+            elif v.serving == "backup" and was != "backup":
+                log.warning("VIP %s: no primary backend is up: new flows go to its backups "
+                            "(%s)", v.name, ", ".join(f"{b.address}:{b.port}"
+                                                       for b in v.backends if b.backup))
+            elif v.serving == "primary" and was == "backup":
+                log.warning("VIP %s: a primary backend is up again: new flows go to the "
+                            "primaries, flows on the backups continue", v.name)
+
+    def _discovered(self, cfg: Config) -> tuple[Config, dict[str, Source]]:
+        """``cfg`` with its ``backends_from`` VIPs' backends as DNS answers (new sources
+        asked now), and the sources to ``use`` once it is applied."""
+        sources = self.discovery.first_answers(cfg)
+        eff, left_out = effective_config(cfg, {n: s.backends for n, s in sources.items()},
+                                         local_addresses())
+        for why in left_out:
+            log.warning("discovered backend left out: %s", why)
+        self._file_cfg = cfg
+        return eff, sources
+
+    def _on_dns(self, name: str, src: DnsDiscovery, outcome: Outcome) -> None:
+        """From the DNS thread: queue the answer (or failure) for the main loop."""
+        self._events.put(("dns", name, src, outcome))
+
+    def _dns_result(self, name: str, src: DnsDiscovery, outcome: Outcome) -> None:
+        """Apply a changed DNS answer as a reload diff; a failure keeps the last set."""
+        vip = next((v for v in self._file_cfg.vips if v.name == name), None)
+        if vip is None or (backends := self.discovery.result(name, src, outcome, vip)) is None:
+            return
+        try:
+            eff, left_out = effective_config(
+                self._file_cfg, {**self.discovery.found(), name: backends}, local_addresses())
+        except DiscoveryError as e:
+            self.discovery.failed(name, f"answer not applied: {e}")
+            return
+        for why in left_out:
+            log.warning("discovered backend left out: %s", why)
+        before = {(b.address, b.port): b for b in self.discovery.found().get(name, ())}
+        after = {(b.address, b.port): b for b in backends}
+        change = (f"+{len(after.keys() - before.keys())} -{len(before.keys() - after.keys())} "
+                  f"~{sum(1 for k in after.keys() & before.keys() if after[k] != before[k])}")
+        old, self.cfg = self.cfg, eff
+        try:
+            self.apply(f"dns {name} ({change})")
+        except Exception:
+            self.cfg = old  # not committed: the next answer brings the change again
+            raise
+        self.discovery.commit(name, backends)
+        self._update_health_targets()
 
     def _targets(self) -> list[Target]:
         out = []
@@ -423,6 +496,8 @@ class Agent:
             faults.fire("health")
             self.apply(f"health {key}")
             self._done("health", True, f"{key} {'up' if up else 'down'}: {reason}")
+        elif kind == "dns":
+            self._dns_result(*ev[1:])
         elif kind == "reload":
             self.reload()
         elif kind == "drains":
@@ -449,15 +524,21 @@ class Agent:
                    "restart with `xdplb detach` + `xdplb attach` (drops tracked flows)")
             log.error(msg)
             return self._done("reload", False, msg)
-        old = self.cfg
-        self.cfg = cfg
+        old, old_file = self.cfg, self._file_cfg
+        try:
+            self.cfg, sources = self._discovered(cfg)
+        except (DnsFailure, DiscoveryError) as e:
+            self._file_cfg = old_file
+            log.error("reload rejected, nothing changed: %s", e)
+            return self._done("reload", False, str(e))
         try:
             self.apply("reload")
         except Exception as e:  # e.g. too many backends for the arrays
-            self.cfg = old
+            self.cfg, self._file_cfg = old, old_file
             self.apply("reload rolled back")  # if this fails too, the loop retries it
             log.error("reload failed, previous config restored: %s", e)
             return self._done("reload", False, f"failed, previous config restored: {e}")
+        self.discovery.use(sources)
         self._update_health_targets()
         return self._done("reload", True, f"applied {self.config_path}")
 
@@ -477,6 +558,7 @@ class Agent:
             runfiles.write_json(self.group, runfiles.AGENT_FILE, self._agent_info())
             runfiles.write_json(self.group, runfiles.SLOTS_FILE,
                                 {"generation": self.generation, "slots": self._slots})
+            runfiles.write_json(self.group, runfiles.POOL_FILE, self._pool_info())
             self._publish_health(raising=True)
         except OSError as e:
             if not self._publish_failing:
@@ -502,6 +584,17 @@ class Agent:
             "program_lost": dict(self._watch.lost) if self._watch else {},
         }
 
+    def _pool_info(self) -> dict[str, Any]:
+        """Per VIP: which set serves, its backups, its DNS discovery (for readers)."""
+        dns = self.discovery.snapshot()
+        return {"vips": {v.name: {
+            "key": [str(v.address), v.port, PROTOCOLS[v.protocol]],
+            "serving": self._serving.get(v.name),
+            "backups": [f"{b.address}:{b.target_port(v)}" for b in v.backends if b.backup],
+            # what `xdplb drain` may name in a backends_from VIP (the file lists none)
+            "backends": [f"{b.address}:{b.target_port(v)}" for b in v.backends],
+            "dns": dns.get(v.name)} for v in self.cfg.vips}}
+
     def _publish_health(self, raising: bool = False) -> None:
         if self._health is None:
             return
@@ -520,13 +613,14 @@ class Agent:
         """Stop checks and leave: detach and unpin, unless ``--keep`` (or ``detach`` False:
         the agent failed, and its failure must not take the data path down)."""
         notify("STOPPING=1")
+        self.discovery.stop()
         if self._health is not None:
             self._health.stop()
             self._health = None
         if self.keep or not detach:
             log.info("leaving the program attached and maps pinned in %s (flows, drains "
                      "kept; `xdplb detach` removes them)", self.group.path)
-            for name in (runfiles.AGENT_FILE, runfiles.HEALTH_FILE):
+            for name in (runfiles.AGENT_FILE, runfiles.HEALTH_FILE, runfiles.POOL_FILE):
                 (runfiles.run_dir(self.group) / name).unlink(missing_ok=True)
         else:
             self._detach_all()

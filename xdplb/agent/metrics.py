@@ -109,6 +109,9 @@ def families(st: dict[str, Any], backends: list[dict[str, Any]]) -> list[Metric]
     weight = GaugeMetricFamily("xdplb_backend_weight", "Configured weight", labels=bl)
     share = GaugeMetricFamily("xdplb_backend_maglev_share_ratio",
                               "Share of the VIP's Maglev table", labels=bl)
+    backup = GaugeMetricFamily("xdplb_backend_backup", "1 for a backup (backup: true, or a "
+                               "higher SRV priority): new flows only while no primary is up",
+                               labels=bl)
     for row in backends:
         labels = [_vip_label(row), f"{row['address']}:{row['port']}"]
         up.add_metric(labels, 0 if row["down"] else 1)
@@ -116,6 +119,19 @@ def families(st: dict[str, Any], backends: list[dict[str, Any]]) -> list[Metric]
             health.add_metric([*labels, s], 1 if row["health"]["state"] == s else 0)
         weight.add_metric(labels, row["weight"])
         share.add_metric(labels, row["maglev_share"] / 100)
+        backup.add_metric(labels, 1 if row.get("backup") else 0)
+    serving = GaugeMetricFamily("xdplb_vip_serving_backups", "1 while no primary backend is "
+                                "up and the backups take the VIP's new flows", labels=["vip"])
+    for name, role in sorted({_vip_label(r): r.get("serving") for r in backends}.items()):
+        serving.add_metric([name], 1 if role == "backup" else 0)
+    dns_failures = CounterMetricFamily("xdplb_dns_failures", "DNS queries of backends_from "
+                                       "that got no answer (the last set was kept)",
+                                       labels=["vip"])
+    dns_backends = GaugeMetricFamily("xdplb_dns_backends", "Backends the last DNS answer "
+                                     "gave", labels=["vip"])
+    for d in st.get("discovery", ()):
+        dns_failures.add_metric([d["vip"]], d["dns_failures"])
+        dns_backends.add_metric([d["vip"]], d["backends"])
 
     packets = CounterMetricFamily("xdplb_packets", "Packets by outcome (pass, drop reason, "
                                   "tx, redirect)", labels=["outcome"])
@@ -135,8 +151,8 @@ def families(st: dict[str, Any], backends: list[dict[str, Any]]) -> list[Metric]
         table.append(GaugeMetricFamily("xdplb_flow_sweep_timestamp_seconds", "When the flow "
                                        "table was last read (the sweep's counts)",
                                        value=ft["swept_at"]))
-    return [info, *vip_fams.values(), *be_fams.values(), up, health, weight, share, packets,
-            events, *table]
+    return [info, *vip_fams.values(), *be_fams.values(), up, health, weight, share, backup,
+            serving, dns_failures, dns_backends, packets, events, *table]
 
 
 class PinnedCollector(Collector):

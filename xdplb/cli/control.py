@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,27 +75,32 @@ def reload(run: Running) -> dict[str, Any]:
         return signal_and_wait(run, signal.SIGHUP, "reload")
 
 
-def resolve_backend(cfg: Config, vip: str, backend: str) -> str:
-    """``VIP`` (name or addr:port) and ``BACKEND`` (addr or addr:port) -> backend label."""
+def resolve_backend(cfg: Config, vip: str, backend: str,
+                    discovered: Mapping[str, Any] | None = None) -> str:
+    """``VIP`` (name or addr:port) and ``BACKEND`` (addr or addr:port) -> backend label; a
+    ``backends_from`` VIP's backends are those the agent published (``discovered``,
+    ``runfiles.pool``)."""
     matches = [v for v in cfg.vips if vip in (v.name, f"{v.address}:{v.port}")]
     if not matches:
         raise ValueError(f"no VIP {vip!r} in the agent's config (use a name or ADDR:PORT)")
     if len(matches) > 1:
         raise ValueError(f"{vip!r} names several VIPs (tcp and udp?): use the VIP's name")
     v = matches[0]
-    found = [b for b in v.backends
-             if backend in (str(b.address), f"{b.address}:{b.target_port(v)}")]
+    endpoints = [(str(b.address), b.target_port(v)) for b in v.backends]
+    if v.backends_from is not None:
+        published = ((discovered or {}).get(v.name) or {}).get("backends", ())
+        endpoints = [(a, int(p)) for a, _, p in (e.rpartition(":") for e in published)]
+    found = [(a, p) for a, p in endpoints if backend in (a, f"{a}:{p}")]
     if len(found) != 1:
         what = "no" if not found else "more than one"
         raise ValueError(f"{what} backend {backend!r} in VIP {v.name} (use ADDR:PORT)")
-    b = found[0]
-    return backend_label(v.name, str(b.address), b.target_port(v))
+    return backend_label(v.name, *found[0])
 
 
 def set_drain(run: Running, vip: str, backend: str, drained: bool) -> tuple[str, dict]:
     """Drain (weight 0: no new flows, existing ones stay) or undrain a backend."""
     cfg = load_config(run.info["config"])
-    label = resolve_backend(cfg, vip, backend)
+    label = resolve_backend(cfg, vip, backend, runfiles.pool(run.group))
     with locks.control(run.group):
         current = runfiles.read_drains(run.group)
         (current.add if drained else current.discard)(label)

@@ -17,6 +17,7 @@ from pydantic import (
 )
 from ruamel.yaml.scalarbool import ScalarBoolean
 
+from xdplb.config.discovery import BackendsFrom, DnsDiscovery
 from xdplb.config.errors import (
     PROBLEMS,
     ConfigError,
@@ -232,6 +233,7 @@ def _message(err: Any) -> str:
         "tuple_type": "a list",
         "list_type": "a list",
         "float_type": "a number",
+        "bool_type": "true or false",
     }
     if kind in expected:
         return f"expected {expected[kind]}, got {describe(value)}"
@@ -266,6 +268,8 @@ def _model_at(loc: Sequence[Any]) -> type[BaseModel] | None:
         "health_check": HealthCheck,
         "maglev": Maglev,
         "flows": Flows,
+        "backends_from": BackendsFrom,
+        "dns": DnsDiscovery,
     }
     for seg in loc:
         if isinstance(seg, int):

@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 from contextvars import ContextVar
 from ipaddress import IPv4Address, IPv4Network
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     AfterValidator,
@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     StrictStr,
     TypeAdapter,
@@ -30,6 +31,9 @@ from pydantic import (
 
 from xdplb.abi.layout import MAX_BACKENDS, MAX_REV_NAT, MAX_RING_SLOTS, MAX_VIPS, REV_TARGETS
 from xdplb.config.errors import Loc, Problem, describe, fail
+
+if TYPE_CHECKING:  # defined there, resolved there (Vip.model_rebuild): it builds on this module
+    from xdplb.config.discovery import BackendsFrom
 
 Protocol = Literal["tcp", "udp"]
 Forwarding = Literal["nat", "fullnat", "dsr"]
@@ -273,6 +277,7 @@ class Backend(_Model):
     address: BackendAddress
     port: Port | None = None  # None: keep the VIP's port
     weight: Weight = 1  # 0 drains: existing flows stay, no new ones
+    backup: StrictBool = False  # new flows only while no primary is up (model/desired.py)
 
     def target_port(self, vip: Vip) -> int:
         """The destination port packets for ``vip`` are rewritten to on this backend."""
@@ -293,7 +298,9 @@ class Vip(_Model):
     address: VipAddress
     port: Port
     protocol: Protocol
-    backends: Annotated[tuple[Backend, ...], _non_empty("backend")]
+    backends: Annotated[tuple[Backend, ...], _non_empty("backend")] = ()
+    # Instead of backends: found in DNS by the agent (config/discovery.py).
+    backends_from: BackendsFrom | None = None
     health_check: Annotated[HealthCheck, BeforeValidator(none_as_empty)] = Field(
         default_factory=HealthCheck
     )
@@ -313,6 +320,13 @@ class Vip(_Model):
     @property
     def port_range(self) -> tuple[int, int]:
         return self.source_ports or DEFAULT_SOURCE_PORTS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_backend_source(cls, data: Any) -> Any:
+        from xdplb.config.discovery import check_one_source  # it builds on this module
+
+        return check_one_source(data)
 
     @model_validator(mode="after")
     def _check_mode_keys(self) -> Vip:

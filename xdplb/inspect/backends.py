@@ -44,6 +44,9 @@ def collect(r: Reader, sweep: dict[str, Any] | None = None) -> list[dict[str, An
             **cat.vip_json(b.vip_id),
             "weight": b.weight,
             "down": b.down,
+            # backup: true (or a higher SRV priority); serving: the VIP's set in the ring
+            "backup": b.id in cat.backups,
+            "serving": cat.serving.get(b.vip_id),
             # Without the agent's results, the data path's flag is all there is to say.
             "health": h or {"state": "down" if b.down else "unknown", "since": None,
                             "last": None},

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from xdplb.abi.codec import PROTO_NAMES, PROTOCOLS, from_be16, ipv4_of
@@ -45,6 +45,14 @@ def mode_text(forwarding: str | None, encap: str | None) -> str:
     if forwarding is None:
         return "-"
     return f"{forwarding}/{encap}" if encap else forwarding
+
+
+def role_text(backup: bool, serving: str | None) -> str:
+    """A backend's role after its state in tables: `` backup``, or `` backup, serving``
+    while its VIP's backups take the new flows (no primary is up); nothing for a primary."""
+    if not backup:
+        return ""
+    return " backup, serving" if serving == "backup" else " backup"
 
 
 @dataclass(frozen=True)
@@ -97,10 +105,18 @@ class Catalog:
     backends: dict[int, BackendRef]  # valid slots of the backends array only
     seed: int
     udp_idle_ns: int = 0  # meta.udp_idle_ns: a UDP flow idle this long is over (0: never)
+    # From the live agent (pool.json): backup backends by id, each VIP's serving set, and
+    # all it published per VIP (name, serving, backups, dns), by VIP id.
+    backups: frozenset[int] = frozenset()
+    serving: dict[int, str] = field(default_factory=dict)
+    published: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, maps: KernelMaps, group: pins.PinGroup | None = None) -> Catalog:
-        """Decode the config maps; names from the live agent's config when ``group`` has one."""
+    def read(cls, maps: KernelMaps, group: pins.PinGroup | None = None,
+             roles_of: pins.PinGroup | None = None) -> Catalog:
+        """Decode the config maps; names from the live agent's config when ``group`` has one;
+        backups and serving sets from the agent of ``group`` or ``roles_of`` (which reads
+        only what the agent published: no config file)."""
         names = vip_names(group) if group is not None else {}
         vips = {}
         for k, info in maps.items("vips"):
@@ -126,7 +142,11 @@ class Catalog:
                                                ipv4_of(src) if any(src) else None)
                 bid += 1
         meta = maps.lookup("meta", 0)
-        return cls(vips, backends, meta.seed, meta.udp_idle_ns)
+        roles = pool_by_vip(where, vips) if (where := group or roles_of) else {}
+        backups = {b.id for b in backends.values()
+                   if b.endpoint in roles.get(b.vip_id, {}).get("backups", ())}
+        return cls(vips, backends, meta.seed, meta.udp_idle_ns,
+                   frozenset(backups), {vid: r["serving"] for vid, r in roles.items()}, roles)
 
     @property
     def named(self) -> bool:
@@ -167,6 +187,15 @@ class Catalog:
         fwd, encap = v.forwarding
         return {"vip_id": v.id, "vip": v.name, "vip_address": v.address, "vip_port": v.port,
                 "protocol": v.protocol, "forwarding": fwd, "encap": encap}
+
+
+def pool_by_vip(group: pins.PinGroup, vips: dict[int, VipRef]) -> dict[int, dict[str, Any]]:
+    """What the live agent published per VIP (``runfiles.pool``, with its ``name``) by VIP
+    id: serving set, backups, DNS discovery. Empty without a live agent."""
+    pool = runfiles.pool(group) if runfiles.agent_info(group) else {}
+    by_key = {tuple(p.get("key") or ()): {**p, "name": name} for name, p in pool.items()}
+    return {vid: row for vid, v in vips.items()
+            if (row := by_key.get((v.address, v.port, v.proto)))}
 
 
 def vip_names(group: pins.PinGroup) -> dict[Service, str]:

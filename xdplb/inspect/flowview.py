@@ -87,6 +87,8 @@ def columns(t: FlowTable, cat: Catalog,
                                    else None), "any"),
         Column("backend_port", by_value(bids, lambda b: backends[b].port if b in backends
                                         else None), "any"),
+        # a backup server's flow (backup: true): it stays there when a primary comes back
+        Column("backup", by_value(bids, lambda b: b in cat.backups), "any"),
         Column("forwarding", by_value(modes, lambda m: forwarding(m)[0]), "str"),
         Column("encap", by_value(modes, lambda m: forwarding(m)[1]), "any"),
         Column("source", by_value(src_code, source), "any"),
@@ -138,7 +140,8 @@ def table(cols: list[Column]) -> str:
     rows: Iterable[list[Any]] = (
         [c["proto"][i], f"{c['client'][i]}:{c['client_port'][i]}",
          f"{c['vip_address'][i]}:{c['vip_port'][i]}",
-         f"{c['backend'][i]}:{c['backend_port'][i]}" if c["backend"][i] else "(gone)",
+         f"{c['backend'][i]}:{c['backend_port'][i]}{' (backup)' if c['backup'][i] else ''}"
+         if c["backend"][i] else "(gone)",
          mode_text(c["forwarding"][i], c["encap"][i]), c["source"][i] or "-",
          "-" if c["tcp_state"][i] == "none" else c["tcp_state"][i],
          c["fwd_packets"][i], c["fwd_bytes"][i], c["rev_packets"][i], c["rev_bytes"][i],

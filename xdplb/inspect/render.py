@@ -10,7 +10,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from xdplb.inspect.catalog import mode_text
+from xdplb.inspect.catalog import mode_text, role_text
 
 
 def fmt_seconds(s: float) -> str:
@@ -67,7 +67,18 @@ def render_stats(s: dict[str, Any]) -> str:
         f"flow table: {ft['entries']} of {ft['capacity']} ({100 * ft['fill']:.1f}%)",
         f"drops: {drops}",
         f"counters: {other or 'none'}",
+        *(discovery_line(d) for d in s.get("discovery", ())),
     ]) + "\n"
+
+
+def discovery_line(d: dict[str, Any]) -> str:
+    """A ``backends_from`` VIP's discovery in one line, for ``stats`` and ``status``."""
+    ago = (f", last answer {fmt_seconds(max(time.time() - d['last_ok'], 0))} ago"
+           if d.get("last_ok") else "")
+    failing = f", FAILING: {d['failing']}" if d.get("failing") else ""
+    return (f"dns {d['vip']}: {d['name']} {d['type']} from {d['resolver'] or 'system resolver'}"
+            f": {d['backends']} backends ({d['last_answer']}{ago}), "
+            f"dns_failures={d['dns_failures']}{failing}")
 
 
 def _last_check(h: dict[str, Any]) -> str:
@@ -80,7 +91,8 @@ def _last_check(h: dict[str, Any]) -> str:
 
 def render_backends(rows: list[dict[str, Any]]) -> str:
     table = [[_vip_name(b), f"{b['address']}:{b['port']}", b["weight"],
-              b["health"]["state"] + (" (drained)" if b["weight"] == 0 else ""),
+              b["health"]["state"] + (" (drained)" if b["weight"] == 0 else "")
+              + role_text(b["backup"], b["serving"]),
               _last_check(b["health"]), f"{b['maglev_share']:.1f}%", b["flows"],
               b["active_flows"]] for b in rows]
     return tabulate(table, headers=["VIP", "BACKEND", "WEIGHT", "HEALTH", "LAST CHECK",

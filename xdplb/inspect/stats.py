@@ -95,6 +95,9 @@ def collect(r: Reader, sweep: dict[str, Any] | None = None) -> dict[str, Any]:
         "flow_table": {"entries": entries, "capacity": capacity,
                        "fill": round(entries / capacity, 6) if capacity else 0.0,
                        "swept_at": None if sweep is None else sweep.get("ts")},
+        # backends_from VIPs: their DNS discovery as the agent publishes it (dns_failures)
+        "discovery": [{"vip": p["name"], **p["dns"]}
+                      for _, p in sorted(cat.published.items()) if p.get("dns")],
     }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from xdplb.abi.layout import layout_version
-from xdplb.inspect.catalog import Catalog, mode_text
+from xdplb.inspect.catalog import Catalog, mode_text, role_text
 from xdplb.instance import pins, runfiles
 from xdplb.kernel import linkinfo
 from xdplb.kernel.maps import KernelMaps, read_counters
@@ -47,7 +47,7 @@ def collect() -> list[dict[str, Any]]:
         }
         if entry["current_layout"]:
             with pins.open_maps(g) as maps:
-                entry["vips"] = _vips(maps)
+                entry["vips"] = _vips(maps, g)
                 entry["counters"] = read_counters(maps)
         out.append(entry)
     return out
@@ -66,10 +66,14 @@ def _agent(g: pins.PinGroup) -> dict[str, Any] | None:
             "program_lost": info.get("program_lost", {})}
 
 
-def _vips(maps: KernelMaps) -> list[dict[str, Any]]:
-    cat = Catalog.read(maps)
+def _vips(maps: KernelMaps, g: pins.PinGroup) -> list[dict[str, Any]]:
+    # Names, backups and discovery as the live agent applied them (no config parsing here).
+    cat = Catalog.read(maps, roles_of=g)
     return [{
         "id": v.id,
+        "name": cat.published.get(v.id, {}).get("name"),
+        "serving": cat.serving.get(v.id),
+        "dns": cat.published.get(v.id, {}).get("dns"),
         "address": v.address,
         "port": v.port,
         "protocol": v.protocol,
@@ -77,7 +81,9 @@ def _vips(maps: KernelMaps) -> list[dict[str, Any]]:
         "encap": v.forwarding[1],
         "source_ports": list(v.source_ports) if v.source_ports else None,
         "backends": [{"id": b.id, "address": b.address, "port": b.port, "weight": b.weight,
-                      "down": b.down, "source": b.source} for b in cat.vip_backends(v.id)],
+                      "down": b.down, "source": b.source,
+                      "backup": b.id in cat.backups}
+                     for b in cat.vip_backends(v.id)],
     } for v in sorted(cat.vips.values(), key=lambda v: v.id)]
 
 
@@ -87,6 +93,13 @@ def _mode(v: dict[str, Any]) -> str:
     if v["source_ports"]:
         text += " {}-{}".format(*v["source_ports"])
     return text
+
+
+def _dns_line(v: dict[str, Any]) -> str:
+    d = v["dns"]
+    failing = f", FAILING: {d['failing']}" if d.get("failing") else ""
+    return (f"  {v['name']}: backends from DNS {d['name']} {d['type']}: {d['backends']} "
+            f"({d['last_answer']}), dns_failures={d['dns_failures']}{failing}")
 
 
 def render(groups: list[dict[str, Any]]) -> str:
@@ -109,11 +122,12 @@ def render(groups: list[dict[str, Any]]) -> str:
         rows = [
             [f"{v['protocol']} {v['address']}:{v['port']}", _mode(v),
              f"{b['address']}:{b['port']}", b["source"] or "-", b["weight"],
-             "down" if b["down"] else "up"]
+             ("down" if b["down"] else "up") + role_text(b["backup"], v["serving"])]
             for v in g["vips"] for b in v["backends"]
         ]
         parts.append(tabulate(rows, headers=["VIP", "MODE", "BACKEND", "SOURCE", "WEIGHT",
                                              "STATE"], tablefmt="plain"))
+        parts += [_dns_line(v) for v in g["vips"] if v.get("dns")]
         c = {k: v for k, v in g["counters"].items() if v}
         parts.append("counters: " + (", ".join(f"{k}={v}" for k, v in c.items()) or "none"))
     return "\n".join(parts)

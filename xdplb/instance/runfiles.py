@@ -26,6 +26,7 @@ AGENT_FILE = "agent.json"
 HEALTH_FILE = "health.json"
 DRAINS_FILE = "drains.json"
 VIPS_FILE = "vips.json"
+POOL_FILE = "pool.json"  # per VIP: the serving set (primary/backup), backups, DNS discovery
 
 
 def run_dir(group: pins.PinGroup) -> Path:
@@ -81,6 +82,13 @@ def health(group: pins.PinGroup) -> dict[str, Any]:
     "unknown", "since": unix time, "last": {"ok": bool, "time": unix time, "detail": str}}."""
     data = read_json(group, HEALTH_FILE) or {}
     return data.get("backends", {})
+
+
+def pool(group: pins.PinGroup) -> dict[str, dict[str, Any]]:
+    """Per VIP name, as the live agent published it: {"key": [address, port, ip proto],
+    "serving": "primary" | "backup" | "none", "backups": ["ADDR:PORT", ...], "dns": its
+    discovery's state or None}."""
+    return (read_json(group, POOL_FILE) or {}).get("vips", {})
 
 
 def clear(group: pins.PinGroup, keep: tuple[str, ...] = ()) -> None:

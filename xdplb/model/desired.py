@@ -40,6 +40,12 @@ class DesiredBackend:
     port: int  # target port (the VIP's when the config gives none)
     weight: int
     down: bool = False
+    backup: bool = False  # in the ring only while no primary of its VIP is up
+
+    @property
+    def up(self) -> bool:
+        """Could it take new flows: not failed, not drained, weight above 0."""
+        return not self.down and self.weight > 0
 
     @property
     def maglev_key(self) -> bytes:
@@ -59,6 +65,12 @@ class DesiredVip:
     mode: Forwarding = Forwarding.NAT
     source: str | None = None  # fullnat: the configured source; None: toward each backend
     ports: tuple[int, int] = (0, 0)  # fullnat: first and last source port
+
+    @property
+    def serving(self) -> str:
+        """Which backends get new flows: ``primary`` while any primary is up, else
+        ``backup`` while any backup is, else ``none``."""
+        return serving(self.backends)
 
     @property
     def needs_source(self) -> bool:
@@ -139,6 +151,15 @@ MODES = {"nat": Forwarding.NAT, "fullnat": Forwarding.FULLNAT, "dsr-l2": Forward
 MODE_NAMES = {m: name for name, m in MODES.items()}
 
 
+def serving(backends: tuple[DesiredBackend, ...]) -> str:
+    """The set a VIP's ring holds (``DesiredVip.serving``): backups stand in for the primaries
+    only while none of them is up, as keepalived's sorry server and nginx's ``backup`` do."""
+    for role, backup in (("primary", False), ("backup", True)):
+        if any(b.up for b in backends if b.backup == backup):
+            return role
+    return "none"
+
+
 def backend_label(vip_name: str, address: str, port: int) -> str:
     """How health checks, drains and logs name a backend: ``web/10.20.0.11:80``."""
     return f"{vip_name}/{address}:{port}"
@@ -152,7 +173,9 @@ def desired_state(
 ) -> DesiredState:
     """Compute the state the maps must hold for ``cfg``. ``down`` names (by
     :func:`backend_label`) failed backends: they keep their ids but leave the Maglev ring and
-    their flows re-balance. ``drained`` ones get weight 0: no new flows, flows stay."""
+    their flows re-balance. ``drained`` ones get weight 0: no new flows, flows stay. Backups
+    are in the ring only while no primary is up (:func:`serving`); out of it they keep their
+    tracked flows, as a drained backend does."""
     current = current or Current()
     vip_keys = [(str(v.address), v.port, PROTOCOLS[v.protocol]) for v in cfg.vips]
     vip_ids = _allocate(vip_keys, current.vip_ids, MAX_VIPS, "VIPs")
@@ -171,10 +194,13 @@ def desired_state(
             bk = (vid, str(b.address), b.target_port(v))
             label = backend_label(v.name, bk[1], bk[2])
             weight = 0 if label in drained else b.weight
-            bes.append(DesiredBackend(backend_ids[bk], bk[1], bk[2], weight, label in down))
+            bes.append(DesiredBackend(backend_ids[bk], bk[1], bk[2], weight, label in down,
+                                      b.backup))
+        # Only the serving set is in the ring; the others keep their ids and tracked flows.
+        backups = serving(tuple(bes)) == "backup"
         table = maglev.build_table(
-            [(b.maglev_key, 0 if b.down else b.weight) for b in bes], cfg.table_size_of(v), seed
-        )
+            [(b.maglev_key, b.weight if b.up and b.backup == backups else 0) for b in bes],
+            cfg.table_size_of(v), seed)
         ids = np.array([b.backend_id for b in bes] + [NO_BACKEND], dtype=np.uint32)
         ring = ids[np.where(table < 0, len(bes), table)]
         vips.append(DesiredVip(vid, v.name, vk[0], vk[1], vk[2], tuple(bes), ring,
