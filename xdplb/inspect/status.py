@@ -66,7 +66,7 @@ def _agent(g: pins.PinGroup) -> dict[str, Any] | None:
             "program_lost": info.get("program_lost", {})}
 
 
-def _vips(maps: KernelMaps, g: pins.PinGroup) -> list[dict[str, Any]]:
+def _vips(maps: KernelMaps, g: pins.PinGroup | None = None) -> list[dict[str, Any]]:
     # Names, backups and discovery as the live agent applied them (no config parsing here).
     cat = Catalog.read(maps, roles_of=g)
     return [{
