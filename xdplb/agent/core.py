@@ -27,6 +27,7 @@ from typing import Any
 
 from xdplb.abi.layout import MAX_VIPS
 from xdplb.agent import faults, fnatsweep, migrate
+from xdplb.agent.bgp import Announcer, NodeView, decide
 from xdplb.agent.detach import detach_if_ours
 from xdplb.agent.errors import AttachError, UsageError
 from xdplb.agent.health import HealthChecker, Target
@@ -91,6 +92,7 @@ class Agent:
     keep: bool = False
     config_path: str | None = None
     datapath: str = "bpf"  # "scapy": no XDP program; scapy_forwarder.py moves the frames
+    drain_time: float = 2.0  # stopping: seconds between withdrawing the routes and detaching
     group: pins.PinGroup = field(init=False)
     program: PinnedProgram | None = field(init=False, default=None)
     maps: KernelMaps | None = field(init=False, default=None)
@@ -110,6 +112,7 @@ class Agent:
     _publish_failing: bool = field(init=False, default=False)
     neighbours: NeighbourKeeper = field(init=False, default_factory=NeighbourKeeper)
     _next_sweep: float = field(init=False, default=0.0)
+    _bgp: Announcer | None = field(init=False, default=None)  # with a `bgp` section
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -176,20 +179,23 @@ class Agent:
 
         fresh = not self.group.exists()
         try:
+            self._start_bgp()  # sessions come up meanwhile; nothing is announced before attach
             self._load_fill_attach(indexes, replace, older)
         except BaseException:
+            self._stop_bgp()
             self._detach_all()
             if self.program is not None:
                 self.program.close()
                 self.program = None
             if fresh:  # leave no half-made pins behind (drains are the instance's: kept)
-                runfiles.clear(self.group, keep=(runfiles.DRAINS_FILE,))
+                runfiles.clear(self.group, keep=runfiles.INSTANCE_FILES)
                 self.group.remove()
             raise
         if self.program is not None:
             self._watch = ProgramWatch(bpfsys.prog_info(self.program.prog_fd).id)
         self._health = HealthChecker(self._on_health)
         self._update_health_targets()
+        self._announce()
         self._publish()
         log.info("attached to %s (%s)", ", ".join(self.ifaces),
                  ", ".join(f"{k}: {v}" for k, v in self.attached.items()))
@@ -383,6 +389,7 @@ class Agent:
                 changed = True
         if self._watch is not None and self._watch.check(list(self.attached)):
             changed = True
+        changed |= self._announce()  # also: first health checks passed, peers came up
         self._sweep_fnat()
         if changed or self._publish_failing:
             self._publish()
@@ -418,7 +425,9 @@ class Agent:
             faults.fire("drains")
             self.apply("drain list changed")
             drained = sorted(runfiles.read_drains(self.group))
-            self._done("drains", True, ", ".join(drained) or "none")
+            node = ["node drained"] if runfiles.node_drained(self.group) else []
+            self._done("drains", True, ", ".join(node + drained) or "none")
+        self._announce()
         self._publish()
 
     def reload(self) -> bool:
@@ -451,7 +460,41 @@ class Agent:
             log.error("reload failed, previous config restored: %s", e)
             return self._done("reload", False, f"failed, previous config restored: {e}")
         self._update_health_targets()
+        if cfg.bgp != old.bgp:  # a new speaker config: its sessions start again
+            self._stop_bgp()
+            self._start_bgp()
+        self._announce()
         return self._done("reload", True, f"applied {self.config_path}")
+
+    # --- BGP ---------------------------------------------------------------------------------
+
+    def _start_bgp(self) -> None:
+        if self.cfg.bgp is not None:
+            self._bgp = Announcer(self.cfg.bgp, self.group)
+            self._bgp.start()
+
+    def _stop_bgp(self) -> None:
+        if self._bgp is not None:
+            self._bgp.stop()
+            self._bgp = None
+
+    def _node_view(self, stopping: bool = False) -> NodeView:
+        return NodeView(
+            attached=bool(self.attached) and not (self._watch and self._watch.lost),
+            down=frozenset(self._down), drained=frozenset(runfiles.read_drains(self.group)),
+            health=self._health.snapshot() if self._health else {},
+            node_drained=runfiles.node_drained(self.group), stopping=stopping)
+
+    def _announce(self) -> bool:
+        """Bring the announcements in line with health, drains and the program; True when
+        they (or the peers' states) changed."""
+        if self._bgp is None:
+            return False
+        try:
+            return self._bgp.update(decide(self.cfg, self._node_view()))
+        except OSError as e:
+            self.errors.count("bgp", e, "trying again in a second")
+            return False
 
     def _done(self, kind: str, ok: bool, message: str, error: bool = False) -> bool:
         """Record the answer to an event (``error``: the agent failed, not the request)."""
@@ -467,6 +510,8 @@ class Agent:
             # VIP names for readers, so that they need not load and validate the config file.
             runfiles.write_vip_names(self.group, self.cfg, self.config_path)
             runfiles.write_json(self.group, runfiles.AGENT_FILE, self._agent_info())
+            if self._bgp is not None:
+                runfiles.write_json(self.group, runfiles.BGP_FILE, self._bgp.state())
             self._publish_health(raising=True)
         except OSError as e:
             if not self._publish_failing:
@@ -510,18 +555,22 @@ class Agent:
         """Stop checks and leave: detach and unpin, unless ``--keep`` (or ``detach`` False:
         the agent failed, and its failure must not take the data path down)."""
         notify("STOPPING=1")
+        if self._bgp is not None:  # routers first: traffic leaves before the program does
+            self._bgp.wait_withdrawn(decide(self.cfg, self._node_view(stopping=True)),
+                                     self.drain_time)
+            self._stop_bgp()
         if self._health is not None:
             self._health.stop()
             self._health = None
         if self.keep or not detach:
             log.info("leaving the program attached and maps pinned in %s (flows, drains "
                      "kept; `xdplb detach` removes them)", self.group.path)
-            for name in (runfiles.AGENT_FILE, runfiles.HEALTH_FILE):
+            for name in (runfiles.AGENT_FILE, runfiles.HEALTH_FILE, runfiles.BGP_FILE):
                 (runfiles.run_dir(self.group) / name).unlink(missing_ok=True)
         else:
             self._detach_all()
             self.neighbours.release()
-            runfiles.clear(self.group, keep=(runfiles.DRAINS_FILE,))
+            runfiles.clear(self.group, keep=runfiles.INSTANCE_FILES)
             self.group.remove()
             log.info("detached from %s", ", ".join(self.ifaces))
         if self.program is not None:
