@@ -114,7 +114,8 @@ def test_nothing_before_a_first_passed_check_or_while_detached_drained_stopping(
         tmp_path: Path) -> None:
     cfg = load(tmp_path, BGP)
     web = "10.200.0.10/32"
-    assert _states(cfg, _view(cfg, health={}))[web] == WITHDRAWN  # not checked yet
+    first = {a.prefix: a for a in decide(cfg, _view(cfg, health={}))}[web]  # not checked yet
+    assert first.state == WITHDRAWN and "first passed health check" in first.reason
     # dns has no health check: nothing to wait for
     assert _states(cfg, _view(cfg, health={}))["10.200.0.11/32"] == ANNOUNCED
     for kw, why in (({"attached": False}, "not attached"), ({"node_drained": True}, "drain-node"),

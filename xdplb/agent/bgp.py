@@ -58,21 +58,24 @@ class NodeView:
     stopping: bool = False
 
 
-def _serving(cfg: Config, view: NodeView) -> dict[str, tuple[int, int]]:
-    """VIP address -> (backends that may take new flows, backends) over all its VIPs. A
-    checked backend counts once a check has passed: a node that comes back must not attract
-    traffic it cannot serve yet."""
-    out: dict[str, tuple[int, int]] = {}
+def _serving(cfg: Config, view: NodeView) -> dict[str, tuple[int, int, int]]:
+    """VIP address -> (backends that may take new flows, backends not checked yet, backends)
+    over all its VIPs. A checked backend counts once a check has passed: a node that comes
+    back must not attract traffic it cannot serve yet."""
+    out: dict[str, tuple[int, int, int]] = {}
     for v in cfg.vips:
         checked = v.health_check.type != "none"
-        ok = 0
+        ok = pending = 0
         for b in v.backends:
             label = backend_label(v.name, str(b.address), b.target_port(v))
-            if (b.weight and label not in view.drained and label not in view.down
-                    and (not checked or view.health.get(label, {}).get("passed"))):
+            if not b.weight or label in view.drained or label in view.down:
+                continue
+            if not checked or view.health.get(label, {}).get("passed"):
                 ok += 1
-        have = out.get(str(v.address), (0, 0))
-        out[str(v.address)] = (have[0] + ok, have[1] + len(v.backends))
+            else:
+                pending += 1
+        have = out.get(str(v.address), (0, 0, 0))
+        out[str(v.address)] = (have[0] + ok, have[1] + pending, have[2] + len(v.backends))
     return out
 
 
@@ -80,11 +83,13 @@ def decide(cfg: Config, view: NodeView) -> list[Announcement]:
     """Each VIP address (/32) announced while one of its VIPs has a healthy, undrained backend
     and the program is attached; withdrawn otherwise, with the reason."""
     out = []
-    for addr, (ok, total) in _serving(cfg, view).items():
+    for addr, (ok, pending, total) in _serving(cfg, view).items():
         why = ("the agent is stopping" if view.stopping else
                "the program is not attached" if not view.attached else
                "the node is drained (xdplb drain-node)" if view.node_drained else
-               None if ok else f"none of its {total} backends is healthy and undrained")
+               None if ok else
+               "waiting for a first passed health check" if pending else
+               f"none of its {total} backends is healthy and undrained")
         if why:
             out.append(Announcement(f"{addr}/32", WITHDRAWN, why))
         else:
