@@ -33,7 +33,7 @@ from xdplb.agent.errors import AttachError, UsageError
 from xdplb.agent.health import HealthChecker, Target
 from xdplb.agent.loop import Errors, ProgramWatch, Retry
 from xdplb.agent.mapsync import MapSync
-from xdplb.agent.neigh import NeighbourKeeper
+from xdplb.agent.neigh import NeighbourKeeper, check_l2_on_link
 from xdplb.agent.notify import notify
 from xdplb.config import Config, ConfigError, check_backends_not_local, load_config
 from xdplb.instance import locks, pins, runfiles
@@ -135,6 +135,7 @@ class Agent:
                                      local_port_range())
         except ConfigError as e:
             raise UsageError(f"invalid config, nothing changed:\n{e}") from None
+        check_l2_on_link(self.cfg)
         self._own_interfaces()
         try:
             self._start()
@@ -450,6 +451,11 @@ class Agent:
                    "restart with `xdplb detach` + `xdplb attach` (drops tracked flows)")
             log.error(msg)
             return self._done("reload", False, msg)
+        try:
+            check_l2_on_link(cfg)
+        except UsageError as e:
+            log.error("reload rejected, nothing changed: %s", e)
+            return self._done("reload", False, str(e))
         old = self.cfg
         self.cfg = cfg
         try:
