@@ -10,8 +10,11 @@ the nodes' pins), also when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -195,13 +198,46 @@ def test_status_metrics_and_a_speaker_of_its_own_per_agent(lab: BgpLab, all_up: 
     assert "established" in human and f"{VIP}/32 ANNOUNCED" in human, human
 
 
+@contextlib.contextmanager
+def streaming(lab: BgpLab, name: str) -> Iterator[dict]:
+    """12 long TCP streams to the VIP's echo port (and 5 new HTTP connections a second) for
+    the block; afterwards the dict holds ``broken`` streams, ``new`` and ``failed_new``
+    connections. Inside it, ``ports``: the streams' client ports."""
+    log = lab.runtime_dir / f"{name}.log"
+    log.unlink(missing_ok=True)
+    traffic = lab.popen(lab.client_ns, sys.executable, str(HERE / "traffic.py"), "--vip", VIP,
+                        "--log", str(log), "--streams", "12", "--rate", "5", "--duration", "90",
+                        "--stall", "5")
+    run: dict = {}
+    try:
+        deadline = time.monotonic() + 15
+        while not log.exists() or log.read_text().count('"ev": "stream"') < 12:
+            assert time.monotonic() < deadline and traffic.poll() is None, "streams not up"
+            time.sleep(0.1)
+        time.sleep(1)
+        run["ports"] = {f["client_port"] for ns in lab.node_ns for f in flows(ns)
+                        if f["vip_port"] == 7000 and f["idle_s"] < 2}  # not earlier tests'
+
+        assert len(run["ports"]) == 12, run
+        yield run
+    finally:
+        traffic.terminate()
+        traffic.wait(30)
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    (end,) = [e for e in events if e["ev"] == "end"]
+    assert len(end["streams"]) == 12 and all(s["bytes"] > 0 for s in end["streams"].values())
+    run["broken"] = {i: s for i, s in end["streams"].items() if s["broken"]}
+    run["new"] = [e for e in events if e["ev"] == "new"]
+    run["failed_new"] = [e for e in run["new"] if e.get("error")]
+
+
 def _stream_nodes(lab: BgpLab, ports: set[int]) -> dict[str, int]:
     """How many of the streams (by client port) each running node tracks."""
     out = {}
     for ns in lab.node_ns:
         try:
             out[ns] = sum(1 for f in flows(ns) if f["vip_port"] == 7000
-                          and f["client_port"] in ports)
+                          and f["client_port"] in ports and f["idle_s"] < 2)
         except Exception:  # noqa: BLE001 (a dark node has nothing to say)
             out[ns] = 0
     return out
@@ -221,20 +257,8 @@ def test_streams_survive_a_node_stopping_coming_back_and_dying(lab: BgpLab,
     comes back, and another dies (kill -9, then dark: program gone, link down). ECMP moves
     flows between nodes each time; the node they land on has no entry for them and balances
     their ACKs by the same table: 0 streams break."""
-    log = lab.runtime_dir / "streams.log"
-    log.unlink(missing_ok=True)
-    traffic = lab.popen(lab.client_ns, sys.executable, str(HERE / "traffic.py"), "--vip", VIP,
-                        "--log", str(log), "--streams", "12", "--rate", "5", "--duration", "90",
-                        "--stall", "5")
-    try:
-        deadline = time.monotonic() + 15
-        while not log.exists() or log.read_text().count('"ev": "stream"') < 12:
-            assert time.monotonic() < deadline and traffic.poll() is None, "streams not up"
-            time.sleep(0.1)
-        time.sleep(1)
-        ports = {f["client_port"] for ns in lab.node_ns for f in flows(ns)
-                 if f["vip_port"] == 7000}
-        assert len(ports) == 12, ports
+    with streaming(lab, "streams") as run:
+        ports = run["ports"]
         first = _stream_nodes(lab, ports)
         # SIGTERM the node with the most streams: withdrawn first, detached --drain-time later
         victim = max(first, key=first.get)
@@ -261,21 +285,47 @@ def test_streams_survive_a_node_stopping_coming_back_and_dying(lab: BgpLab,
         xdplb(victim2, "detach", "eth0")
         lab.run(victim2, "ip", "link", "set", "eth0", "down")
         time.sleep(4)
-    finally:
-        traffic.terminate()
-        traffic.wait(30)
-    events = [json.loads(line) for line in log.read_text().splitlines()]
-    (end,) = [e for e in events if e["ev"] == "end"]
-    broken = {i: s for i, s in end["streams"].items() if s["broken"]}
-    new = [e for e in events if e["ev"] == "new"]
-    failed_new = [e for e in new if e.get("error")]
-    print(f"\nstreams: 12, broken {len(broken)}; per node at start {first}, after return "
-          f"{after}; SIGTERM: withdrawn after {withdrawn:.3f}s, detached after "
+    print(f"\nstreams: 12, broken {len(run['broken'])}; per node at start {first}, after "
+          f"return {after}; SIGTERM: withdrawn after {withdrawn:.3f}s, detached after "
           f"{detached:.2f}s; kill -9: withdrawn after {died:.3f}s; new connections "
-          f"{len(new)}, failed {len(failed_new)}")
-    assert not broken, broken
-    assert len(end["streams"]) == 12 and all(s["bytes"] > 0 for s in end["streams"].values())
-    assert after[victim] > 0 or sum(after.values()) == 12, after
+          f"{len(run['new'])}, failed {len(run['failed_new'])}")
+    assert not run["broken"], run["broken"]
+    assert after[victim] > 0, after  # the returning node took streams it had no entry for
+
+
+def test_draining_a_backend_on_every_node_moves_no_other_stream(lab: BgpLab,
+                                                                all_up: Nodes) -> None:
+    """Drain be2 by reload on every node, one after the other: only be2's slots change,
+    so no stream moves (be2's own continue where they are tracked), new flows go to be1."""
+    drained = pool(lab, WEB, Vip("stream", 7000, (BE1, Backend(BE2, weight=0)), **DSR),
+                   ALT_VIP)
+    with streaming(lab, "drain") as run:
+        for ns in lab.node_ns:
+            (all_up.tmp / f"{ns}.yaml").write_text(drained)
+            assert "reloaded" in xdplb(ns, "reload").stdout
+        time.sleep(2)
+        code = ("import socket\nfor i in range(20):\n    s = socket.create_connection(("
+                f"{VIP!r}, 7000), timeout=3)\n    print(s.makefile().readline().strip())\n"
+                "    s.close()\n")
+        banners = set(lab.run(lab.client_ns, sys.executable, "-c", code).stdout.split())
+    for ns in lab.node_ns:
+        (all_up.tmp / f"{ns}.yaml").write_text(pool(lab))
+        xdplb(ns, "reload")
+    assert not run["broken"], run["broken"]
+    assert not run["failed_new"], run["failed_new"][:3]
+    assert banners == {"backend=be1"}, banners  # new streams: the drained be2 gets none
+
+
+def test_a_dead_speaker_is_started_again(lab: BgpLab, all_up: Nodes) -> None:
+    """The agent outlives its speaker: ExaBGP killed, its routes go (its sessions close), the
+    agent starts it again and announces again."""
+    ns, addr = lab.node_ns[2], lab.node_addrs[2]
+    pid = status(ns)["bgp"]["speaker"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    _wait_gone(lab, addr, 5)
+    took = lab.wait_next_hops(VIP, set(lab.node_addrs), timeout=20)
+    assert status(ns)["bgp"]["speaker"]["pid"] not in (None, pid)
+    print(f"\nspeaker killed: announced again after {took:.1f}s")
 
 
 def test_a_vip_address_goes_while_its_backends_fail_and_returns_with_them(

@@ -182,9 +182,12 @@ class ExaBGP:
         with open(self.path["log"], "ab") as out:
             # --pdeathsig: the kernel sends SIGTERM to the speaker when the agent's thread that
             # started it (the main thread) ends, kill -9 included.
+            # A session of its own: Ctrl-C in the agent's terminal must not end it before the
+            # agent has withdrawn the routes and waited --drain-time.
             self.proc = subprocess.Popen(
                 ["setpriv", "--pdeathsig", "TERM", exe, str(self.path["conf"])], env=env,
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
         self.peers = dict.fromkeys(self.peers, "idle")
         self.started = time.monotonic()
         log.info("bgp: started ExaBGP (pid %d) for peers %s", self.proc.pid,
