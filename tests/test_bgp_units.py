@@ -3,15 +3,27 @@
 
 from __future__ import annotations
 
+import json
+import os
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from pools import BE1, BE2, BE3, Backend, HealthCheck, Vip, pool_data, pool_yaml
 
-from xdplb.agent.bgp import ANNOUNCED, WITHDRAWN, NodeView, decide, exabgp_config
+from xdplb.agent.bgp import (
+    ANNOUNCED,
+    WITHDRAWN,
+    Announcer,
+    ExaBGP,
+    NodeView,
+    decide,
+    exabgp_config,
+)
 from xdplb.config import Config, ConfigError, load_config
+from xdplb.instance import pins
 from xdplb.model.desired import Current, backend_label, desired_state
 
 BGP = """\
@@ -169,3 +181,78 @@ def test_every_node_builds_the_same_ring_whatever_the_order_and_ids() -> None:
     who = {x.backend_id: f"{x.address}:{x.port}" for x in st2.vips[0].backends}
     assert [who.get(int(i), "-") for i in st2.vips[0].ring] == ring_a
     assert set(np.unique(st2.vips[0].ring)) == {40, 7, 1000}
+
+
+class FakeSpeaker:
+    """ExaBGP's place in an Announcer: records commands, reports peers coming up."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.up: list[str] = []
+        self.proc = SimpleNamespace(pid=4250)
+        self.path = {"log": Path("/run/x/speaker.log")}
+        self.peers: dict[str, str] = {}
+
+    def alive(self) -> bool:
+        return True
+
+    def send(self, line: str) -> None:
+        self.sent.append(line)
+
+    def poll(self) -> list[str]:
+        up, self.up = self.up, []
+        return up
+
+
+def test_the_announcer_sends_changes_and_everything_again_to_a_peer_that_came_up(
+        tmp_path: Path) -> None:
+    cfg = load(tmp_path, """\
+        bgp:
+          asn: 65001
+          peers:
+            - {address: 10.0.0.1, asn: 65000}
+            - {address: 10.0.1.1, asn: 65000, next_hop: 10.0.1.2}
+        """)
+    assert cfg.bgp is not None
+    a = Announcer(cfg.bgp, pins.group_for(["eth0"]))
+    a.speaker = sp = FakeSpeaker()  # type: ignore[assignment]
+    assert a.update(decide(cfg, _view(cfg)))
+    assert sorted(sp.sent) == [
+        "neighbor 10.0.0.1 announce route 10.200.0.10/32 next-hop self",
+        "neighbor 10.0.0.1 announce route 10.200.0.11/32 next-hop self",
+        "neighbor 10.0.1.1 announce route 10.200.0.10/32 next-hop 10.0.1.2",
+        "neighbor 10.0.1.1 announce route 10.200.0.11/32 next-hop 10.0.1.2"]
+    sp.sent.clear()
+    assert not a.update(decide(cfg, _view(cfg))) and sp.sent == []  # nothing changed
+    sp.up = ["10.0.1.1"]  # a session came (back) up: all it should carry, to it alone
+    assert a.update(decide(cfg, _view(cfg)))
+    assert sorted(sp.sent) == [
+        "neighbor 10.0.1.1 announce route 10.200.0.10/32 next-hop 10.0.1.2",
+        "neighbor 10.0.1.1 announce route 10.200.0.11/32 next-hop 10.0.1.2"]
+    sp.sent.clear()
+    a.update(decide(cfg, _view(cfg, node_drained=True)))
+    assert sorted(sp.sent) == [f"neighbor {p} withdraw route 10.200.0.{n}/32"
+                               for p in ("10.0.0.1", "10.0.1.1") for n in (10, 11)]
+    st = a.state()
+    assert [x["state"] for x in st["announcements"]] == [WITHDRAWN, WITHDRAWN]
+    assert st["peers"] == [{"address": "10.0.0.1", "asn": 65000, "state": "idle"},
+                           {"address": "10.0.1.1", "asn": 65000, "state": "idle"}]
+
+
+def test_the_speakers_messages_give_the_peers_state(tmp_path: Path) -> None:
+    cfg = load(tmp_path, BGP)
+    assert cfg.bgp is not None
+    sp = ExaBGP(cfg.bgp, pins.group_for(["eth0"]))
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    sp._evt = r
+    msg = {"type": "state", "neighbor": {"address": {"peer": "10.0.0.1"}, "state": "up"}}
+    os.write(w, b"done\n" + json.dumps(msg).encode() + b"\n" + b'{"type": "sta')
+    assert sp.poll() == ["10.0.0.1"] and sp.peers == {"10.0.0.1": "established"}
+    down = {"type": "state", "neighbor": {"address": {"peer": "10.0.0.1"}, "state": "down",
+                                          "reason": "peer reset"}}
+    os.write(w, json.dumps(down).encode()[len('{"type": "sta'):] + b"\n")
+    assert sp.poll() == [] and sp.peers == {"10.0.0.1": "down"}
+    os.close(w)
+    os.close(r)
+    sp._evt = None

@@ -166,7 +166,8 @@ class ExaBGP:
             os.mkfifo(self.path[n], 0o600)
         # Both ends ours and read-write: opening never blocks, and neither pipe ever reads
         # EOF or raises EPIPE on our side; the relay sees EOF once this process is gone.
-        self._cmd = os.open(self.path["cmd"], os.O_RDWR | os.O_CLOEXEC)
+        # Non-blocking: a speaker that stops reading must not stall the agent's loop.
+        self._cmd = os.open(self.path["cmd"], os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         self._evt = os.open(self.path["evt"], os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         self.path["relay"].write_text(_relay_script(str(self.path["cmd"]),
                                                     str(self.path["evt"])))
@@ -197,8 +198,14 @@ class ExaBGP:
         return self.proc is not None and self.proc.poll() is None
 
     def send(self, line: str) -> None:
+        """One API command (a write below PIPE_BUF: all of it or nothing); OSError when the
+        speaker has not read the earlier ones (the pipe is full)."""
         if self._cmd is not None:
-            os.write(self._cmd, line.encode() + b"\n")
+            try:
+                os.write(self._cmd, line.encode() + b"\n")
+            except BlockingIOError:
+                raise OSError(f"ExaBGP is not reading its commands ({line!r} not sent)") \
+                    from None
 
     def poll(self) -> list[str]:
         """Read the speaker's messages; the peers whose session came up since."""
