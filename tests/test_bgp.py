@@ -25,26 +25,22 @@ import pytest
 from agent_process import XDPLB, AgentProcess
 from bgplab import NODE_ASN, ROUTER_ASN, BgpLab
 from lab import HERE, run_command
-from pools import BE1, BE2, Backend, HealthCheck, Vip, bgp, pool_yaml
+from pools import BE1, BE2, FLEET_CHECK, FLEET_STREAM, FLEET_WEB, Backend, Vip, fleet_yaml
 
 pytestmark = pytest.mark.root
 
 VIP, ALT = "10.200.0.10", "10.200.0.20"
-HC = HealthCheck("tcp", interval="500ms", timeout="300ms", rise=1, fall=2)
-DSR = {"forwarding": "dsr", "encap": "l2", "health_check": HC}
-WEB = Vip("web", 80, (BE1, BE2), **DSR)
-STREAM = Vip("stream", 7000, (BE1, BE2), **DSR)  # the backends' TCP echo
+DSR = {"forwarding": "dsr", "encap": "l2", "health_check": FLEET_CHECK}
+WEB, STREAM = FLEET_WEB, FLEET_STREAM
 ALT_VIP = Vip("alt", 8080, (BE2,), address=ALT, **DSR)  # one backend: easy to take down
 METRICS = "127.0.0.1:9477"  # lb1's, inside its namespace
 HOLD_TIME = 3
 
 
-def pool(lab: BgpLab, *vips: Vip, **keys: str) -> str:
+def pool(lab: BgpLab, *vips: Vip) -> str:
     """The same pool on every node: equal seed, equal backends, BGP to the router."""
-    peer = {"address": lab.router_backend_addr, "asn": ROUTER_ASN}
-    return pool_yaml(*(vips or (WEB, STREAM, ALT_VIP)), table_size=251, seed=7,
-                     flows={"max_entries": 16384},
-                     bgp=bgp(NODE_ASN, [peer], hold_time=f"{HOLD_TIME}s", **keys))
+    return fleet_yaml(lab.router_backend_addr, *(vips or (WEB, STREAM, ALT_VIP)),
+                      router_asn=ROUTER_ASN, asn=NODE_ASN, hold_time=f"{HOLD_TIME}s")
 
 
 def xdplb(ns: str, *args: str, check: bool = True, timeout: float = 60):

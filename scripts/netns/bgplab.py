@@ -4,7 +4,7 @@ router over BGP, and the router spreading the VIP's traffic over them with ECMP.
 
 ::
 
-    python scripts/netns/bgplab.py up [--prefix P] [--nodes 3] [--backends 2]
+    python scripts/netns/bgplab.py up [--prefix P] [--nodes 3] [--backends 2] [--agents]
     python scripts/netns/bgplab.py down [--prefix P]
 
 ```
@@ -21,8 +21,10 @@ PIDFILE``) with one eBGP session per node, ``merge paths`` in its kernel protoco
 a next hop per announcing node) and an L4 multipath hash (policy 3, fields 0x37: on veth,
 policy 1 reuses the sender's socket hash, which TCP re-rolls after a retransmission timeout,
 so a flow would jump between nodes). The nodes have no xdplb agent: a test (or the user)
-runs one per node, each with BGP to 10.20.0.254. The backends are DSR backends on the
-segment the nodes share (``encap: l2``), answering the client through the router.
+runs one per node, each with BGP to 10.20.0.254; ``up --agents`` starts them too, with
+pools.py's fleet pool (``BgpLab.start_agents``), and ``down`` stops them. The backends are
+DSR backends on the segment the nodes share (``encap: l2``), answering the client through
+the router.
 """
 
 from __future__ import annotations
@@ -32,10 +34,13 @@ import ipaddress
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
+from agent_process import XDPLB
 from lab import Lab, mac, teardown_prefix
 
 ROUTER_ASN, NODE_ASN = 65000, 65001
@@ -138,6 +143,18 @@ template bgp node {{
                                    if f["log"].exists() else "bird did not start")
             time.sleep(0.05)
 
+    def start_agents(self, pool_text: str, vip: str, timeout: float = 90) -> None:
+        """An xdplb agent on every node with ``pool_text`` (written to the lab's run
+        directory; logs there too), until ``vip`` has a next hop per node on the router.
+        Tracked like the backends: ``down`` stops them."""
+        cfg = self.runtime_dir / "pool.yaml"
+        cfg.write_text(pool_text)
+        for ns, name in zip(self.node_ns, self.node_names, strict=True):
+            with open(self.runtime_dir / f"{name}.agent.log", "ab") as log:
+                self.popen(None, str(XDPLB), "--netns", ns, "attach", "eth0", "--config",
+                           str(cfg), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        self.wait_next_hops(vip, set(self.node_addrs), timeout=timeout)
+
     # -- what the router sees --------------------------------------------------------------
 
     def birdc(self, *args: str) -> str:
@@ -207,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--backends", type=int, default=2)
     up.add_argument("--vips", default="10.200.0.10", metavar="VIP,...")
+    up.add_argument("--agents", action="store_true",
+                    help="also run an agent on every node (pools.py's fleet pool: web, stream)")
     down = sub.add_parser("down", help="remove the lab and its processes")
     down.add_argument("--prefix", default="xb")
     a = ap.parse_args(argv)
@@ -219,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     vips = [str(ipaddress.IPv4Address(v)) for v in a.vips.split(",") if v]
     lab = BgpLab(a.nodes, a.backends, a.prefix, vips)
     lab.up()
+    if a.agents:
+        from pools import FLEET_STREAM, FLEET_WEB, fleet_yaml
+
+        fleet = [replace(v, address=vips[0]) for v in (FLEET_WEB, FLEET_STREAM)]
+        lab.start_agents(fleet_yaml(lab.router_backend_addr, *fleet, router_asn=ROUTER_ASN,
+                                    asn=NODE_ASN), vips[0])
     print(lab.describe())
     return 0
 

@@ -127,3 +127,21 @@ def _yaml(data: Mapping[str, Any], indent: int) -> Iterator[str]:
                 yield from rest
         else:
             yield f"{pad}{key}: {value}\n"
+
+
+# Several balancer nodes (bgplab.py): DSR on the segment they share, fast checks, and BGP to
+# the lab's router; the same pool on every node (the same seed above all).
+FLEET_CHECK = HealthCheck("tcp", interval="500ms", timeout="300ms", rise=1, fall=2)
+FLEET_WEB = Vip("web", 80, (BE1, BE2), forwarding="dsr", encap="l2", health_check=FLEET_CHECK)
+FLEET_STREAM = Vip("stream", 7000, (BE1, BE2), forwarding="dsr", encap="l2",
+                   health_check=FLEET_CHECK)  # the backends' TCP echo: long streams
+
+
+def fleet_yaml(router: str, *vips: Vip, router_asn: int = 65000, asn: int = 65001,
+               hold_time: str = "3s") -> str:
+    """A node's pool.yaml in the BGP lab: ``vips`` (default web and stream) announced to
+    ``router``."""
+    return pool_yaml(*(vips or (FLEET_WEB, FLEET_STREAM)), table_size=251, seed=7,
+                     flows={"max_entries": 16384},
+                     bgp=bgp(asn, [{"address": router, "asn": router_asn}],
+                             hold_time=hold_time))
