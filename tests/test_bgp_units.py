@@ -22,6 +22,7 @@ from xdplb.agent.bgp import (
     decide,
     exabgp_config,
 )
+from xdplb.agent.errors import UsageError
 from xdplb.config import Config, ConfigError, load_config
 from xdplb.instance import pins
 from xdplb.model.desired import Current, backend_label, desired_state
@@ -256,3 +257,21 @@ def test_the_speakers_messages_give_the_peers_state(tmp_path: Path) -> None:
     os.close(w)
     os.close(r)
     sp._evt = None
+
+
+def test_a_speaker_that_cannot_start_is_tried_again_later_not_every_second(
+        tmp_path: Path) -> None:
+    cfg = load(tmp_path, BGP)
+    assert cfg.bgp is not None
+    a = Announcer(cfg.bgp, pins.group_for(["eth0"]))
+    starts = []
+
+    def start() -> None:
+        starts.append(1)
+        raise UsageError("bgp: no route to peer 10.0.0.1")
+
+    a.speaker.start = start  # type: ignore[method-assign]
+    a.speaker.started = 0.0  # long ago
+    with pytest.raises(UsageError):
+        a.update(decide(cfg, _view(cfg)))
+    assert not a.update(decide(cfg, _view(cfg))) and len(starts) == 1  # within RESTART_DELAY

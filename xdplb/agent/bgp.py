@@ -294,8 +294,9 @@ class Announcer:
                 return True
             if time.monotonic() - self.speaker.started < RESTART_DELAY:
                 return False
-            self.speaker.start()
+            self.speaker.started = time.monotonic()  # a failed start is tried again later
             self.current = {}
+            self.speaker.start()
         came_up = set(self.speaker.poll())
         new = {a.prefix: a for a in wanted}
         changed = [a for p, a in new.items() if (old := self.current.get(p)) is None

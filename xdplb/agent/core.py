@@ -466,11 +466,16 @@ class Agent:
             log.error("reload failed, previous config restored: %s", e)
             return self._done("reload", False, f"failed, previous config restored: {e}")
         self._update_health_targets()
+        note = ""
         if cfg.bgp != old.bgp:  # a new speaker config: its sessions start again
             self._stop_bgp()
-            self._start_bgp()
+            try:
+                self._start_bgp()
+            except UsageError as e:  # the maps are applied; the speaker is tried again
+                self.errors.count("bgp", e, "starting the speaker again in a few seconds")
+                note = f"; but bgp: {e}"
         self._announce()
-        return self._done("reload", True, f"applied {self.config_path}")
+        return self._done("reload", True, f"applied {self.config_path}{note}")
 
     # --- BGP ---------------------------------------------------------------------------------
 
@@ -498,8 +503,8 @@ class Agent:
             return False
         try:
             return self._bgp.update(decide(self.cfg, self._node_view()))
-        except OSError as e:
-            self.errors.count("bgp", e, "trying again in a second")
+        except (OSError, UsageError) as e:  # a speaker that cannot start or take commands
+            self.errors.count("bgp", e, "trying again shortly")
             return False
 
     def _done(self, kind: str, ok: bool, message: str, error: bool = False) -> bool:
