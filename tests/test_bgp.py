@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -296,20 +297,44 @@ def test_draining_a_backend_on_every_node_moves_no_other_stream(lab: BgpLab,
     drained = pool(lab, WEB, Vip("stream", 7000, (BE1, Backend(BE2, weight=0)), **DSR),
                    ALT_VIP)
     with streaming(lab, "drain") as run:
-        for ns in lab.node_ns:
-            (all_up.tmp / f"{ns}.yaml").write_text(drained)
-            assert "reloaded" in xdplb(ns, "reload").stdout
+        _reload_all(lab, all_up, drained)
         time.sleep(2)
         code = ("import socket\nfor i in range(20):\n    s = socket.create_connection(("
                 f"{VIP!r}, 7000), timeout=3)\n    print(s.makefile().readline().strip())\n"
                 "    s.close()\n")
         banners = set(lab.run(lab.client_ns, sys.executable, "-c", code).stdout.split())
-    for ns in lab.node_ns:
-        (all_up.tmp / f"{ns}.yaml").write_text(pool(lab))
-        xdplb(ns, "reload")
+    _reload_all(lab, all_up, pool(lab))
     assert not run["broken"], run["broken"]
     assert not run["failed_new"], run["failed_new"][:3]
     assert banners == {"backend=be1"}, banners  # new streams: the drained be2 gets none
+
+
+def _reload_all(lab: BgpLab, nodes: Nodes, text: str) -> None:
+    for ns in lab.node_ns:
+        (nodes.tmp / f"{ns}.yaml").write_text(text)
+        assert "reloaded" in xdplb(ns, "reload").stdout
+
+
+def test_dsr_ipip_backends_behind_every_node(lab: BgpLab, all_up: Nodes) -> None:
+    """The same fleet in dsr/ipip (xdplb decap on the backends): every node carries some of
+    the connections, each backend decapsulates, the backends see the client."""
+    ipip = [replace(v, encap="ipip") for v in (WEB, STREAM, ALT_VIP)]
+    for ns in lab.backend_ns:
+        xdplb(ns, "decap", "attach", "eth0", timeout=120)
+    try:
+        _reload_all(lab, all_up, pool(lab, *ipip))
+        before = {ns: counters(ns).get("ipip_encap", 0) for ns in lab.node_ns}
+        got = connect_many(lab, 60)
+        assert all(f"client={lab.client_addr}:{p}" in b for p, b in got), got[:3]
+        wrapped = {ns: counters(ns).get("ipip_encap", 0) - before[ns] for ns in lab.node_ns}
+        assert all(n > 0 for n in wrapped.values()), wrapped
+        for ns in lab.backend_ns:
+            st = json.loads(xdplb(ns, "decap", "status", "eth0", "--json").stdout)
+            assert st["interfaces"][0]["counters"]["decap"] > 0, st
+    finally:
+        _reload_all(lab, all_up, pool(lab))
+        for ns in lab.backend_ns:
+            xdplb(ns, "decap", "detach", "eth0", check=False)
 
 
 def test_a_dead_speaker_is_started_again(lab: BgpLab, all_up: Nodes) -> None:
