@@ -393,6 +393,13 @@ def test_drain_node_withdraws_without_stopping(lab: BgpLab, all_up: Nodes) -> No
         assert all("drain-node" in a["reason"] for a in g["bgp"]["announcements"]), g["bgp"]
         assert g["interfaces"][0]["attached"] and all_up.running(ns)  # still balancing
         assert "backend=" in lab.http_get(lab.client_ns, VIP)
+        # kept like the drains: a restarted agent stays drained
+        agent = all_up.agents[ns]
+        assert agent is not None and agent.stop() == 0
+        all_up.start(ns)
+        time.sleep(2)  # its checks have passed: only the drain keeps it out
+        assert addr not in lab.next_hops(VIP)
+        assert all("drain-node" in a["reason"] for a in status(ns)["bgp"]["announcements"])
     finally:
         xdplb(ns, "undrain-node")
     lab.wait_next_hops(VIP, everyone, timeout=5)
