@@ -23,8 +23,11 @@ log() { printf '[setup] %s\n' "$*"; }
 # hping3: the SYN flood (random sources) of tests/test_flood.py.
 # dnsmasq-base: the DNS server (SRV and A records from a file) of tests/test_discovery.py; the
 # binary only, no system service (the dnsmasq package would start one).
+# exabgp: the BGP speaker the agent runs for a pool.yaml with `bgp:` (docs/operations.md);
+# bird2: the router of the BGP lab (scripts/netns/bgplab.py, tests/test_bgp.py).
 pkgs=(python3-bpfcc python3-venv python3-pip linux-headers-amd64 iproute2 ethtool
-      tcpdump curl iperf3 util-linux procps kmod nftables vagrant systemd hping3 dnsmasq-base)
+      tcpdump curl iperf3 util-linux procps kmod nftables vagrant systemd hping3 dnsmasq-base
+      exabgp bird2)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -34,6 +37,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Their packages enable system services; xdplb runs its own speaker per instance, and the
+  # lab its own BIRD, so the ones installed here are not started (where systemd runs).
+  if [ -d /run/systemd/system ]; then
+    for svc in exabgp bird; do
+      case " ${missing[*]} " in *" $svc"*) systemctl disable --now "$svc" >/dev/null 2>&1 || true;; esac
+    done
+  fi
 fi
 
 # --- kernel headers for BCC -------------------------------------------------

@@ -29,10 +29,11 @@ class AgentProcess:
     """A foreground `xdplb attach` on the LB's interfaces; ``stop()`` sends SIGTERM."""
 
     def __init__(self, lab: Lab, config: Path, *extra: str, timeout: float = 60,
-                 exe: list[str] | None = None) -> None:
+                 exe: list[str] | None = None, ns: str | None = None) -> None:
         self.lab = lab
+        self.ns = ns or lab.lb_ns  # another balancer's (bgplab.py's nodes)
         self.log = config.with_suffix(".agent.log")
-        cmd = [*(exe or [str(XDPLB)]), "--netns", lab.lb_ns, "attach", *lab.lb_ifaces,
+        cmd = [*(exe or [str(XDPLB)]), "--netns", self.ns, "attach", *lab.lb_ifaces,
                "--config", str(config), *extra]
         start = self.log.stat().st_size if self.log.exists() else 0  # several agents, one log
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log.open("a"))

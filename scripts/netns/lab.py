@@ -48,7 +48,7 @@ UDP_PORTS = (5000, 5001)
 ECHO_PORTS = (7000,)
 PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 # Only these role suffixes belong to a lab: prefix "xl" must never match "xl-other-client".
-ROLE_RE = r"(?:client|lb|sw|rt|be[0-9]+)"
+ROLE_RE = r"(?:client|lb[0-9]*|sw|rt|be[0-9]+)"  # lbN: the nodes of bgplab.py
 # The router's nftables table (routed topology): counts what it forwards toward the client.
 NFT_TABLE = "xdplb_lab"
 ROUTER_COUNTERS = ("via_lb", "from_backends", "other")
@@ -215,10 +215,12 @@ def _remove_agent_leftovers(prefix: str) -> None:
     bpffs outlives namespaces: a pin directory is named after the namespace, not tied to it.
     Layout: <root>/xdplb/<layout version>/<netns>/<ifaces>.
     """
-    lb = f"{prefix}-lb"
+    lb = re.compile(rf"{re.escape(prefix)}-lb[0-9]*")  # lbN: the nodes of bgplab.py
     for root in (Path("/sys/fs/bpf/xdplb"), Path("/run/xdplb")):
         for version in root.glob("*"):
-            shutil.rmtree(version / lb, ignore_errors=True)
+            for ns_dir in version.glob(f"{prefix}-lb*"):
+                if lb.fullmatch(ns_dir.name):
+                    shutil.rmtree(ns_dir, ignore_errors=True)
             with contextlib.suppress(OSError):
                 version.rmdir()
         with contextlib.suppress(OSError):

@@ -13,7 +13,7 @@ so a test can find a line in it. ``pool_data`` gives the same pool as plain data
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import KW_ONLY, asdict, dataclass
 from typing import Any
 
@@ -82,21 +82,33 @@ ECHO = Vip("echo", 5000, (BE1, Backend(BE2, port=5001)), protocol="udp")
 DNS = Vip("dns", 53, (BE1, BE2), protocol="udp")
 
 
+def bgp(asn: int, peers: Sequence[Mapping[str, Any]], **keys: Any) -> dict[str, Any]:
+    """A ``bgp`` section: ``bgp(65001, [{"address": "10.20.0.254", "asn": 65000}],
+    hold_time="3s")``."""
+    return {"asn": asn, **keys, "peers": [dict(p) for p in peers]}
+
+
 def pool_data(*vips: Vip, table_size: int | None = None, seed: int | None = None,
-              flows: Mapping[str, int | str] | None = None) -> dict[str, Any]:
-    """The pool as plain data; ``maglev`` and ``flows`` keys left out stay at their defaults."""
+              flows: Mapping[str, int | str] | None = None,
+              bgp: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The pool as plain data; ``maglev`` and ``flows`` keys left out stay at their defaults,
+    ``bgp`` (see :func:`bgp`) is left out unless given."""
     data: dict[str, Any] = {"vips": [_vip(v) for v in vips]}
     if maglev := _set({"table_size": table_size, "seed": seed}):
         data["maglev"] = maglev
     if flows:
         data["flows"] = dict(flows)
+    if bgp:
+        data["bgp"] = dict(bgp)
     return data
 
 
 def pool_yaml(*vips: Vip, table_size: int | None = None, seed: int | None = None,
-              flows: Mapping[str, int | str] | None = None) -> str:
+              flows: Mapping[str, int | str] | None = None,
+              bgp: Mapping[str, Any] | None = None) -> str:
     """The pool as pool.yaml text (see :func:`pool_data`)."""
-    return "".join(_yaml(pool_data(*vips, table_size=table_size, seed=seed, flows=flows), 0))
+    return "".join(_yaml(pool_data(*vips, table_size=table_size, seed=seed, flows=flows,
+                                   bgp=bgp), 0))
 
 
 def _set(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -157,3 +169,20 @@ DNS_STREAM = Vip("stream", 7000, (),
                  backends_from=Dns("stream.web.lab.", "A", RESOLVER, refresh="1s"))
 DNS_ALT = Vip("alt", 81, (),
               backends_from=Dns("alt.web.lab.", "A", RESOLVER, port=8080, refresh="1s"))
+
+# Several balancer nodes (bgplab.py): DSR on the segment they share, fast checks, and BGP to
+# the lab's router; the same pool on every node (the same seed above all).
+FLEET_CHECK = HealthCheck("tcp", interval="500ms", timeout="300ms", rise=1, fall=2)
+FLEET_WEB = Vip("web", 80, (BE1, BE2), forwarding="dsr", encap="l2", health_check=FLEET_CHECK)
+FLEET_STREAM = Vip("stream", 7000, (BE1, BE2), forwarding="dsr", encap="l2",
+                   health_check=FLEET_CHECK)  # the backends' TCP echo: long streams
+
+
+def fleet_yaml(router: str, *vips: Vip, router_asn: int = 65000, asn: int = 65001,
+               hold_time: str = "3s") -> str:
+    """A node's pool.yaml in the BGP lab: ``vips`` (default web and stream) announced to
+    ``router``."""
+    return pool_yaml(*(vips or (FLEET_WEB, FLEET_STREAM)), table_size=251, seed=7,
+                     flows={"max_entries": 16384},
+                     bgp=bgp(asn, [{"address": router, "asn": router_asn}],
+                             hold_time=hold_time))

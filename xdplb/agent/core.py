@@ -27,13 +27,14 @@ from typing import Any
 
 from xdplb.abi.codec import PROTOCOLS
 from xdplb.agent import faults, flowsweep, fnatsweep, migrate
+from xdplb.agent.bgp import Announcer, NodeView, decide
 from xdplb.agent.detach import detach_if_ours
 from xdplb.agent.discovery import Discovery, DnsFailure, Outcome, Source
 from xdplb.agent.errors import AttachError, UsageError
 from xdplb.agent.health import HealthChecker, Target
 from xdplb.agent.loop import Errors, ProgramWatch, Retry
 from xdplb.agent.mapsync import MapSync
-from xdplb.agent.neigh import NeighbourKeeper
+from xdplb.agent.neigh import NeighbourKeeper, check_l2_on_link
 from xdplb.agent.notify import notify
 from xdplb.config import Config, ConfigError, check_backends_not_local, load_config
 from xdplb.config.discovery import DiscoveryError, DnsDiscovery, effective_config
@@ -91,6 +92,7 @@ class Agent:
     keep: bool = False
     config_path: str | None = None
     datapath: str = "bpf"  # "scapy": no XDP program; scapy_forwarder.py moves the frames
+    drain_time: float = 2.0  # stopping: seconds between withdrawing the routes and detaching
     group: pins.PinGroup = field(init=False)
     program: PinnedProgram | None = field(init=False, default=None)
     maps: KernelMaps | None = field(init=False, default=None)
@@ -117,6 +119,7 @@ class Agent:
     _file_cfg: Config = field(init=False)
     discovery: Discovery = field(init=False)
     _serving: dict[str, str] = field(init=False, default_factory=dict)  # VIP -> serving set
+    _bgp: Announcer | None = field(init=False, default=None)  # with a `bgp` section
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -145,6 +148,7 @@ class Agent:
             self.cfg, sources = self._discovered(self.cfg)
         except (DnsFailure, DiscoveryError) as e:
             raise UsageError(f"{e}; nothing changed") from None
+        check_l2_on_link(self.cfg)
         self.discovery.use(sources)
         self._own_interfaces()
         try:
@@ -191,20 +195,23 @@ class Agent:
 
         fresh = not self.group.exists()
         try:
+            self._start_bgp()  # sessions come up meanwhile; nothing is announced before attach
             self._load_fill_attach(indexes, replace, older)
         except BaseException:
+            self._stop_bgp()
             self._detach_all()
             if self.program is not None:
                 self.program.close()
                 self.program = None
             if fresh:  # leave no half-made pins behind (drains are the instance's: kept)
-                runfiles.clear(self.group, keep=(runfiles.DRAINS_FILE,))
+                runfiles.clear(self.group, keep=runfiles.INSTANCE_FILES)
                 self.group.remove()
             raise
         if self.program is not None:
             self._watch = ProgramWatch(bpfsys.prog_info(self.program.prog_fd).id)
         self._health = HealthChecker(self._on_health)
         self._update_health_targets()
+        self._announce()
         self._publish()
         log.info("attached to %s (%s)", ", ".join(self.ifaces),
                  ", ".join(f"{k}: {v}" for k, v in self.attached.items()))
@@ -454,6 +461,7 @@ class Agent:
                 changed = True
         if self._watch is not None and self._watch.check(list(self.attached)):
             changed = True
+        changed |= self._announce()  # also: first health checks passed, peers came up
         self._sweep_fnat()
         self._sweep_flows()
         if changed or self._publish_failing:
@@ -504,7 +512,9 @@ class Agent:
             faults.fire("drains")
             self.apply("drain list changed")
             drained = sorted(runfiles.read_drains(self.group))
-            self._done("drains", True, ", ".join(drained) or "none")
+            node = ["node drained"] if runfiles.node_drained(self.group) else []
+            self._done("drains", True, ", ".join(node + drained) or "none")
+        self._announce()
         self._publish()
 
     def reload(self) -> bool:
@@ -527,8 +537,9 @@ class Agent:
         old, old_file = self.cfg, self._file_cfg
         try:
             self.cfg, sources = self._discovered(cfg)
-        except (DnsFailure, DiscoveryError) as e:
-            self._file_cfg = old_file
+            check_l2_on_link(self.cfg)
+        except (DnsFailure, DiscoveryError, UsageError) as e:
+            self.cfg, self._file_cfg = old, old_file
             log.error("reload rejected, nothing changed: %s", e)
             return self._done("reload", False, str(e))
         try:
@@ -540,7 +551,46 @@ class Agent:
             return self._done("reload", False, f"failed, previous config restored: {e}")
         self.discovery.use(sources)
         self._update_health_targets()
-        return self._done("reload", True, f"applied {self.config_path}")
+        note = ""
+        if cfg.bgp != old.bgp:  # a new speaker config: its sessions start again
+            self._stop_bgp()
+            try:
+                self._start_bgp()
+            except UsageError as e:  # the maps are applied; the speaker is tried again
+                self.errors.count("bgp", e, "starting the speaker again in a few seconds")
+                note = f"; but bgp: {e}"
+        self._announce()
+        return self._done("reload", True, f"applied {self.config_path}{note}")
+
+    # --- BGP ---------------------------------------------------------------------------------
+
+    def _start_bgp(self) -> None:
+        if self.cfg.bgp is not None:
+            self._bgp = Announcer(self.cfg.bgp, self.group)
+            self._bgp.start()
+
+    def _stop_bgp(self) -> None:
+        if self._bgp is not None:
+            self._bgp.stop()
+            self._bgp = None
+
+    def _node_view(self, stopping: bool = False) -> NodeView:
+        return NodeView(
+            attached=bool(self.attached) and not (self._watch and self._watch.lost),
+            down=frozenset(self._down), drained=frozenset(runfiles.read_drains(self.group)),
+            health=self._health.snapshot() if self._health else {},
+            node_drained=runfiles.node_drained(self.group), stopping=stopping)
+
+    def _announce(self) -> bool:
+        """Bring the announcements in line with health, drains and the program; True when
+        they (or the peers' states) changed."""
+        if self._bgp is None:
+            return False
+        try:
+            return self._bgp.update(decide(self.cfg, self._node_view()))
+        except (OSError, UsageError) as e:  # a speaker that cannot start or take commands
+            self.errors.count("bgp", e, "trying again shortly")
+            return False
 
     def _done(self, kind: str, ok: bool, message: str, error: bool = False) -> bool:
         """Record the answer to an event (``error``: the agent failed, not the request)."""
@@ -559,6 +609,8 @@ class Agent:
             runfiles.write_json(self.group, runfiles.SLOTS_FILE,
                                 {"generation": self.generation, "slots": self._slots})
             runfiles.write_json(self.group, runfiles.POOL_FILE, self._pool_info())
+            if self._bgp is not None:
+                runfiles.write_json(self.group, runfiles.BGP_FILE, self._bgp.state())
             self._publish_health(raising=True)
         except OSError as e:
             if not self._publish_failing:
@@ -614,18 +666,23 @@ class Agent:
         the agent failed, and its failure must not take the data path down)."""
         notify("STOPPING=1")
         self.discovery.stop()
+        if self._bgp is not None:  # routers first: traffic leaves before the program does
+            self._bgp.wait_withdrawn(decide(self.cfg, self._node_view(stopping=True)),
+                                     self.drain_time)
+            self._stop_bgp()
         if self._health is not None:
             self._health.stop()
             self._health = None
         if self.keep or not detach:
             log.info("leaving the program attached and maps pinned in %s (flows, drains "
                      "kept; `xdplb detach` removes them)", self.group.path)
-            for name in (runfiles.AGENT_FILE, runfiles.HEALTH_FILE, runfiles.POOL_FILE):
+            for name in (runfiles.AGENT_FILE, runfiles.HEALTH_FILE, runfiles.POOL_FILE,
+                         runfiles.BGP_FILE, runfiles.SLOTS_FILE):
                 (runfiles.run_dir(self.group) / name).unlink(missing_ok=True)
         else:
             self._detach_all()
             self.neighbours.release()
-            runfiles.clear(self.group, keep=(runfiles.DRAINS_FILE,))
+            runfiles.clear(self.group, keep=runfiles.INSTANCE_FILES)
             self.group.remove()
             log.info("detached from %s", ", ".join(self.ifaces))
         if self.program is not None:

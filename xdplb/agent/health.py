@@ -40,11 +40,13 @@ class Result:
     last_ok: bool | None = None
     last_time: float | None = None
     last_detail: str = "not checked yet"
+    passed: bool = False  # a check has succeeded (a node announces nothing before: bgp.py)
 
     def as_dict(self) -> dict:
         return {
             "state": self.state,
             "since": self.since,
+            "passed": self.passed,
             "last": {"ok": self.last_ok, "time": self.last_time, "detail": self.last_detail},
         }
 
@@ -184,7 +186,7 @@ class HealthChecker:
                 return None
             r.last_ok, r.last_time, r.last_detail = ok, time.time(), detail
             if ok:
-                r.ok_run, r.fail_run = r.ok_run + 1, 0
+                r.ok_run, r.fail_run, r.passed = r.ok_run + 1, 0, True
                 if r.state == "down" and r.ok_run >= rise:
                     r.state, r.since = "up", time.time()
                     return True, f"{rise} consecutive successes ({detail})"

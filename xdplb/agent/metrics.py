@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 from xdplb.abi.layout import OUTCOMES
 from xdplb.agent import flowsweep
-from xdplb.inspect import backends, stats
+from xdplb.inspect import backends, stats, status
 from xdplb.inspect.reader import Reader
 from xdplb.instance import pins
 
@@ -155,6 +155,25 @@ def families(st: dict[str, Any], backends: list[dict[str, Any]]) -> list[Metric]
             serving, dns_failures, dns_backends, packets, events, *table]
 
 
+def bgp_families(b: dict[str, Any] | None) -> list[Metric]:
+    """The BGP sessions and announcements (``status.bgp_state``); none without BGP."""
+    if not b:
+        return []
+    peer = GaugeMetricFamily("xdplb_bgp_peer_established", "1 while the BGP session with the "
+                             "peer is established (as the speaker reports it)",
+                             labels=["peer", "asn"])
+    state = GaugeMetricFamily("xdplb_bgp_peer_state", "The BGP session's state (1 for the "
+                              "current one)", labels=["peer", "state"])
+    for p in b["peers"]:
+        peer.add_metric([p["address"], str(p["asn"])], 1 if p["state"] == "established" else 0)
+        state.add_metric([p["address"], p["state"]], 1)
+    ann = GaugeMetricFamily("xdplb_bgp_announced", "1 while the prefix is announced, 0 while "
+                            "withdrawn", labels=["prefix"])
+    for a in b["announcements"]:
+        ann.add_metric([a["prefix"]], 1 if a["state"] == "announced" else 0)
+    return [peer, state, ann]
+
+
 class PinnedCollector(Collector):
     """Reads an instance's pins on every scrape."""
 
@@ -169,6 +188,7 @@ class PinnedCollector(Collector):
         with Reader(self.group) as r:
             st, bes = stats.collect(r, sweep), backends.collect(r, sweep)
         yield from families(st, bes)
+        yield from bgp_families(status.bgp_state(self.group))
 
 
 class MetricsServer:

@@ -11,6 +11,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from xdplb.abi.layout import Forwarding
+from xdplb.agent.errors import UsageError
+from xdplb.config import Config
 from xdplb.kernel import neigh
 from xdplb.model.desired import DesiredState
 
@@ -48,3 +50,24 @@ class NeighbourKeeper:
         except (OSError, NetlinkError) as e:
             log.warning("could not remove managed neighbour entries: %s", e)
         self.ours.clear()
+
+
+def check_l2_on_link(cfg: Config) -> None:
+    """Refuse dsr/l2 backends that are not on a directly connected segment: only the frame's
+    MACs change, so the packet must reach the backend in one hop (the data path would drop
+    it, counting drop_not_on_link). UsageError naming each."""
+    addrs = sorted({(v.name, str(b.address)) for v in cfg.vips if v.mode == "dsr-l2"
+                    for b in v.backends})
+    if not addrs:
+        return
+    bad = []
+    with IPRoute() as ipr:
+        for vip, addr in addrs:
+            hop = neigh.next_hop(ipr, addr)
+            if hop is None:
+                bad.append(f"{vip}/{addr} (no route)")
+            elif hop[1] != addr:
+                bad.append(f"{vip}/{addr} (reached via gateway {hop[1]})")
+    if bad:
+        raise UsageError("dsr with encap l2 needs each backend on a directly connected "
+                         f"segment; not so: {', '.join(bad)} (use encap ipip, or connect it)")

@@ -1,4 +1,5 @@
-"""Talking to a running agent: ``reload``, ``drain`` and ``undrain``.
+"""Talking to a running agent: ``reload``, ``drain``, ``undrain``, ``drain-node`` and
+``undrain-node``.
 
 The agent's pid and state are in its run state (runfiles.py); requests are a signal
 (SIGHUP: reload the config file; SIGUSR1: re-read the drain list) and the answer is the
@@ -106,3 +107,10 @@ def set_drain(run: Running, vip: str, backend: str, drained: bool) -> tuple[str,
         (current.add if drained else current.discard)(label)
         runfiles.write_drains(run.group, current)
         return label, signal_and_wait(run, signal.SIGUSR1, "drains")
+
+
+def set_node_drain(run: Running, drained: bool) -> dict:
+    """Withdraw (or announce again) every BGP announcement of the node; the data path stays."""
+    with locks.control(run.group):
+        runfiles.write_node_drained(run.group, drained)
+        return signal_and_wait(run, signal.SIGUSR1, "drains")

@@ -95,6 +95,19 @@ def _load(path: str, here: bool = False) -> Config:
         fail(f"invalid config, nothing changed:\n{e}", EXIT_USAGE)
 
 
+def _duration(option: str, text: str) -> float:
+    """A duration as pool.yaml writes them ("2s", "500ms", 0), or exit 2."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from xdplb.config.schema import OptionalDuration
+
+    try:
+        return TypeAdapter(OptionalDuration).validate_python(
+            float(text) if text.replace(".", "", 1).isdigit() else text)
+    except ValidationError as e:
+        fail(f"{option}: {e.errors()[0]['msg']}", EXIT_USAGE)
+
+
 @main.command()
 @click.argument("ifaces", nargs=-1, metavar="[IFACE...]")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
@@ -106,8 +119,10 @@ def _load(path: str, here: bool = False) -> Config:
               help="bpf: the XDP program; scapy: the Python data path (no BCC, slower).")
 @click.option("--metrics-addr", metavar="HOST:PORT",
               help="Serve Prometheus metrics on http://HOST:PORT/metrics (off by default).")
+@click.option("--drain-time", default="2s", show_default=True, metavar="DURATION",
+              help="On stop: time between withdrawing the BGP routes and detaching.")
 def attach(ifaces: tuple[str, ...], config_path: str, mode: str, keep: bool, datapath: str,
-           metrics_addr: str | None) -> None:
+           metrics_addr: str | None, drain_time: str) -> None:
     """Attach to IFACE(s) and balance until Ctrl-C/SIGTERM (first IFACE faces clients)."""
     from xdplb.agent import faults, metrics
     from xdplb.agent.core import Agent
@@ -119,6 +134,7 @@ def attach(ifaces: tuple[str, ...], config_path: str, mode: str, keep: bool, dat
             metrics.parse_addr(metrics_addr)
         except ValueError as e:
             fail(str(e), EXIT_USAGE)
+    drain_s = _duration("--drain-time", drain_time)
     cfg = _load(config_path)
     ifaces = ifaces or cfg.interfaces or ()  # the command line wins over the config file
     if not ifaces:
@@ -127,7 +143,7 @@ def attach(ifaces: tuple[str, ...], config_path: str, mode: str, keep: bool, dat
     server = None
     try:
         agent = Agent(cfg, list(ifaces), mode=mode, keep=keep, config_path=config_path,
-                      datapath=datapath)
+                      datapath=datapath, drain_time=drain_s)
         if metrics_addr:  # bound before attaching: a taken port changes nothing
             server = metrics.serve(metrics_addr, agent.group)
         agent.start()
@@ -253,6 +269,37 @@ def drain(vip: str, backend: str, iface: str | None) -> None:
 def undrain(vip: str, backend: str, iface: str | None) -> None:
     """Let BACKEND of VIP take new flows again."""
     _drain(vip, backend, iface, False)
+
+
+def _drain_node(iface: str | None, drained: bool) -> None:
+    from xdplb.cli import control
+
+    try:
+        run = control.find_agent(iface)
+        ev = control.set_node_drain(run, drained)
+    except control.NoAgent as e:
+        fail(str(e), EXIT_NOTHING)
+    except (OSError, TimeoutError) as e:
+        fail(str(e), EXIT_RUNTIME)
+    if not ev["ok"]:
+        fail(f"the agent could not apply it yet: {ev['message']}", EXIT_RUNTIME)
+    state = ("drained: its BGP routes are withdrawn, the data path keeps serving what still "
+             "arrives" if drained else "undrained: its BGP routes are announced again")
+    click.echo(f"node {state} (generation {ev['generation']})")
+
+
+@main.command("drain-node")
+@click.option("--iface", help="Interface of the agent, when several run here.")
+def drain_node(iface: str | None) -> None:
+    """Withdraw every BGP announcement of this node without stopping it."""
+    _drain_node(iface, True)
+
+
+@main.command("undrain-node")
+@click.option("--iface", help="Interface of the agent, when several run here.")
+def undrain_node(iface: str | None) -> None:
+    """Announce this node's VIP addresses again (those that have healthy backends)."""
+    _drain_node(iface, False)
 
 
 @main.command("check-config")

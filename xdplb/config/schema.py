@@ -414,6 +414,9 @@ def _check_iface(value: str) -> str:
     return value
 
 
+from xdplb.config.bgp import Bgp  # noqa: E402 (it builds on the field types above)
+
+
 class Config(_Model):
     """The whole pool.yaml."""
 
@@ -424,6 +427,7 @@ class Config(_Model):
     # unit's config file says where it runs); names as Linux allows them, '+' is the pins'.
     interfaces: Annotated[tuple[Annotated[StrictStr, AfterValidator(_check_iface)], ...],
                           Field(min_length=1)] | None = None
+    bgp: Bgp | None = None  # announce the VIP addresses to routers (config/bgp.py)
 
     @model_validator(mode="before")
     @classmethod

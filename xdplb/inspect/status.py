@@ -44,6 +44,7 @@ def collect() -> list[dict[str, Any]]:
             "vips": [],
             "counters": {},
             "agent": _agent(g),
+            "bgp": bgp_state(g),
         }
         if entry["current_layout"]:
             with pins.open_maps(g) as maps:
@@ -64,6 +65,21 @@ def _agent(g: pins.PinGroup) -> dict[str, Any] | None:
             "errors_by_kind": errors.get("by_kind", {}), "last_error": errors.get("last"),
             "retry_pending": info.get("retry_pending", False),
             "program_lost": info.get("program_lost", {})}
+
+
+def bgp_state(g: pins.PinGroup) -> dict[str, Any] | None:
+    """The running agent's BGP peers and announcements (as its speaker reported them), or
+    None without a running agent or a ``bgp`` section."""
+    if runfiles.agent_info(g) is None:
+        return None
+    return runfiles.read_json(g, runfiles.BGP_FILE)
+
+
+def _render_bgp(b: dict[str, Any]) -> list[str]:
+    peers = ", ".join(f"{p['address']} (AS{p['asn']}) {p['state']}" for p in b["peers"])
+    lines = [f"  bgp AS{b.get('asn')}: peers {peers}"]
+    lines += [f"  {a['prefix']} {a['state'].upper()}: {a['reason']}" for a in b["announcements"]]
+    return lines
 
 
 def _vips(maps: KernelMaps, g: pins.PinGroup | None = None) -> list[dict[str, Any]]:
@@ -116,6 +132,8 @@ def render(groups: list[dict[str, Any]]) -> str:
             parts.append(f"  agent pid {a['pid']}, {a['errors']} errors survived"
                          + "".join(f"; {i}: PROGRAM LOST ({why})"
                                    for i, why in a["program_lost"].items()))
+        if b := g.get("bgp"):
+            parts += _render_bgp(b)
         if not g["current_layout"]:
             parts.append("  pins of another xdplb build (layout differs): not read")
             continue

@@ -27,6 +27,11 @@ HEALTH_FILE = "health.json"
 DRAINS_FILE = "drains.json"
 VIPS_FILE = "vips.json"
 POOL_FILE = "pool.json"  # per VIP: the serving set (primary/backup), backups, DNS discovery
+BGP_FILE = "bgp.json"  # the speaker's peers and the announcements, as the agent last saw them
+NODE_FILE = "node.json"  # instance state like drains.json: {"drained": bool} (drain-node)
+# What survives the agent's stop and restart (only `xdplb detach` removes them).
+INSTANCE_FILES = (DRAINS_FILE, NODE_FILE)
+SPEAKER_PREFIX = "speaker."  # the BGP speaker's own files: config, pipes, pid, log
 
 
 def run_dir(group: pins.PinGroup) -> Path:
@@ -115,6 +120,21 @@ def read_drains(group: pins.PinGroup) -> set[str]:
 
 def write_drains(group: pins.PinGroup, drained: set[str]) -> None:
     write_json(group, DRAINS_FILE, {"drained": sorted(drained)})
+
+
+def speaker_file(group: pins.PinGroup, name: str) -> Path:
+    """A file of the instance's BGP speaker (``speaker.conf``, ``speaker.pid``...): one set
+    per instance, as the pins, so that agents side by side never share them."""
+    return run_dir(group) / f"{SPEAKER_PREFIX}{name}"
+
+
+def node_drained(group: pins.PinGroup) -> bool:
+    """Whether ``xdplb drain-node`` withdrew this instance's announcements."""
+    return bool((read_json(group, NODE_FILE) or {}).get("drained"))
+
+
+def write_node_drained(group: pins.PinGroup, drained: bool) -> None:
+    write_json(group, NODE_FILE, {"drained": drained})
 
 
 def _file_key(path: str | None) -> list[int] | None:
