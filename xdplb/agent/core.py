@@ -93,6 +93,7 @@ class Agent:
     config_path: str | None = None
     datapath: str = "bpf"  # "scapy": no XDP program; scapy_forwarder.py moves the frames
     drain_time: float = 2.0  # stopping: seconds between withdrawing the routes and detaching
+    sweep_flows: bool = False  # metrics are served: keep flowsweep's counts for their scrapes
     group: pins.PinGroup = field(init=False)
     program: PinnedProgram | None = field(init=False, default=None)
     maps: KernelMaps | None = field(init=False, default=None)
@@ -486,7 +487,7 @@ class Agent:
         """Every flowsweep.SWEEP_INTERVAL: the flow counts that need the table, published
         for metrics scrapes (which then never read it)."""
         now = time.monotonic()
-        if now < self._next_flow_sweep or self.maps is None:
+        if not self.sweep_flows or now < self._next_flow_sweep or self.maps is None:
             return
         self._next_flow_sweep = now + flowsweep.SWEEP_INTERVAL
         try:

@@ -7,24 +7,27 @@ Flows that end unseen are not counted closed: an LRU eviction, a UDP flow that n
 again, a client that vanished. The sweep counts the open entries that are really there,
 and what the counters claim beyond them becomes that VIP's or backend's ``unseen`` offset:
 open flows = opened - closed - unseen. It also records the table's fill and the flows
-active lately. A scrape then reads counters (O(VIPs + backends)) and this file.
+active lately. A scrape then reads counters (O(VIPs + backends)) and this file. The
+agent sweeps only when it serves metrics (nothing else reads the result), a batch at a time.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from xdplb.abi.layout import MAX_BACKENDS, MAX_VIPS, Stat, coarse_ns
-from xdplb.inspect.flowtable import CLOSED, FLOW_DTYPE, RAW_KEY, FlowTable
+from xdplb.inspect.flowtable import ACTIVE_IDLE_S, CLOSED, FLOW_DTYPE, RAW_KEY, FlowTable
 from xdplb.instance import pins, runfiles
 from xdplb.kernel.maps import KernelMaps
 
 SWEEP_INTERVAL = 30.0  # seconds; the data path's counts are exact in between but for unseen ends
 FILE = "flowsweep.json"
 SIZES = {"vip": MAX_VIPS, "backend": MAX_BACKENDS}
+CHUNK_BYTES = 16 << 20  # flow values per step of the sweep
 
 
 def read_table(maps: Any) -> FlowTable:
@@ -52,21 +55,48 @@ def open_counts(stats: np.ndarray) -> dict[int, int]:
     return {int(i): int(diff[i]) for i in np.nonzero(diff)[0]}
 
 
+def _chunks(maps: Any, name: str) -> Iterator[np.ndarray]:
+    """A flow table's values a batch at a time: the sweep's memory is one batch, not the
+    table (a million flows are 150 MB)."""
+    pending: list[bytes] = []
+    for blob in maps.raw_values(name):
+        pending.append(blob)
+        if sum(map(len, pending)) >= CHUNK_BYTES:
+            yield np.frombuffer(b"".join(pending), FLOW_DTYPE)
+            pending = []
+    if pending:
+        yield np.frombuffer(b"".join(pending), FLOW_DTYPE)
+
+
 def sweep(maps: KernelMaps) -> dict[str, Any]:
-    """One reading: per VIP and backend, the open entries really there, the active ones,
-    and the unseen ends (counters first, then the tables: a flow opening in between counts
-    in the table only, so unseen errs low, never hides a flow)."""
+    """One reading: per VIP and backend, the open entries really there, the tracked and the
+    active ones, and the unseen ends (counters first, then the tables: a flow opening in
+    between counts in the table only, so unseen errs low, never hides a flow)."""
     claimed = {kind: open_counts(maps.percpu_array(f"{kind}_stats")) for kind in SIZES}
-    t = read_table(maps)
-    open_mask = t.confirmed() & ~np.isin(t.flows["tcp_state"], CLOSED)
-    active = t.active()
-    out: dict[str, Any] = {"ts": round(time.time(), 3), "entries": int(np.count_nonzero(
-        t.confirmed())), "half_open": int(len(t) - np.count_nonzero(t.confirmed())),
-        "capacity": t.capacity}
-    for kind, size in SIZES.items():
-        col = f"{kind}_id"
-        there = t.count_by(col, size, open_mask)
-        tracked, act = t.count_by(col, size), t.count_by(col, size, active)
+    counts = {(kind, what): np.zeros(size, np.int64) for kind, size in SIZES.items()
+              for what in ("there", "tracked", "active")}
+    entries = {"flows": 0, "half_open": 0}
+    for name in entries:
+        for f in _chunks(maps, name):
+            now = coarse_ns()  # after the batch was read: its stamps are not in the future
+            entries[name] += len(f)
+            closed = np.isin(f["tcp_state"], CLOSED)
+            idle = (now - f["last_ns"].astype(np.int64)) / 1e9
+            masks = {"tracked": None, "active": (idle < ACTIVE_IDLE_S) & ~closed,
+                     "there": ~closed if name == "flows" else None}
+            for kind, size in SIZES.items():
+                ids = f[f"{kind}_id"]
+                for what, mask in masks.items():
+                    if what == "there" and name != "flows":
+                        continue
+                    sel = ids if mask is None else ids[mask]
+                    sel = sel[sel < size]
+                    counts[(kind, what)] += np.bincount(sel, minlength=size)[:size]
+    out: dict[str, Any] = {"ts": round(time.time(), 3), "entries": entries["flows"],
+                           "half_open": entries["half_open"],
+                           "capacity": maps.max_entries("flows")}
+    for kind in SIZES:
+        there, tracked, act = (counts[(kind, w)] for w in ("there", "tracked", "active"))
         rows = {}
         for i in sorted({*np.nonzero(tracked)[0].tolist(), *claimed[kind]}):
             unseen = max(0, claimed[kind].get(i, 0) - int(there[i]))

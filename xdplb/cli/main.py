@@ -143,7 +143,7 @@ def attach(ifaces: tuple[str, ...], config_path: str, mode: str, keep: bool, dat
     server = None
     try:
         agent = Agent(cfg, list(ifaces), mode=mode, keep=keep, config_path=config_path,
-                      datapath=datapath, drain_time=drain_s)
+                      datapath=datapath, drain_time=drain_s, sweep_flows=bool(metrics_addr))
         if metrics_addr:  # bound before attaching: a taken port changes nothing
             server = metrics.serve(metrics_addr, agent.group)
         agent.start()
