@@ -3,15 +3,18 @@ the description of the machine, and CPU time read from /proc."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +128,18 @@ def busy_seconds() -> float:
 def softirq_seconds() -> float:
     """CPU time all CPUs spent in softirqs since boot (/proc/stat): the kernel's packet work."""
     return int(Path("/proc/stat").read_text().split("\n", 1)[0].split()[7]) / TICK
+
+
+@contextlib.contextmanager
+def private_instance(prefix: str) -> Iterator[Path]:
+    """A bpffs directory and a run directory of this benchmark's own, set as XDPLB_BPFFS and
+    XDPLB_RUN_DIR (before xdplb is imported: pins.py and runfiles.py read them at import);
+    both removed afterwards, also on failure. Yields the run directory."""
+    root = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/sys/fs/bpf"))
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{prefix}-run-"))
+    os.environ["XDPLB_BPFFS"], os.environ["XDPLB_RUN_DIR"] = str(root), str(run_dir)
+    try:
+        yield run_dir
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)

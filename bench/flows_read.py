@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -114,16 +112,9 @@ def main() -> int:
     if os.geteuid() != 0:
         print("flows_read: needs root", file=sys.stderr)
         return 1
-    root = Path(tempfile.mkdtemp(prefix="xlt-ibench-", dir="/sys/fs/bpf"))
-    run_dir = Path(tempfile.mkdtemp(prefix="xlt-ibench-run-"))
-    # Before importing xdplb: pins.py and runfiles.py read these at import.
-    os.environ["XDPLB_BPFFS"], os.environ["XDPLB_RUN_DIR"] = str(root), str(run_dir)
     sys.path.insert(0, str(REPO))
-    try:
+    with common.private_instance("xlt-ibench") as run_dir:
         return run(args.flows, run_dir)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def run(n: int, run_dir: Path) -> int:

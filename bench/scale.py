@@ -24,18 +24,15 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import common  # noqa: F401 (first: puts the lab modules on sys.path)
 
 # isort: split
-from common import save
+from common import private_instance, save
 from flows_read import fill, synthetic_flows
 from pools import WEB, Vip, pool_yaml
 
@@ -158,17 +155,10 @@ def main() -> int:
     if os.geteuid() != 0:
         print("scale: needs root", file=sys.stderr)
         return 1
-    root = Path(tempfile.mkdtemp(prefix="xlt-sbench-", dir="/sys/fs/bpf"))
-    run_dir = Path(tempfile.mkdtemp(prefix="xlt-sbench-run-"))
-    # Before importing xdplb: pins.py and runfiles.py read these at import.
-    os.environ["XDPLB_BPFFS"], os.environ["XDPLB_RUN_DIR"] = str(root), str(run_dir)
     results: dict[str, Any] = {}
-    try:
+    with private_instance("xlt-sbench"):
         load_vips(results)
         scrape_at(args.flows, args.runs, results)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
     save("scale", results)
     return 0
 
