@@ -19,4 +19,5 @@ bench-run:
 	.venv/bin/python bench/controlplane.py
 	.venv/bin/python bench/footprint.py
 	.venv/bin/python bench/scale.py
+	.venv/bin/python bench/convergence.py
 	.venv/bin/python bench/report.py

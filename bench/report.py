@@ -297,6 +297,30 @@ def scale_targets(r: dict[str, Any] | None) -> list[str]:
             f"{r['vips_small']['table_size']} slots (reported; memory follows the config)"]
 
 
+CONVERGENCE_EVENTS = {
+    "graceful": "SIGTERM of a node's agent (withdraw, then detach): its next hop gone",
+    "killed": "`kill -9` of a node's agent (the speaker dies with it): its next hop gone",
+    "silent": "a node's BGP packets dropped at the router (only the hold timer tells): gone",
+    "back": "the agent started again: its next hop back (attach, check passed, announced)",
+}
+
+
+def convergence(r: dict[str, Any] | None) -> str:
+    """The fleet's route convergence (bench/convergence.py)."""
+    if r is None:
+        return "Not measured in this run: `sudo .venv/bin/python bench/convergence.py` adds it."
+    out = ["| event (at the router's kernel route to the VIP) | median | max | runs |",
+           "|---|---:|---:|---:|"]
+    for key, label in CONVERGENCE_EVENTS.items():
+        e = r["events"][key]
+        out.append(f"| {label} | {e['median_s'] * 1e3:.0f} ms | {e['max_s'] * 1e3:.0f} ms "
+                   f"| {e['runs']} |")
+    out.append(f"\nHold time {r['hold_time_s']} s, keepalive {r['keepalive_s']} s; the route "
+               f"is polled every {r['poll_s'] * 1e3:.0f} ms (`ip -j route`), which bounds the "
+               "resolution.")
+    return "\n".join(out)
+
+
 def plot(r: dict[str, Any]) -> None:
     import matplotlib
 
@@ -332,12 +356,13 @@ def main() -> int:
         return 1
     fp = load("footprint")  # optional: the page says when it was not measured
     sc = load("scale")
+    cv = load("convergence")
     plot(ee)
     parts = {"machine": machine(ee["machine"]), "perpacket": perpacket(pp),
              "perpacket_modes": perpacket_modes(pp), "e2e": e2e(ee),
              "e2e_directions": e2e_directions(ee),
              "controlplane": controlplane(cp), "footprint": footprint(fp),
-             "scale": scale(sc),
+             "scale": scale(sc), "convergence": convergence(cv),
              "targets": "\n".join([targets(pp, ee, cp), *footprint_targets(fp),
                                    *scale_targets(sc)]),
              "date": ee["finished"], "plot": PLOT.name}

@@ -48,7 +48,8 @@ def running(tmp_path_factory):
     with Lab(topology="one-armed", backends=2, prefix=PREFIX) as lab:
         pool = tmp / "pool.yaml"
         pool.write_text(POOL)
-        agent = AgentProcess(lab, pool, "--mode", "native", "--keep", "--metrics-addr", METRICS)
+        agent = AgentProcess(lab, pool, "--mode", "native", "--keep", "--metrics-addr", METRICS,
+                             "--flow-sweep", "1s")
         try:
             yield lab, agent
         finally:
@@ -250,20 +251,35 @@ def test_backends_and_metrics_agree_with_stats(running):
     per_backend = Counter(r["backend_id"] for r in flows(lab))
     assert {b["backend_id"]: b["flows"] for b in rows if b["flows"]} == dict(per_backend)
 
-    text = lab.run(lab.lb_ns, "curl", "-sS", "--noproxy", "*", "-m", "10",
-                   f"http://{METRICS}/metrics").stdout
-    st = stats(lab)
-    samples = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    def scrape() -> dict:
+        text = lab.run(lab.lb_ns, "curl", "-sS", "--noproxy", "*", "-m", "10",
+                       f"http://{METRICS}/metrics").stdout
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    # The scrape reads counters live and the flow counts of the agent's last flow sweep
+    # (--flow-sweep 1s here): within a sweep or two they agree with a reading of the table.
+    deadline = time.monotonic() + 10
+    while True:
+        samples = scrape()
+        st = stats(lab)
+        swept = {v["vip"]: samples[("xdplb_vip_flows", (("address", v["vip_address"]),
+                                                        ("port", str(v["vip_port"])),
+                                                        ("protocol", v["protocol"]),
+                                                        ("vip", v["vip"])))]
+                 for v in st["vips"]}
+        if swept == {v["vip"]: v["flows"] for v in st["vips"]} or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert samples[("xdplb_flow_sweep_timestamp_seconds", ())] > time.time() - 10
     for v in st["vips"]:
         lab_ = (("address", v["vip_address"]), ("port", str(v["vip_port"])),
                 ("protocol", v["protocol"]), ("vip", v["vip"]))
         for key, metric in (("packets", "xdplb_vip_packets_total"),
                             ("bytes", "xdplb_vip_bytes_total"),
                             ("new_flows", "xdplb_vip_new_flows_total"),
-                            ("flows", "xdplb_vip_flows")):
+                            ("flows", "xdplb_vip_flows"),
+                            ("open_flows", "xdplb_vip_open_flows")):
             assert samples[(metric, lab_)] == v[key], (metric, v)
     for b in st["backends"]:
         lab_ = (("backend", f"{b['address']}:{b['port']}"), ("vip", b["vip"]))

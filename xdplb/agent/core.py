@@ -93,7 +93,9 @@ class Agent:
     config_path: str | None = None
     datapath: str = "bpf"  # "scapy": no XDP program; scapy_forwarder.py moves the frames
     drain_time: float = 2.0  # stopping: seconds between withdrawing the routes and detaching
-    sweep_flows: bool = False  # metrics are served: keep flowsweep's counts for their scrapes
+    # Metrics are served: seconds between flow sweeps (flowsweep's counts for their scrapes);
+    # 0: no sweeps
+    flow_sweep: float = 0.0
     group: pins.PinGroup = field(init=False)
     program: PinnedProgram | None = field(init=False, default=None)
     maps: KernelMaps | None = field(init=False, default=None)
@@ -484,12 +486,12 @@ class Agent:
             self.errors.count("sweep", e, "sweeping again later")
 
     def _sweep_flows(self) -> None:
-        """Every flowsweep.SWEEP_INTERVAL: the flow counts that need the table, published
-        for metrics scrapes (which then never read it)."""
+        """Every ``flow_sweep`` seconds (``--flow-sweep``, with metrics): the flow counts that
+        need the table, published for metrics scrapes (which then never read it)."""
         now = time.monotonic()
-        if not self.sweep_flows or now < self._next_flow_sweep or self.maps is None:
+        if not self.flow_sweep or now < self._next_flow_sweep or self.maps is None:
             return
-        self._next_flow_sweep = now + flowsweep.SWEEP_INTERVAL
+        self._next_flow_sweep = now + self.flow_sweep
         try:
             flowsweep.publish(self.group, self.maps)
         except OSError as e:

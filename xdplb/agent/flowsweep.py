@@ -1,5 +1,5 @@
 """The flow sweep: what the data path's per-connection counts cannot see, read from the flow
-tables once every SWEEP_INTERVAL instead of at every metrics scrape.
+tables once every ``--flow-sweep`` (default 30 s) instead of at every metrics scrape.
 
 The data path counts each VIP's and backend's flows as they open (confirmed into ``flows``)
 and close (FIN or RST of an established flow, an entry it replaces): see ``layout.Stat``.
@@ -24,7 +24,6 @@ from xdplb.inspect.flowtable import ACTIVE_IDLE_S, CLOSED, FLOW_DTYPE, RAW_KEY, 
 from xdplb.instance import pins, runfiles
 from xdplb.kernel.maps import KernelMaps
 
-SWEEP_INTERVAL = 30.0  # seconds; the data path's counts are exact in between but for unseen ends
 FILE = "flowsweep.json"
 SIZES = {"vip": MAX_VIPS, "backend": MAX_BACKENDS}
 CHUNK_BYTES = 16 << 20  # flow values per step of the sweep

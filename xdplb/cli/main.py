@@ -121,8 +121,11 @@ def _duration(option: str, text: str) -> float:
               help="Serve Prometheus metrics on http://HOST:PORT/metrics (off by default).")
 @click.option("--drain-time", default="2s", show_default=True, metavar="DURATION",
               help="On stop: time between withdrawing the BGP routes and detaching.")
+@click.option("--flow-sweep", default="30s", show_default=True, metavar="DURATION",
+              help="With --metrics-addr: how often the flow table is read for the metrics "
+                   "only it gives (tracked and active flows, fill, unseen ends).")
 def attach(ifaces: tuple[str, ...], config_path: str, mode: str, keep: bool, datapath: str,
-           metrics_addr: str | None, drain_time: str) -> None:
+           metrics_addr: str | None, drain_time: str, flow_sweep: str) -> None:
     """Attach to IFACE(s) and balance until Ctrl-C/SIGTERM (first IFACE faces clients)."""
     from xdplb.agent import faults, metrics
     from xdplb.agent.core import Agent
@@ -135,6 +138,7 @@ def attach(ifaces: tuple[str, ...], config_path: str, mode: str, keep: bool, dat
         except ValueError as e:
             fail(str(e), EXIT_USAGE)
     drain_s = _duration("--drain-time", drain_time)
+    sweep_s = _duration("--flow-sweep", flow_sweep)
     cfg = _load(config_path)
     ifaces = ifaces or cfg.interfaces or ()  # the command line wins over the config file
     if not ifaces:
@@ -143,7 +147,8 @@ def attach(ifaces: tuple[str, ...], config_path: str, mode: str, keep: bool, dat
     server = None
     try:
         agent = Agent(cfg, list(ifaces), mode=mode, keep=keep, config_path=config_path,
-                      datapath=datapath, drain_time=drain_s, sweep_flows=bool(metrics_addr))
+                      datapath=datapath, drain_time=drain_s,
+                      flow_sweep=sweep_s if metrics_addr else 0.0)
         if metrics_addr:  # bound before attaching: a taken port changes nothing
             server = metrics.serve(metrics_addr, agent.group)
         agent.start()
