@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from socket import inet_aton, inet_ntoa
 
 import pytest
@@ -61,11 +62,13 @@ WEB_8080 = Backend(BE2, port=8080)
 
 
 def corpus_pool(web: tuple[Backend | str, ...] = (WEB_8080,),
-                dns: tuple[Backend | str, ...] = (BE1,), **flows: int | str) -> str:
+                dns: tuple[Backend | str, ...] = (BE1,), scheduler: str | None = None,
+                **flows: int | str) -> str:
     """One VIP per next-hop outcome, each with one backend, so every frame's fate is known;
-    tests vary the backends of web and dns, and flow settings."""
+    tests vary the backends of web and dns, their scheduler, and flow settings."""
     return pool_yaml(
-        Vip("web", 80, web), Vip("dns", 53, dns, protocol="udp"),
+        Vip("web", 80, web, scheduler=scheduler),
+        Vip("dns", 53, dns, protocol="udp", scheduler=scheduler),
         Vip("redirect", 443, ("10.30.0.5",), address=VIP2),
         Vip("foreign", 80, ("10.40.0.5",), address=VIP2),
         Vip("smallmtu", 81, ("10.50.0.5",), address=VIP2),
@@ -829,6 +832,90 @@ def test_reused_tuple_after_drain_is_balanced_anew(fresh):
         assert send(s, last) == ("hit", drained), s  # the old connection's packets stay
         assert send(s, "S") == ("rebalanced", other), (s, last)  # a new one does not
         assert send(s, "S") == ("hit", other), s
+
+
+def nginx_wrr(weights: dict[str, int]) -> Iterator[str]:
+    """nginx's smooth weighted round robin, as ngx_http_upstream_get_peer writes it: every
+    peer's current weight grows by its weight, the largest (first of equals) is chosen and
+    loses the total. An expectation independent of model/sequence.py."""
+    current = dict.fromkeys(weights, 0)
+    total = sum(weights.values())
+    while True:
+        best = None
+        for peer, w in weights.items():
+            if w:
+                current[peer] += w
+                if best is None or current[peer] > current[best]:
+                    best = peer
+        current[best] -= total
+        yield best
+
+
+def test_wrr_new_flows_take_nginx_turns(fresh):
+    """scheduler wrr: new flows take the VIP's backends in nginx's smooth order (3:1: a a b a),
+    one turn a flow: a half-open flow's retransmitted SYN and a confirmed flow's packets are
+    flow-table hits and take no turn. rr: equal turns, weight ignored but weight 0 (drained)
+    still takes none. Same in both engines."""
+    a, b = fresh
+    three, one = "10.20.0.12:8080", "10.20.0.11:80"
+    for e in (a, b):
+        e.configure(config(corpus_pool(web=(Backend(BE2, port=8080, weight=3),
+                                             Backend(BE1, weight=1)), scheduler="wrr")))
+    got = []
+    for i in range(40):
+        r = run_both(a, b, build(CLIENT, VIP, 6, 31000 + i, 80, flags="S"), 0)
+        assert r.effect == "created", r
+        got.append(r.backend)
+        if i % 5 == 0:  # retransmitted SYN, then the handshake's ACK: same backend, no turn
+            for flags in ("S", "A"):
+                again = run_both(a, b, build(CLIENT, VIP, 6, 31000 + i, 80, flags=flags), 0)
+                assert (again.effect, again.backend) == ("hit", r.backend), (i, flags, again)
+    assert got == list(islice(nginx_wrr({three: 3, one: 1}), len(got)))
+    assert (got.count(three), got.count(one)) == (30, 10)
+
+    for e in (a, b):
+        e.configure(config(corpus_pool(
+            web=(Backend(BE2, port=8080, weight=3), Backend(BE1, weight=1),
+                 Backend("10.20.0.13", weight=0)), scheduler="rr")))
+    got = [run_both(a, b, build(CLIENT, VIP, 6, 32000 + i, 80, flags="S"), 0).backend
+           for i in range(10)]
+    assert got == [three, one] * 5, got
+
+
+def test_source_hash_keeps_a_client_on_one_backend(fresh):
+    """scheduler source-hash: every flow of one client address (any port, TCP or UDP) goes to
+    one backend; clients spread over the backends by the Maglev ring. Same in both engines."""
+    a, b = fresh
+    bes = (WEB_8080, BE1, "10.20.0.13")
+    for e in (a, b):
+        e.configure(config(corpus_pool(web=bes, dns=bes[1:], scheduler="source-hash")))
+    per_client: dict[str, set[str | None]] = {}
+    for ci, client in enumerate(CLIENTS[:8]):
+        for i in range(12):
+            r = run_both(a, b, build(client, VIP, 6, 33000 + 17 * i + ci, 80, flags="S"), 0)
+            assert r.effect == "created", r
+            per_client.setdefault(client, set()).add(r.backend)
+        udp = {run_both(a, b, build(client, VIP, 17, 34000 + i, 53), 0).backend
+               for i in range(6)}
+        assert len(udp) == 1, (client, udp)
+    assert all(len(s) == 1 for s in per_client.values()), per_client
+    assert len(set().union(*per_client.values())) >= 2, per_client
+
+
+def test_random_is_a_weighted_per_flow_pick(fresh):
+    """scheduler random: each new flow's backend is a pseudo-random pick weighted by weight
+    (the 5-tuple hashed with a second seed over the weighted sequence): reproducible, so both
+    engines pick the same; 400 flows at 3:1 land near 300/100."""
+    a, b = fresh
+    three, one = "10.20.0.12:8080", "10.20.0.11:80"
+    for e in (a, b):
+        e.configure(config(corpus_pool(web=(Backend(BE2, port=8080, weight=3),
+                                             Backend(BE1, weight=1)), scheduler="random")))
+    got = [run_both(a, b, build(CLIENT, VIP, 6, 35000 + i, 80, flags="S"), 0).backend
+           for i in range(400)]
+    assert 260 <= got.count(three) <= 340 and got.count(three) + got.count(one) == 400, \
+        got.count(three)
+    assert got[:40] != list(islice(nginx_wrr({three: 3, one: 1}), 40))  # not the wrr order
 
 
 def test_udp_flow_idle_past_the_timeout_is_a_new_flow(fresh):

@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # defined there, resolved there (Vip.model_rebuild): it build
 Protocol = Literal["tcp", "udp"]
 Forwarding = Literal["nat", "fullnat", "dsr"]
 Encap = Literal["ipip", "l2"]
+# How a VIP picks a new flow's backend (layout.Scheduler, model/desired.py SCHEDULERS)
+SchedulerName = Literal["maglev", "wrr", "rr", "random", "source-hash"]
 # fullnat's default source ports: below Linux's default ip_local_port_range (32768-60999), so
 # that the balancer's own connections (health checks) never pick one of a flow's.
 DEFAULT_SOURCE_PORTS = (1024, 32767)
@@ -309,6 +311,7 @@ class Vip(_Model):
     source: SourceAddress | None = None  # fullnat only; None: the address toward each backend
     source_ports: PortRange | None = None  # fullnat only; None: DEFAULT_SOURCE_PORTS
     maglev: VipMaglev | None = None  # None: the top-level maglev.table_size
+    scheduler: SchedulerName = "maglev"
 
     @property
     def mode(self) -> str:

@@ -25,6 +25,7 @@ from xdplb.abi.layout import (
     NO_BACKEND,
     NO_TX_SLOT,
     OUTER_TTL,
+    RANDOM_SALT,
     RATE_WINDOW_NS,
     Backend,
     BackendFlag,
@@ -34,12 +35,13 @@ from xdplb.abi.layout import (
     Forwarding,
     NextHop,
     RevTarget,
+    Scheduler,
     Stat,
     TcpState,
     VipInfo,
     coarse_ns,
 )
-from xdplb.model.hashing import addr_slot, flow_hash
+from xdplb.model.hashing import addr_slot, flow_hash, source_hash
 from xdplb.userspace import csum
 from xdplb.userspace.fib import FRAG_NEEDED, LOOPBACK_IFINDEX, SUCCESS, Fib
 from xdplb.userspace.fullnat import fnat_key, htons, same_holder
@@ -198,7 +200,7 @@ class PyDatapath:
         self.maglev, self.flows, self.rev_nat = t["maglev"], t["flows"], t["rev_nat"]
         self.fnat_ports, self.fnat_cursor = t["fnat_ports"], t["fnat_cursor"]
         self.half_open, self.if_macs = t["half_open"], t["if_macs"]
-        self.new_flow_rate = t["new_flow_rate"]
+        self.new_flow_rate, self.sched_cursor = t["new_flow_rate"], t["sched_cursor"]
         self.tracked = _Tracked(self.flows, self.half_open)
         self.tx_ports, self.tx_devs, self.meta = t["tx_ports"], t["tx_devs"], t["meta"]
         self.counters, self.vip_stats = t["counters"], t["vip_stats"]
@@ -470,12 +472,13 @@ class PyDatapath:
         if self._ttl_expired(buf, p):
             return self._time_exceeded(buf, p, ingress)
         saddr, daddr, sport, dport = fk[:4], fk[4:8], fk[8:10], fk[10:12]
+        seed = self.meta.ref(_ZERO).seed
         h = flow_hash(saddr, daddr, int.from_bytes(sport, "big"), int.from_bytes(dport, "big"),
-                      p.proto, self.meta.ref(_ZERO).seed)
+                      p.proto, seed)
         # The VIP's own ring; a slot outside it (ring_size naming a ring being swapped in)
         # finds no owner, as the inner map lookup fails in the BPF program
         ring = self.maglev.ring(vip.vip_id)
-        slot = h % vip.ring_size if vip.ring_size else 0
+        slot = self._sched_slot(vip, fk, h, seed)
         owner = int(ring[slot]) if ring is not None and vip.ring_size and slot < len(ring) \
             else None
         if owner is None or owner == NO_BACKEND:
@@ -512,6 +515,26 @@ class PyDatapath:
                 self._flow_count(of, closed=True)  # replaced while open: its connection is over
             self.flows.remove(fk)
         return verdict
+
+    def _sched_slot(self, vip: VipInfo, fk: bytes, h: int, seed: int) -> int:
+        """xl_sched_slot (bpf/sched.h): the ring slot the VIP's scheduler gives a new flow."""
+        size = vip.ring_size
+        if not size:
+            return 0
+        sched = vip.scheduler
+        if sched == Scheduler.SOURCE_HASH:
+            return source_hash(fk[:4], seed) % size
+        if sched in (Scheduler.WRR, Scheduler.RR):
+            turn = self.sched_cursor.ref(key_bytes(vip.vip_id))
+            if turn is None:
+                return 0
+            n = turn.value
+            turn.value = (n + 1) & 0xFFFFFFFFFFFFFFFF  # __sync_fetch_and_add on a u64
+            return n % size
+        if sched == Scheduler.RANDOM:
+            return flow_hash(fk[:4], fk[4:8], int.from_bytes(fk[8:10], "big"),
+                             int.from_bytes(fk[10:12], "big"), fk[12], seed ^ RANDOM_SALT) % size
+        return h % size
 
     def _flow_seen(self, f: Flow | None, buf: bytearray, p: Pkt, now: int, reply: bool
                    ) -> NextHop | None:
