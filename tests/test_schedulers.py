@@ -1,0 +1,130 @@
+"""Schedulers per VIP (issue 16): the turn sequences the agent writes (model/sequence.py,
+desired.py) and, in the lab, real HTTP connections through each data path: the seed's nginx
+demo with ``scheduler: wrr`` (400 sequential connections at 3:1: exactly 300/100), rr's
+equal turns, and source-hash's affinity per client address. The parity of each scheduler's
+rule between the two data paths is tests/test_parity.py's."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import replace
+from itertools import islice
+
+import numpy as np
+import pytest
+from agent_process import AgentProcess
+from lab import Lab
+from pools import BE1, BE2, VIP, WEB, Backend, Vip, pool_yaml
+
+from xdplb.abi.layout import MAX_SEQUENCE, NO_BACKEND, Scheduler
+from xdplb.config import parse_config
+from xdplb.model.desired import backend_label, desired_state
+from xdplb.model.sequence import reduced, round_robin, smooth_wrr
+
+
+def nginx(weights: list[int]):
+    """nginx's smooth weighted round robin, written as nginx writes it (no gcd)."""
+    current = [0] * len(weights)
+    while True:
+        best = None
+        for i, w in enumerate(weights):
+            if w:
+                current[i] += w
+                if best is None or current[i] > current[best]:
+                    best = i
+        current[best] -= sum(weights)
+        yield best
+
+
+@pytest.mark.parametrize("weights", [[3, 1], [5, 1, 1], [6, 2], [0, 4, 2, 0, 1], [1, 1, 1],
+                                     [7, 3, 0, 9]])
+def test_smooth_wrr_is_one_period_of_nginx(weights: list[int]) -> None:
+    seq = smooth_wrr(weights)
+    assert seq == list(islice(nginx(weights), len(seq)))
+    assert seq == list(islice(nginx(weights), len(seq), 2 * len(seq)))  # it is a period
+    g = np.gcd.reduce([w for w in weights if w])
+    assert Counter(seq) == {i: w // g for i, w in enumerate(weights) if w}
+
+
+def test_sequences_without_weights_and_too_long() -> None:
+    assert smooth_wrr([0, 0]) == [] and round_robin([0, 0]) == []
+    assert round_robin([3, 0, 1]) == [0, 2]
+    big = reduced([65535, 65534, 1])
+    assert sum(big) <= MAX_SEQUENCE and min(big) >= 1 and big[0] >= big[1] > big[2]
+
+
+def _vip(scheduler: str, *backends: Backend) -> str:
+    return pool_yaml(Vip("web", 80, backends, scheduler=scheduler), table_size=251)
+
+
+def test_the_ring_is_the_serving_sets_sequence() -> None:
+    """wrr / random: the smooth sequence of the serving backends; rr: one turn each;
+    drained, down and (while a primary is up) backup backends take none; no serving
+    backend: one empty slot. maglev and source-hash: the Maglev table."""
+    text = _vip("wrr", Backend(BE1, weight=3), Backend(BE2, port=8080),
+                Backend("10.20.0.13", weight=2), Backend("10.20.0.14", backup=True))
+    cfg = parse_config(text)
+    ids = {b.address: b.backend_id for b in desired_state(cfg).vips[0].backends}
+    a, b, c, d = ids[BE1], ids[BE2], ids["10.20.0.13"], ids["10.20.0.14"]
+    assert desired_state(cfg).vips[0].ring.tolist() == [a, c, a, b, c, a]
+    assert desired_state(cfg).vips[0].scheduler == Scheduler.WRR
+    drained = frozenset({backend_label("web", "10.20.0.13", 80)})
+    assert desired_state(cfg, drained=drained).vips[0].ring.tolist() == [a, a, b, a]
+    down = frozenset({backend_label("web", BE1, 80)})
+    assert desired_state(cfg, down=down).vips[0].ring.tolist() == [c, b, c]
+    everyone = frozenset(backend_label("web", x, p) for x, p in
+                         ((BE1, 80), (BE2, 8080), ("10.20.0.13", 80)))
+    assert desired_state(cfg, down=everyone).vips[0].ring.tolist() == [d]  # the backup
+    none = everyone | {backend_label("web", "10.20.0.14", 80)}
+    assert desired_state(cfg, down=none).vips[0].ring.tolist() == [NO_BACKEND]
+    rr = desired_state(parse_config(text.replace("scheduler: wrr", "scheduler: rr")))
+    assert rr.vips[0].ring.tolist() == [a, b, c]
+    for name in ("maglev", "source-hash"):
+        v = desired_state(parse_config(text.replace("scheduler: wrr", f"scheduler: {name}")))
+        assert v.vips[0].ring_size == 251
+
+
+# --- the lab: real connections ----------------------------------------------------------------
+
+# n sequential HTTP/1.0 connections from one process (one per connection: a new source port
+# each), printing the backend name of each answer.
+_CONNECTIONS = """\
+import socket, sys
+n, vip, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+for _ in range(n):
+    s = socket.create_connection((vip, port), timeout=5)
+    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+    out = b""
+    while c := s.recv(4096):
+        out += c
+    s.close()
+    print(out.decode().split("backend=", 1)[1].split()[0])
+"""
+
+
+def backends_of(lab, n: int, port: int = 80) -> Counter:
+    out = lab.run(lab.client_ns, sys.executable, "-c", _CONNECTIONS, str(n), VIP, str(port),
+                  timeout=120).stdout
+    return Counter(out.split())
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("datapath", ["bpf", "scapy"])
+def test_wrr_demo_400_connections_split_300_100(datapath, tmp_path):
+    """The seed's nginx demo: weights 3:1, 400 sequential connections, exactly 300/100
+    (one shared sequence, one turn per connection); then rr 1:1 and source-hash's one
+    backend for the client's address."""
+    extra = ("--datapath", "scapy") if datapath == "scapy" else ()
+    config = tmp_path / "pool.yaml"
+    web = replace(WEB, backends=(Backend(BE1, weight=3), Backend(BE2, port=8080)))
+    with Lab(topology="one-armed", backends=2, prefix=f"xlt-sc{datapath[0]}") as lab:
+        for name, n, want in (("wrr", 400, {"be1": 300, "be2": 100}),
+                              ("rr", 80, {"be1": 40, "be2": 40}), ("source-hash", 80, None)):
+            config.write_text(pool_yaml(replace(web, scheduler=name), table_size=251))
+            with AgentProcess(lab, config, *extra):
+                got = backends_of(lab, n)
+            if want is None:  # one client address: one backend
+                assert len(got) == 1 and sum(got.values()) == n, got
+            else:
+                assert got == want, name
