@@ -6,6 +6,7 @@ rule between the two data paths is tests/test_parity.py's."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from dataclasses import replace
@@ -13,7 +14,7 @@ from itertools import islice
 
 import numpy as np
 import pytest
-from agent_process import AgentProcess
+from agent_process import AgentProcess, xdplb
 from lab import Lab
 from pools import BE1, BE2, VIP, WEB, Backend, Vip, pool_yaml
 
@@ -114,7 +115,7 @@ def backends_of(lab, n: int, port: int = 80) -> Counter:
 def test_wrr_demo_400_connections_split_300_100(datapath, tmp_path):
     """The seed's nginx demo: weights 3:1, 400 sequential connections, exactly 300/100
     (one shared sequence, one turn per connection); then rr 1:1 and source-hash's one
-    backend for the client's address."""
+    backend for the client's address. ``xdplb trace`` names the next flow's backend."""
     extra = ("--datapath", "scapy") if datapath == "scapy" else ()
     config = tmp_path / "pool.yaml"
     web = replace(WEB, backends=(Backend(BE1, weight=3), Backend(BE2, port=8080)))
@@ -124,6 +125,14 @@ def test_wrr_demo_400_connections_split_300_100(datapath, tmp_path):
             config.write_text(pool_yaml(replace(web, scheduler=name), table_size=251))
             with AgentProcess(lab, config, *extra):
                 got = backends_of(lab, n)
+                if datapath == "bpf":
+                    # trace predicts the next new flow's backend, taking no live turn
+                    t = json.loads(xdplb(lab, "trace", "tcp", f"{lab.client_addr}:44001",
+                                         f"{VIP}:80", "--json").stdout)
+                    assert t["decision"] == "new" and t["agree"], t
+                    assert t["maglev"]["scheduler"] == name, t
+                    body = lab.http_get(lab.client_ns, VIP, sport=44001)
+                    assert f"addr={t['backend']['address']} " in body, (name, t, body)
             if want is None:  # one client address: one backend
                 assert len(got) == 1 and sum(got.values()) == n, got
             else:

@@ -117,8 +117,11 @@ def render_trace(t: dict[str, Any]) -> str:
         why = (f"tracked flow to {be}, age {fmt_seconds(f['age_s'])}, idle "
                f"{fmt_seconds(f['idle_s'])}, {f['tcp_state']}, {_flow_mode(f)}")
     elif d in ("new", "rebalanced") and m:
-        why = (f"hash {m['hash']:#010x} (seed {m['seed']}) % {m['ring_size']} = slot "
-               f"{m['slot']}, owned by {be}")
+        sched = m.get("scheduler", "maglev")
+        what = (f"turn {m['hash']}" if sched in ("wrr", "rr") else
+                f"{'client address ' if sched == 'source-hash' else ''}hash {m['hash']:#010x} "
+                f"(seed {m['seed']}{' ^ random salt' if sched == 'random' else ''})")
+        why = f"{sched}: {what} % {m['ring_size']} = slot {m['slot']}, owned by {be}"
         if d == "rebalanced" and f.get("udp_idle_over"):
             why = (f"tracked flow idle {fmt_seconds(f['idle_s'])}, over "
                    f"flows.udp_idle_timeout: a new flow: {why}")
