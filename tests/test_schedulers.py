@@ -7,19 +7,23 @@ rule between the two data paths is tests/test_parity.py's."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import time
 from collections import Counter
 from dataclasses import replace
 from itertools import islice
 
 import numpy as np
 import pytest
-from agent_process import AgentProcess, xdplb
+from agent_process import XDPLB, AgentProcess, xdplb
 from lab import Lab
 from pools import BE1, BE2, VIP, WEB, Backend, Vip, pool_yaml
 
-from xdplb.abi.layout import MAX_SEQUENCE, NO_BACKEND, Scheduler
+from xdplb.abi.layout import MAX_SEQUENCE, NO_BACKEND, Scheduler, Stat
 from xdplb.config import parse_config
+from xdplb.inspect.backends import sample_shares
+from xdplb.inspect.render import render_backends
 from xdplb.model.desired import backend_label, desired_state
 from xdplb.model.sequence import reduced, round_robin, smooth_wrr
 
@@ -121,10 +125,28 @@ def test_wrr_demo_400_connections_split_300_100(datapath, tmp_path):
     web = replace(WEB, backends=(Backend(BE1, weight=3), Backend(BE2, port=8080)))
     with Lab(topology="one-armed", backends=2, prefix=f"xlt-sc{datapath[0]}") as lab:
         for name, n, want in (("wrr", 400, {"be1": 300, "be2": 100}),
-                              ("rr", 80, {"be1": 40, "be2": 40}), ("source-hash", 80, None)):
+                              ("rr", 80, {"be1": 40, "be2": 40}), ("source-hash", 400, None)):
             config.write_text(pool_yaml(replace(web, scheduler=name), table_size=251))
             with AgentProcess(lab, config, *extra):
+                sample = None
+                if datapath == "bpf" and name != "rr":  # sampled around all the connections
+                    sample = subprocess.Popen(
+                        [str(XDPLB), "--netns", lab.lb_ns, "backends", "--json", "--interval",
+                         "8"], stdout=subprocess.PIPE, text=True)
+                    time.sleep(3)  # the command's start, before its first reading
                 got = backends_of(lab, n)
+                if sample is not None:
+                    out, _ = sample.communicate(timeout=30)
+                    share = {b["address"]: (b["new_flows_interval"], b["new_flow_share"],
+                                            b["weight_share"], b["hot"])
+                             for b in json.loads(out)["backends"]}
+                    if name == "wrr":  # all 400 in the interval: exactly the weights' split
+                        assert share == {BE1: (300, 75.0, 75.0, False),
+                                         BE2: (100, 25.0, 25.0, False)}, share
+                    else:  # one client: one backend takes 100%, HOT if far above its weight
+                        (one,) = [s for s in share.values() if s[1] == 100.0]
+                        assert one[0] == n, share
+                        assert one[3] == (1.5 * one[2] <= 100 and 100 - one[2] >= 10), share
                 if datapath == "bpf":
                     # trace predicts the next new flow's backend, taking no live turn
                     t = json.loads(xdplb(lab, "trace", "tcp", f"{lab.client_addr}:44001",
@@ -137,3 +159,55 @@ def test_wrr_demo_400_connections_split_300_100(datapath, tmp_path):
                 assert len(got) == 1 and sum(got.values()) == n, got
             else:
                 assert got == want, name
+
+
+# --- xdplb backends: share of new flows, hot spots --------------------------------------------
+
+
+class _Maps:
+    def __init__(self, new_flows: dict[int, int]) -> None:
+        self.stats = np.zeros((8, len(Stat._fields_)), np.uint64)
+        for i, n in new_flows.items():
+            self.stats[i, [f for f, _ in Stat._fields_].index("flows")] = n
+
+    def percpu_array(self, name: str) -> np.ndarray:
+        assert name == "backend_stats"
+        return self.stats
+
+
+class _Reader:
+    def __init__(self, new_flows: dict[int, int]) -> None:
+        self.maps = _Maps(new_flows)
+
+
+def _row(bid: int, vip: int, weight: int, new_flows: int = 0, down: bool = False,
+         backup: bool = False, scheduler: str = "wrr") -> dict:
+    return {"backend_id": bid, "vip_id": vip, "weight": weight, "down": down,
+            "backup": backup, "serving": "primary", "scheduler": scheduler,
+            "new_flows": new_flows}
+
+
+def test_new_flow_shares_and_hot_spots() -> None:
+    """Each backend's share of its VIP's new flows in the interval next to its weight's
+    share of the serving set; HOT when far above it, over enough flows."""
+    rows = [_row(0, 0, 3, new_flows=10), _row(1, 0, 1), _row(2, 0, 2, down=True),
+            _row(3, 1, 1, scheduler="source-hash"), _row(4, 1, 1, scheduler="source-hash"),
+            _row(5, 2, 5, scheduler="rr"), _row(6, 2, 1, scheduler="rr"),
+            _row(7, 3, 1, scheduler="maglev")]
+    r = _Reader({0: 10 + 75, 1: 25, 3: 40, 4: 0, 5: 3, 6: 2})
+    sample_shares(r, rows, 2.0, sleep=lambda s: None)
+    got = {row["backend_id"]: (row["new_flows_interval"], row["new_flow_share"],
+                               row["weight_share"], row["hot"]) for row in rows}
+    assert got == {0: (75, 75.0, 75.0, False), 1: (25, 25.0, 25.0, False),
+                   2: (0, 0.0, 0.0, False),  # down: entitled to nothing
+                   3: (40, 100.0, 50.0, True), 4: (0, 0.0, 50.0, False),  # affinity: HOT
+                   5: (3, 60.0, 50.0, False), 6: (2, 40.0, 50.0, False),  # rr: equal shares
+                   7: (0, None, 100.0, False)}  # no new flow: no share
+    text = render_backends([{**row, "address": "10.20.0.11", "port": 80, "vip": "web",
+                             "health": {"state": "up", "since": None, "last": None},
+                             "maglev_share": 50.0, "flows": 0, "active_flows": 0}
+                            for row in rows])
+    head, *lines = text.splitlines()
+    assert head.split()[7:10] == ["NEW/2s", "BY", "WEIGHT"], head
+    assert "40 (100.0%) HOT" in lines[3] and "50.0%" in lines[3]
+    assert "HOT" not in "".join(lines[:3] + lines[4:])

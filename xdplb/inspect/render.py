@@ -90,13 +90,27 @@ def _last_check(h: dict[str, Any]) -> str:
 
 
 def render_backends(rows: list[dict[str, Any]]) -> str:
+    sampled = any("weight_share" in b for b in rows)
     table = [[_vip_name(b), f"{b['address']}:{b['port']}", b["weight"],
               b["health"]["state"] + (" (drained)" if b["weight"] == 0 else "")
               + role_text(b["backup"], b["serving"]),
-              _last_check(b["health"]), f"{b['maglev_share']:.1f}%", b["flows"],
-              b["active_flows"]] for b in rows]
+              _last_check(b["health"]), f"{b['maglev_share']:.1f}%",
+              *([_new_share(b), f"{b['weight_share']:.1f}%"] if sampled else []),
+              b["flows"], b["active_flows"]] for b in rows]
+    interval = next((b["interval_s"] for b in rows if "interval_s" in b), 0)
     return tabulate(table, headers=["VIP", "BACKEND", "WEIGHT", "HEALTH", "LAST CHECK",
-                                    "SHARE", "FLOWS", "ACTIVE"], tablefmt="plain")
+                                    "SHARE",
+                                    *([f"NEW/{interval:g}s", "BY WEIGHT"] if sampled else []),
+                                    "FLOWS", "ACTIVE"], tablefmt="plain")
+
+
+def _new_share(b: dict[str, Any]) -> str:
+    """New flows in the interval and their share of the VIP's, HOT when far above the
+    weight's share (inspect/backends.py)."""
+    if b["new_flow_share"] is None:
+        return f"{b['new_flows_interval']} (-)"
+    return (f"{b['new_flows_interval']} ({b['new_flow_share']:.1f}%)"
+            + (" HOT" if b["hot"] else ""))
 
 
 def _flow_mode(f: dict[str, Any]) -> str:
