@@ -111,7 +111,7 @@ static __always_inline int xl_new_flow(struct xdp_md *ctx, struct xl_pkt *p,
      * would find no owner, not another VIP's. */
     __u32 size = vip->ring_size;
     void *ring = maglev.lookup(&vip_id);
-    __u32 slot = xl_sched_slot(vip, fk, h, m->seed);
+    __u32 slot = xl_sched_slot(vip, fk, h, m->seed, ring);
     __u32 word = slot / XL_RING_SLOTS_PER_WORD; /* u16 slots, four to a word (abi/ring.py) */
     __u64 *w = ring && size ? bpf_map_lookup_elem(ring, &word) : NULL;
     __u32 bid = w ? (*w >> ((slot % XL_RING_SLOTS_PER_WORD) * 16)) & 0xFFFF

@@ -1016,3 +1016,11 @@ def test_scheduler_default_and_names(tmp_path: Path) -> None:
     assert {v: k for k, v in SCHEDULERS.items()} == SCHEDULER_NAMES
     assert_error(errors(tmp_path, mode_vip("scheduler: fastest")), 6, "vips[0].scheduler",
                  "'fastest' is not valid (expected 'maglev', 'wrr'")
+
+
+def test_least_conn_compares_at_most_64_backends(tmp_path: Path) -> None:
+    many = "".join(f"      - address: 10.20.{i // 250}.{i % 250 + 1}\n" for i in range(65))
+    assert_error(errors(tmp_path, mode_vip("scheduler: least-conn", backend=many)), 6,
+                 "vips[0].scheduler", "least-conn compares at most 64 backends")
+    text = mode_vip("scheduler: least-conn", backend=many.rsplit("      - ", 1)[0])
+    assert parse_config(text).vips[0].scheduler == "least-conn"

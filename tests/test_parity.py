@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from itertools import islice
 from socket import inet_aton, inet_ntoa
 
@@ -37,6 +38,7 @@ from testkit.fuzz import (
 from testkit.pktcheck import checksum_errors, rewrite_errors, scapy_recomputed_errors
 
 from xdplb.abi.layout import ADDR_FILTER_BITS, OUTCOMES, coarse_ns, half_open_max
+from xdplb.agent import connsweep
 from xdplb.config import Config
 from xdplb.inspect.trace import flow_key
 from xdplb.kernel.bpfsys import possible_cpus
@@ -916,6 +918,72 @@ def test_random_is_a_weighted_per_flow_pick(fresh):
     assert 260 <= got.count(three) <= 340 and got.count(three) + got.count(one) == 400, \
         got.count(three)
     assert got[:40] != list(islice(nginx_wrr({three: 3, one: 1}), 40))  # not the wrr order
+
+
+def test_least_conn_follows_open_connections(fresh):
+    """scheduler least-conn (IPVS wlc): a new flow goes to the backend with the fewest open
+    connections per weight (the first of equals), counted per connection: at its
+    confirmation (a half-open flow does not count) and its end (FIN, RST). Ends the data
+    path cannot see are the agent's sweep's (agent/connsweep.py): an evicted entry, a UDP
+    flow idle past the timeout. Same in both engines, against a count kept here."""
+    a, b = fresh
+    heavy, light = "10.20.0.12:8080", "10.20.0.11:80"  # weights 2 and 1, in ring order
+    udp1, udp2 = "10.20.0.11:53", "10.20.0.13:53"
+    for e in (a, b):
+        e.configure(config(corpus_pool(
+            web=(Backend(BE2, port=8080, weight=2), Backend(BE1, weight=1)),
+            dns=(BE1, "10.20.0.13"), scheduler="least-conn", udp_idle_timeout="1s")))
+        connsweep.sweep(e.maps, 10**9)  # earlier tests' flows were cleared unseen
+    weight = {heavy: 2, light: 1, udp1: 1, udp2: 1}
+    open_ = dict.fromkeys(weight, 0)
+    held: list[tuple[int, str]] = []
+
+    def expect(*bes: str) -> str:
+        return min(bes, key=lambda x: Fraction(open_[x], weight[x]))  # first of equals
+
+    def connect(sport: int, confirm: bool = True) -> str:
+        r = run_both(a, b, build(CLIENT, VIP, 6, sport, 80, flags="S"), 0)
+        assert (r.effect, r.backend) == ("created", expect(heavy, light)), (sport, open_, r)
+        if confirm:
+            run_both(a, b, build(CLIENT, VIP, 6, sport, 80, flags="A"), 0)
+            open_[r.backend] += 1
+            held.append((sport, r.backend))
+        return r.backend
+
+    for i in range(12):
+        connect(36000 + i, confirm=i % 4 != 3)  # every fourth stays half-open: not counted
+    assert open_ == {heavy: 6, light: 3, udp1: 0, udp2: 0}
+    for sport, be in [h for h in held if h[1] == heavy][:4]:  # four of heavy's end
+        run_both(a, b, build(CLIENT, VIP, 6, sport, 80, flags="FA" if sport % 2 else "R"), 0)
+        open_[be] -= 1
+    assert [connect(36100 + i) for i in range(3)] == [heavy, heavy, heavy]
+
+    # Evicted (as the LRU would: no packet says so): light's connections no longer weigh
+    # once the agent's sweep has seen they are gone.
+    for sport, be in held:
+        if be == light:
+            for e in (a, b):
+                e.maps.delete("flows", flow_key(CLIENT, sport, VIP, 80, 6))
+            open_[light] -= 1
+    r = run_both(a, b, build(CLIENT, VIP, 6, 36200, 80, flags="S"), 0)  # half-open: no count
+    assert r.backend == heavy, r  # before the sweep: light's stale 3 > heavy's 5 / 2
+    for e in (a, b):
+        connsweep.sweep(e.maps, 10**9)
+    assert [connect(36300 + i) for i in range(2)] == [light, light]
+
+    # UDP: two confirmed flows to each backend, then idle past the timeout: the sweep finds
+    # them over (their next datagram would be a new flow), and they weigh nothing.
+    for i in range(3):
+        r = run_both(a, b, build(CLIENT, VIP, 17, 37000 + i, 53), 0)
+        assert r.backend == expect(udp1, udp2), (i, r)
+        run_both(a, b, build(CLIENT, VIP, 17, 37000 + i, 53), 0)
+        open_[r.backend] += 1
+    assert (open_[udp1], open_[udp2]) == (2, 1)
+    time.sleep(1.1)
+    for e in (a, b):
+        connsweep.sweep(e.maps, 10**9)
+    open_[udp1] = open_[udp2] = 0
+    assert run_both(a, b, build(CLIENT, VIP, 17, 37100, 53), 0).backend == udp1  # not udp2
 
 
 def test_udp_flow_idle_past_the_timeout_is_a_new_flow(fresh):

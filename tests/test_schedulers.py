@@ -85,6 +85,9 @@ def test_the_ring_is_the_serving_sets_sequence() -> None:
     assert desired_state(cfg, down=none).vips[0].ring.tolist() == [NO_BACKEND]
     rr = desired_state(parse_config(text.replace("scheduler: wrr", "scheduler: rr")))
     assert rr.vips[0].ring.tolist() == [a, b, c]
+    lc = desired_state(parse_config(text.replace("scheduler: wrr", "scheduler: least-conn")),
+                       drained=drained)
+    assert lc.vips[0].ring.tolist() == [a, b]  # the serving set, one slot each
     for name in ("maglev", "source-hash"):
         v = desired_state(parse_config(text.replace("scheduler: wrr", f"scheduler: {name}")))
         assert v.vips[0].ring_size == 251

@@ -55,6 +55,9 @@ RANDOM_SALT = 0x5BD1E995
 # wrr, rr, random: the longest turn sequence (sum of weights / their gcd); longer ones are
 # scaled down (model/sequence.py)
 MAX_SEQUENCE = 65537
+# least-conn: the most backends a VIP's pick compares (a bounded loop in the program: each
+# one costs three map lookups per new flow)
+LC_MAX_BACKENDS = 64
 
 U8, U16, U32, U64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 Addr = ctypes.c_uint8 * ADDR_LEN
@@ -140,6 +143,7 @@ class Scheduler(enum.IntEnum):
     WRR = 2  # slot = the VIP's shared counter (sched_cursor) % ring_size, one turn a flow
     RR = 3  # as WRR over a sequence of equal turns
     RANDOM = 4  # slot = flow hash with seed ^ RANDOM_SALT % ring_size (a weighted sequence)
+    LEAST_CONN = 5  # the ring's backend of fewest open connections per weight (IPVS wlc)
 
 
 class TcpState(enum.IntEnum):
@@ -455,6 +459,12 @@ MAPS: tuple[MapSpec, ...] = (
     # shared), taken with an atomic fetch-and-add per new flow; the agent restarts it at 0
     # when it writes a new sequence.
     MapSpec("sched_cursor", "array", U32, U64, "XL_MAX_VIPS", "datapath"),
+    # least-conn: open connections per backend as the data path sees them open and close
+    # (the points of Stat.opened / closed), ONE shared count (atomic adds), minus the ends it
+    # cannot see, which the agent's sweep finds (LRU eviction, UDP idle past the timeout):
+    # open = conns - conns_unseen.
+    MapSpec("conns", "array", U32, U64, "XL_MAX_BACKENDS", "datapath"),
+    MapSpec("conns_unseen", "array", U32, U64, "XL_MAX_BACKENDS"),
     # Prefilter: slot addr_slot(addr) has ADDR_MAYBE_VIP / ADDR_MAYBE_BACKEND set when some
     # VIP / backend address hashes there. An array lookup is inlined by the verifier, so
     # traffic that is neither skips both hash lookups. A superset: it never decides alone.
@@ -548,6 +558,7 @@ def render_structs() -> str:
         f"#define XL_REV_ANY_PORT {REV_ANY_PORT}",
         f"#define XL_RATE_WINDOW_NS {RATE_WINDOW_NS}ull",
         f"#define XL_RANDOM_SALT {RANDOM_SALT}u",
+        f"#define XL_LC_MAX_BACKENDS {LC_MAX_BACKENDS}",
     ]
     for s in _STRUCTS:
         _check_natural(s)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from xdplb.abi.codec import PROTOCOLS
-from xdplb.agent import faults, flowsweep, fnatsweep, migrate
+from xdplb.agent import connsweep, faults, flowsweep, fnatsweep, migrate
 from xdplb.agent.bgp import Announcer, NodeView, decide
 from xdplb.agent.detach import detach_if_ours
 from xdplb.agent.discovery import Discovery, DnsFailure, Outcome, Source
@@ -114,6 +114,7 @@ class Agent:
     neighbours: NeighbourKeeper = field(init=False, default_factory=NeighbourKeeper)
     _next_sweep: float = field(init=False, default=0.0)
     _next_flow_sweep: float = field(init=False, default=0.0)
+    _next_conns_sweep: float = field(init=False, default=0.0)
     _slots: dict[int, int] = field(init=False, default_factory=dict)  # published for readers
     # backends_from: cfg is the file's config with the discovered backends put in; this is
     # the file's own, which DNS answers are applied to.
@@ -465,6 +466,7 @@ class Agent:
         changed |= self._announce()  # also: first health checks passed, peers came up
         self._sweep_fnat()
         self._sweep_flows()
+        self._sweep_conns()
         if changed or self._publish_failing:
             self._publish()
         else:
@@ -480,6 +482,19 @@ class Agent:
         try:
             if n := fnatsweep.sweep(self.maps):
                 log.info("fullnat: %d stale reply-table entries removed", n)
+        except OSError as e:
+            self.errors.count("sweep", e, "sweeping again later")
+
+    def _sweep_conns(self) -> None:
+        """Every connsweep.SWEEP_INTERVAL while a VIP is least-conn: the ends of
+        connections the data path cannot see (eviction, UDP idle) leave its counts."""
+        now = time.monotonic()
+        if now < self._next_conns_sweep or self.maps is None or \
+                not any(v.scheduler == "least-conn" for v in self.cfg.vips):
+            return
+        self._next_conns_sweep = now + connsweep.SWEEP_INTERVAL
+        try:
+            connsweep.sweep(self.maps, round(self.cfg.flows.udp_idle_timeout * 1e9))
         except OSError as e:
             self.errors.count("sweep", e, "sweeping again later")
 

@@ -38,7 +38,7 @@ FORWARDING: dict[int, tuple[str, str | None]] = {
 # A scheduler as pool.yaml names it (model.desired.SCHEDULERS, without numpy)
 SCHEDULER_NAMES: dict[int, str] = {
     Scheduler.MAGLEV: "maglev", Scheduler.SOURCE_HASH: "source-hash", Scheduler.WRR: "wrr",
-    Scheduler.RR: "rr", Scheduler.RANDOM: "random",
+    Scheduler.RR: "rr", Scheduler.RANDOM: "random", Scheduler.LEAST_CONN: "least-conn",
 }
 
 

@@ -1,5 +1,6 @@
 """Config -> desired state: VIP and backend ids, and each VIP's ring: a Maglev table
-(schedulers maglev, source-hash) or its turn sequence (wrr, rr, random: model/sequence.py).
+(schedulers maglev, source-hash), its turn sequence (wrr, rr, random: model/sequence.py) or
+its serving backends (least-conn).
 
 Ids index the BPF arrays, and a tracked flow stores its backend's id, so ids must stay
 stable across reloads and restarts: they are allocated against what the maps already hold
@@ -18,6 +19,7 @@ import numpy as np
 
 from xdplb.abi.codec import PROTO_NAMES, PROTOCOLS
 from xdplb.abi.layout import (
+    LC_MAX_BACKENDS,
     MAX_BACKENDS,
     MAX_VIPS,
     NO_BACKEND,
@@ -153,7 +155,8 @@ MODES = {"nat": Forwarding.NAT, "fullnat": Forwarding.FULLNAT, "dsr-l2": Forward
          "dsr-ipip": Forwarding.DSR_IPIP}
 MODE_NAMES = {m: name for name, m in MODES.items()}
 SCHEDULERS = {"maglev": Scheduler.MAGLEV, "source-hash": Scheduler.SOURCE_HASH,
-              "wrr": Scheduler.WRR, "rr": Scheduler.RR, "random": Scheduler.RANDOM}
+              "wrr": Scheduler.WRR, "rr": Scheduler.RR, "random": Scheduler.RANDOM,
+              "least-conn": Scheduler.LEAST_CONN}
 SCHEDULER_NAMES = {s: name for name, s in SCHEDULERS.items()}
 
 
@@ -224,7 +227,13 @@ def _ring(bes: list[DesiredBackend], sched: Scheduler, table_size: int, seed: in
         table = maglev.build_table([(b.maglev_key, w) for b, w in zip(bes, weights, strict=True)],
                                    table_size, seed)
         return ids[np.where(table < 0, len(bes), table)]
-    turns = sequence.round_robin(weights) if sched == Scheduler.RR else sequence.smooth_wrr(weights)
+    if sched == Scheduler.LEAST_CONN:  # the serving backends, one slot each (config checks
+        # LC_MAX_BACKENDS; DNS may find more: the pick compares the first ones)
+        turns = sequence.round_robin(weights)[:LC_MAX_BACKENDS]
+    elif sched == Scheduler.RR:
+        turns = sequence.round_robin(weights)
+    else:
+        turns = sequence.smooth_wrr(weights)
     # No serving backend: one empty slot (a ring of 0 slots would not be a map)
     return ids[np.array(turns or [len(bes)], dtype=np.int64)]
 

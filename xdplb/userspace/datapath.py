@@ -22,6 +22,7 @@ from xdplb.abi.layout import (
     FNAT_TRIES,
     IF_MACS,
     IPIP_OVERHEAD,
+    LC_MAX_BACKENDS,
     NO_BACKEND,
     NO_TX_SLOT,
     OUTER_TTL,
@@ -94,6 +95,7 @@ _FAMILY = bytes((FAMILY_IPV4,))
 _NAT, _FULLNAT = Forwarding.NAT, Forwarding.FULLNAT
 _DSR_L2, _DSR_IPIP = Forwarding.DSR_L2, Forwarding.DSR_IPIP
 _IPPROTO_IPIP = 4
+_U64 = (1 << 64) - 1
 
 
 class Outcome(NamedTuple):
@@ -201,6 +203,7 @@ class PyDatapath:
         self.fnat_ports, self.fnat_cursor = t["fnat_ports"], t["fnat_cursor"]
         self.half_open, self.if_macs = t["half_open"], t["if_macs"]
         self.new_flow_rate, self.sched_cursor = t["new_flow_rate"], t["sched_cursor"]
+        self.conns, self.conns_unseen = t["conns"], t["conns_unseen"]
         self.tracked = _Tracked(self.flows, self.half_open)
         self.tx_ports, self.tx_devs, self.meta = t["tx_ports"], t["tx_devs"], t["meta"]
         self.counters, self.vip_stats = t["counters"], t["vip_stats"]
@@ -522,6 +525,8 @@ class PyDatapath:
         if not size:
             return 0
         sched = vip.scheduler
+        if sched == Scheduler.LEAST_CONN:
+            return self._least_conn(vip.vip_id, size)
         if sched == Scheduler.SOURCE_HASH:
             return source_hash(fk[:4], seed) % size
         if sched in (Scheduler.WRR, Scheduler.RR):
@@ -529,12 +534,34 @@ class PyDatapath:
             if turn is None:
                 return 0
             n = turn.value
-            turn.value = (n + 1) & 0xFFFFFFFFFFFFFFFF  # __sync_fetch_and_add on a u64
+            turn.value = (n + 1) & _U64  # __sync_fetch_and_add on a u64
             return n % size
         if sched == Scheduler.RANDOM:
             return flow_hash(fk[:4], fk[4:8], int.from_bytes(fk[8:10], "big"),
                              int.from_bytes(fk[10:12], "big"), fk[12], seed ^ RANDOM_SALT) % size
         return h % size
+
+    def _least_conn(self, vip_id: int, size: int) -> int:
+        """xl_least_conn: the slot of the ring's backend with the fewest open connections
+        per weight (conns - conns_unseen), the first of equals, over at most
+        LC_MAX_BACKENDS slots."""
+        ring = self.maglev.ring(vip_id)
+        if ring is None:
+            return 0
+        best, best_conns, best_weight = 0, 0, 0
+        for i in range(min(size, LC_MAX_BACKENDS)):
+            if i >= len(ring):  # the inner map lookup fails past the ring's words
+                break
+            bid = int(ring[i]) & 0xFFFF
+            be = self.backends.ref(key_bytes(bid))
+            c, u = self.conns.ref(key_bytes(bid)), self.conns_unseen.ref(key_bytes(bid))
+            if be is None or c is None or u is None or not be.weight:
+                continue
+            open_ = (c.value - u.value) & _U64
+            n = open_ if open_ < 1 << 63 else 0  # signed: below zero counts as none
+            if not best_weight or n * best_weight < best_conns * be.weight:
+                best, best_conns, best_weight = i, n, be.weight
+        return best
 
     def _flow_seen(self, f: Flow | None, buf: bytearray, p: Pkt, now: int, reply: bool
                    ) -> NextHop | None:
@@ -562,6 +589,9 @@ class PyDatapath:
                     s.closed += 1
                 else:
                     s.opened += 1
+        c = self.conns.ref(key_bytes(f.backend_id))  # least-conn's shared count
+        if c is not None:
+            c.value = (c.value + (-1 if closed else 1)) & _U64
 
     def _insert_allowed(self, now: int) -> bool:
         """xl_insert_allowed: under meta.new_flows_per_cpu new flows in this window."""
