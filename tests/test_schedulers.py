@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from agent_process import XDPLB, AgentProcess, xdplb
 from lab import Lab
-from pools import BE1, BE2, VIP, WEB, Backend, Vip, pool_yaml
+from pools import BE1, BE2, ECHO, VIP, WEB, Backend, Vip, pool_yaml
 
 from xdplb.abi.layout import MAX_SEQUENCE, NO_BACKEND, Scheduler, Stat
+from xdplb.agent import connsweep
 from xdplb.config import parse_config
 from xdplb.inspect.backends import sample_shares
 from xdplb.inspect.render import render_backends
@@ -214,3 +215,59 @@ def test_new_flow_shares_and_hot_spots() -> None:
     assert head.split()[7:10] == ["NEW/2s", "BY", "WEIGHT"], head
     assert "40 (100.0%) HOT" in lines[3] and "50.0%" in lines[3]
     assert "HOT" not in "".join(lines[:3] + lines[4:])
+
+
+# One connection held open (its request unfinished), n short ones meanwhile, then the held one
+# finished: the backend of each, the held one's last.
+_HELD = """\
+import socket, sys
+n, vip = int(sys.argv[1]), sys.argv[2]
+
+def name(s):
+    out = b""
+    while c := s.recv(4096):
+        out += c
+    s.close()
+    return out.decode().split("backend=", 1)[1].split()[0]
+
+held = socket.create_connection((vip, 80), timeout=10)
+held.sendall(b"GET / HTTP/1.0\\r\\n")
+for _ in range(n):
+    s = socket.create_connection((vip, 80), timeout=5)
+    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+    print(name(s))
+held.sendall(b"\\r\\n")
+print(name(held))
+"""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("datapath", ["bpf", "scapy"])
+def test_least_conn_follows_a_long_lived_connection(datapath, tmp_path):
+    """least-conn at 1:1: while one connection stays open on a backend, every short
+    connection meanwhile (each over, FIN seen, before the next starts) goes to the other;
+    wrr would alternate."""
+    extra = ("--datapath", "scapy") if datapath == "scapy" else ()
+    config = tmp_path / "pool.yaml"
+    web = replace(WEB, backends=(Backend(BE1), Backend(BE2, port=8080)), scheduler="least-conn")
+    with Lab(topology="one-armed", backends=2, prefix=f"xlt-lc{datapath[0]}") as lab:
+        echo = replace(ECHO, scheduler="least-conn")
+        config.write_text(pool_yaml(web, echo, table_size=251,
+                                    flows={"udp_idle_timeout": "1s"}))
+        with AgentProcess(lab, config, *extra):
+            for _ in range(2):  # and again, once the held one is over
+                out = lab.run(lab.client_ns, sys.executable, "-c", _HELD, "10", VIP,
+                              timeout=60).stdout.split()
+                *short, held = out
+                assert held == "be1" and short == ["be2"] * 10, out
+
+            # UDP has no end the data path sees: a flow idle past the timeout is over when
+            # the agent's sweep finds it so (within connsweep.SWEEP_INTERVAL), and weighs
+            # nothing: the next new flow goes to the first of equals again, not the other.
+            def udp(sport: int) -> str:
+                return lab.udp_request(lab.client_ns, VIP, 5000, b"x", sport=sport).split()[0]
+
+            assert [udp(41000), udp(41000)] == [b"be1", b"be1"]  # confirmed: be1 has one
+            assert udp(41001) == b"be2"  # half-open: counts nothing
+            time.sleep(1 + connsweep.SWEEP_INTERVAL + 1)
+            assert udp(41002) == b"be1"

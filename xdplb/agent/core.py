@@ -474,27 +474,30 @@ class Agent:
 
     def _sweep_fnat(self) -> None:
         """Every SWEEP_INTERVAL while a VIP is fullnat: stale reply-table entries go."""
-        now = time.monotonic()
-        if now < self._next_sweep or self.maps is None or \
-                not any(v.forwarding == "fullnat" for v in self.cfg.vips):
-            return
-        self._next_sweep = now + fnatsweep.SWEEP_INTERVAL
-        try:
+        def sweep() -> None:
             if n := fnatsweep.sweep(self.maps):
                 log.info("fullnat: %d stale reply-table entries removed", n)
-        except OSError as e:
-            self.errors.count("sweep", e, "sweeping again later")
+
+        self._sweep_every("_next_sweep", fnatsweep.SWEEP_INTERVAL,
+                          any(v.forwarding == "fullnat" for v in self.cfg.vips), sweep)
 
     def _sweep_conns(self) -> None:
         """Every connsweep.SWEEP_INTERVAL while a VIP is least-conn: the ends of
         connections the data path cannot see (eviction, UDP idle) leave its counts."""
+        self._sweep_every(
+            "_next_conns_sweep", connsweep.SWEEP_INTERVAL,
+            any(v.scheduler == "least-conn" for v in self.cfg.vips),
+            lambda: connsweep.sweep(self.maps, round(self.cfg.flows.udp_idle_timeout * 1e9)))
+
+    def _sweep_every(self, due: str, interval: float, wanted: bool, sweep) -> None:
+        """Run ``sweep`` when ``wanted`` and the time in attribute ``due`` has come, at most
+        every ``interval`` seconds; a failure is counted and tried again next time."""
         now = time.monotonic()
-        if now < self._next_conns_sweep or self.maps is None or \
-                not any(v.scheduler == "least-conn" for v in self.cfg.vips):
+        if not wanted or now < getattr(self, due) or self.maps is None:
             return
-        self._next_conns_sweep = now + connsweep.SWEEP_INTERVAL
+        setattr(self, due, now + interval)
         try:
-            connsweep.sweep(self.maps, round(self.cfg.flows.udp_idle_timeout * 1e9))
+            sweep()
         except OSError as e:
             self.errors.count("sweep", e, "sweeping again later")
 
