@@ -34,7 +34,7 @@ from lab import Lab, run_command  # noqa: E402
 from pools import BE1, BE2, VIP, Backend, Vip, pool_yaml  # noqa: E402
 
 FORWARDING = ("nat", "fullnat", "dsr-l2", "dsr-ipip")
-SCHEDULERS = ("maglev", "wrr", "rr", "random", "source-hash")
+SCHEDULERS = ("maglev", "wrr", "rr", "random", "source-hash", "least-conn")
 
 
 def demo_pool(forwarding: str, scheduler: str = "maglev") -> str:
