@@ -189,7 +189,8 @@ def random_config(rnd: random.Random, flow_max: int = FLOW_MAX) -> Config:
             bes.append(Backend(a, port=None if mode.get("forwarding") == "dsr" else target,
                                weight=weight))
         # maglev twice as likely: the default
-        sched = rnd.choice(("maglev", "maglev", "wrr", "rr", "random", "source-hash"))
+        sched = rnd.choice(("maglev", "maglev", "wrr", "rr", "random", "source-hash",
+                            "least-conn"))
         vips.append(Vip(f"s{i}", port, tuple(bes), protocol=proto, address=addr, **mode,
                         scheduler=sched))
     return Config.model_validate(pool_data(*vips, table_size=RING_SIZE, seed=rnd.randrange(2),

@@ -135,8 +135,8 @@ class Forwarding(enum.IntEnum):
 
 class Scheduler(enum.IntEnum):
     """How a VIP picks the backend of a new flow (``scheduler`` in pool.yaml; VipInfo). The
-    ring is a Maglev table for MAGLEV and SOURCE_HASH, the VIP's turn sequence for the
-    others (model/sequence.py)."""
+    ring is a Maglev table for MAGLEV and SOURCE_HASH, the VIP's turn sequence for WRR, RR
+    and RANDOM (model/sequence.py), its serving backends for LEAST_CONN."""
 
     MAGLEV = 0  # slot = flow hash % ring_size
     SOURCE_HASH = 1  # slot = hash of the client address alone % ring_size
