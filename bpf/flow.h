@@ -18,6 +18,10 @@ static __always_inline void xl_flow_count(struct xl_flow *f, int closed)
     __u32 vid = f->vip_id, bid = f->backend_id;
     struct xl_stat *v = vip_stats.lookup(&vid);
     struct xl_stat *b = backend_stats.lookup(&bid);
+    /* least-conn's count: one for all CPUs, so atomic (a plain add would lose counts) */
+    __u64 *c = conns.lookup(&bid);
+    if (c)
+        __sync_fetch_and_add(c, closed ? (__u64)-1 : 1);
     if (closed) {
         if (v)
             v->closed += 1;

@@ -18,6 +18,16 @@ static __always_inline __u32 xl_mm3_block(__u32 h, __u32 k)
     return h * 5 + 0xe6546b64;
 }
 
+static __always_inline __u32 xl_fmix32(__u32 h)
+{
+    h ^= h >> 16;
+    h *= 0x85ebca6b;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35;
+    h ^= h >> 16;
+    return h;
+}
+
 static __always_inline __u32 xl_flow_hash(__u32 saddr, __u32 daddr, __u16 sport, __u16 dport,
                                           __u8 proto, __u32 seed)
 {
@@ -26,13 +36,14 @@ static __always_inline __u32 xl_flow_hash(__u32 saddr, __u32 daddr, __u16 sport,
     h = xl_mm3_block(h, daddr);
     h = xl_mm3_block(h, (__u32)sport | ((__u32)dport << 16));
     h = xl_mm3_block(h, proto);
-    h ^= 16;
-    h ^= h >> 16;
-    h *= 0x85ebca6b;
-    h ^= h >> 13;
-    h *= 0xc2b2ae35;
-    h ^= h >> 16;
-    return h;
+    return xl_fmix32(h ^ 16);
+}
+
+/* scheduler source-hash: MurmurHash3 x86_32 of the client address alone (4 bytes, wire
+ * order), seeded: identical to xdplb/hashing.py source_hash(). */
+static __always_inline __u32 xl_source_hash(__u32 saddr, __u32 seed)
+{
+    return xl_fmix32(xl_mm3_block(seed, saddr) ^ 4);
 }
 
 /* Prefilter slot of an address: identical to xdplb/hashing.py addr_slot(). */

@@ -5,7 +5,8 @@
  * Everything else passes untouched.
  *
  * By concern: parse.h (headers, bounds), guard.h (frames the kernel would not route),
- * flow.h (flow-table bookkeeping), hash.h (the flow hash), csum.h (checksums), nat.h
+ * flow.h (flow-table bookkeeping), hash.h (the flow hash), sched.h (the VIP's scheduler:
+ * which ring slot a new flow takes), csum.h (checksums), nat.h
  * (rewrite, TTL, next hop), icmp.h (ICMP answered here), reply.h (the reverse NAT); this
  * file decides.
  *
@@ -23,6 +24,7 @@
 #include "layout.h"
 #include "parse.h"
 #include "hash.h"
+#include "sched.h"
 #include "nat.h"
 #include "guard.h"
 #include "flow.h"
@@ -87,8 +89,8 @@ static __always_inline int xl_established(struct xdp_md *ctx, struct xl_pkt *p,
     return xl_to_backend(ctx, p, f, be, bid, f->vip_id, now, 0);
 }
 
-/* Client -> VIP without a flow that can take it: pick a backend from the VIP's Maglev ring
- * and track the flow (replacing entry ``of``, found ``old``, whose backend is gone or whose
+/* Client -> VIP without a flow that can take it: pick a backend from the VIP's ring (the
+ * slot its scheduler chooses, sched.h) and track the flow (replacing entry ``of``, found ``old``, whose backend is gone or whose
  * connection is over). */
 static __always_inline int xl_new_flow(struct xdp_md *ctx, struct xl_pkt *p,
                                        struct xl_flow_key *fk, struct xl_vip_info *vip,
@@ -109,7 +111,7 @@ static __always_inline int xl_new_flow(struct xdp_md *ctx, struct xl_pkt *p,
      * would find no owner, not another VIP's. */
     __u32 size = vip->ring_size;
     void *ring = maglev.lookup(&vip_id);
-    __u32 slot = size ? h % size : 0;
+    __u32 slot = xl_sched_slot(vip, fk, h, m->seed, ring);
     __u32 word = slot / XL_RING_SLOTS_PER_WORD; /* u16 slots, four to a word (abi/ring.py) */
     __u64 *w = ring && size ? bpf_map_lookup_elem(ring, &word) : NULL;
     __u32 bid = w ? (*w >> ((slot % XL_RING_SLOTS_PER_WORD) * 16)) & 0xFFFF

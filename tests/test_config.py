@@ -999,3 +999,28 @@ def test_fullnat_ports_must_avoid_the_hosts_ephemeral_range(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as e:  # as the agent checks a config given at attach
         check_backends_not_local(cfg, set(), str(path), (32768, 60999))
     assert "source_ports" in str(e.value)
+
+
+def test_scheduler_default_and_names(tmp_path: Path) -> None:
+    from typing import get_args
+
+    from xdplb.config.schema import SchedulerName
+    from xdplb.inspect.catalog import SCHEDULER_NAMES
+    from xdplb.model.desired import SCHEDULERS
+
+    assert parse_config(MINIMAL).vips[0].scheduler == "maglev"
+    for name in get_args(SchedulerName):
+        assert parse_config(mode_vip(f"scheduler: {name}")).vips[0].scheduler == name
+    # the agent's and the readers' names are pool.yaml's
+    assert set(SCHEDULERS) == set(get_args(SchedulerName))
+    assert {v: k for k, v in SCHEDULERS.items()} == SCHEDULER_NAMES
+    assert_error(errors(tmp_path, mode_vip("scheduler: fastest")), 6, "vips[0].scheduler",
+                 "'fastest' is not valid (expected 'maglev', 'wrr'")
+
+
+def test_least_conn_compares_at_most_64_backends(tmp_path: Path) -> None:
+    many = "".join(f"      - address: 10.20.{i // 250}.{i % 250 + 1}\n" for i in range(65))
+    assert_error(errors(tmp_path, mode_vip("scheduler: least-conn", backend=many)), 6,
+                 "vips[0].scheduler", "least-conn compares at most 64 backends")
+    text = mode_vip("scheduler: least-conn", backend=many.rsplit("      - ", 1)[0])
+    assert parse_config(text).vips[0].scheduler == "least-conn"

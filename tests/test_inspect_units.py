@@ -461,13 +461,16 @@ def test_status_shows_each_vips_mode(modes: ModesLab):
              "prog_id": 7, "pin_dir": "/sys/fs/bpf/x", "current_layout": True, "agent": None,
              "vips": list(vips.values()), "counters": read_counters(modes.maps)}
     lines = status.render([group]).splitlines()
-    assert lines[1].split() == ["VIP", "MODE", "BACKEND", "SOURCE", "WEIGHT", "STATE"]
+    assert lines[1].split() == ["VIP", "MODE", "SCHEDULER", "BACKEND", "SOURCE", "WEIGHT",
+                                "STATE"]
     by_vip = {line.split()[1]: line for line in lines[2:-1]}
-    assert by_vip[f"{MODE_VIP}:80"].split()[2:4] == ["nat", "10.20.0.11:80"]
-    assert by_vip[f"{MODE_VIP}:81"].split()[2:6] == ["fullnat", "20000-20001",
+    assert by_vip[f"{MODE_VIP}:80"].split()[2:5] == ["nat", "maglev", "10.20.0.11:80"]
+    assert by_vip[f"{MODE_VIP}:81"].split()[2:7] == ["fullnat", "20000-20001", "maglev",
                                                       "10.20.0.12:8080", FNAT_SRC]
     assert by_vip[f"{MODE_VIP}:82"].split()[2] == "dsr/l2"
-    assert by_vip[f"{MODE_VIP}:83"].split()[2:5] == ["dsr/ipip", "10.20.0.12:83", ROUTED_SRC]
+    assert by_vip[f"{MODE_VIP}:83"].split()[2:6] == ["dsr/ipip", "maglev", "10.20.0.12:83",
+                                                      ROUTED_SRC]
+    assert all(v["scheduler"] == "maglev" for v in vips.values())
     assert "drop_source_ports=1" in lines[-1] and "ipip_encap=2" in lines[-1]
 
 

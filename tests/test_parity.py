@@ -12,6 +12,8 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
+from itertools import islice
 from socket import inet_aton, inet_ntoa
 
 import pytest
@@ -36,6 +38,7 @@ from testkit.fuzz import (
 from testkit.pktcheck import checksum_errors, rewrite_errors, scapy_recomputed_errors
 
 from xdplb.abi.layout import ADDR_FILTER_BITS, OUTCOMES, coarse_ns, half_open_max
+from xdplb.agent import connsweep
 from xdplb.config import Config
 from xdplb.inspect.trace import flow_key
 from xdplb.kernel.bpfsys import possible_cpus
@@ -61,11 +64,13 @@ WEB_8080 = Backend(BE2, port=8080)
 
 
 def corpus_pool(web: tuple[Backend | str, ...] = (WEB_8080,),
-                dns: tuple[Backend | str, ...] = (BE1,), **flows: int | str) -> str:
+                dns: tuple[Backend | str, ...] = (BE1,), scheduler: str | None = None,
+                **flows: int | str) -> str:
     """One VIP per next-hop outcome, each with one backend, so every frame's fate is known;
-    tests vary the backends of web and dns, and flow settings."""
+    tests vary the backends of web and dns, their scheduler, and flow settings."""
     return pool_yaml(
-        Vip("web", 80, web), Vip("dns", 53, dns, protocol="udp"),
+        Vip("web", 80, web, scheduler=scheduler),
+        Vip("dns", 53, dns, protocol="udp", scheduler=scheduler),
         Vip("redirect", 443, ("10.30.0.5",), address=VIP2),
         Vip("foreign", 80, ("10.40.0.5",), address=VIP2),
         Vip("smallmtu", 81, ("10.50.0.5",), address=VIP2),
@@ -829,6 +834,156 @@ def test_reused_tuple_after_drain_is_balanced_anew(fresh):
         assert send(s, last) == ("hit", drained), s  # the old connection's packets stay
         assert send(s, "S") == ("rebalanced", other), (s, last)  # a new one does not
         assert send(s, "S") == ("hit", other), s
+
+
+def nginx_wrr(weights: dict[str, int]) -> Iterator[str]:
+    """nginx's smooth weighted round robin, as ngx_http_upstream_get_peer writes it: every
+    peer's current weight grows by its weight, the largest (first of equals) is chosen and
+    loses the total. An expectation independent of model/sequence.py."""
+    current = dict.fromkeys(weights, 0)
+    total = sum(weights.values())
+    while True:
+        best = None
+        for peer, w in weights.items():
+            if w:
+                current[peer] += w
+                if best is None or current[peer] > current[best]:
+                    best = peer
+        current[best] -= total
+        yield best
+
+
+def test_wrr_new_flows_take_nginx_turns(fresh):
+    """scheduler wrr: new flows take the VIP's backends in nginx's smooth order (3:1: a a b a),
+    one turn a flow: a half-open flow's retransmitted SYN and a confirmed flow's packets are
+    flow-table hits and take no turn. rr: equal turns, weight ignored but weight 0 (drained)
+    still takes none. Same in both engines."""
+    a, b = fresh
+    three, one = "10.20.0.12:8080", "10.20.0.11:80"
+    for e in (a, b):
+        e.configure(config(corpus_pool(web=(Backend(BE2, port=8080, weight=3),
+                                             Backend(BE1, weight=1)), scheduler="wrr")))
+    got = []
+    for i in range(40):
+        r = run_both(a, b, build(CLIENT, VIP, 6, 31000 + i, 80, flags="S"), 0)
+        assert r.effect == "created", r
+        got.append(r.backend)
+        if i % 5 == 0:  # retransmitted SYN, then the handshake's ACK: same backend, no turn
+            for flags in ("S", "A"):
+                again = run_both(a, b, build(CLIENT, VIP, 6, 31000 + i, 80, flags=flags), 0)
+                assert (again.effect, again.backend) == ("hit", r.backend), (i, flags, again)
+    assert got == list(islice(nginx_wrr({three: 3, one: 1}), len(got)))
+    assert (got.count(three), got.count(one)) == (30, 10)
+
+    for e in (a, b):
+        e.configure(config(corpus_pool(
+            web=(Backend(BE2, port=8080, weight=3), Backend(BE1, weight=1),
+                 Backend("10.20.0.13", weight=0)), scheduler="rr")))
+    got = [run_both(a, b, build(CLIENT, VIP, 6, 32000 + i, 80, flags="S"), 0).backend
+           for i in range(10)]
+    assert got == [three, one] * 5, got
+
+
+def test_source_hash_keeps_a_client_on_one_backend(fresh):
+    """scheduler source-hash: every flow of one client address (any port, TCP or UDP) goes to
+    one backend; clients spread over the backends by the Maglev ring. Same in both engines."""
+    a, b = fresh
+    bes = (WEB_8080, BE1, "10.20.0.13")
+    for e in (a, b):
+        e.configure(config(corpus_pool(web=bes, dns=bes[1:], scheduler="source-hash")))
+    per_client: dict[str, set[str | None]] = {}
+    for ci, client in enumerate(CLIENTS[:8]):
+        for i in range(12):
+            r = run_both(a, b, build(client, VIP, 6, 33000 + 17 * i + ci, 80, flags="S"), 0)
+            assert r.effect == "created", r
+            per_client.setdefault(client, set()).add(r.backend)
+        udp = {run_both(a, b, build(client, VIP, 17, 34000 + i, 53), 0).backend
+               for i in range(6)}
+        assert len(udp) == 1, (client, udp)
+    assert all(len(s) == 1 for s in per_client.values()), per_client
+    assert len(set().union(*per_client.values())) >= 2, per_client
+
+
+def test_random_is_a_weighted_per_flow_pick(fresh):
+    """scheduler random: each new flow's backend is a pseudo-random pick weighted by weight
+    (the 5-tuple hashed with a second seed over the weighted sequence): reproducible, so both
+    engines pick the same; 400 flows at 3:1 land near 300/100."""
+    a, b = fresh
+    three, one = "10.20.0.12:8080", "10.20.0.11:80"
+    for e in (a, b):
+        e.configure(config(corpus_pool(web=(Backend(BE2, port=8080, weight=3),
+                                             Backend(BE1, weight=1)), scheduler="random")))
+    got = [run_both(a, b, build(CLIENT, VIP, 6, 35000 + i, 80, flags="S"), 0).backend
+           for i in range(400)]
+    assert 260 <= got.count(three) <= 340 and got.count(three) + got.count(one) == 400, \
+        got.count(three)
+    assert got[:40] != list(islice(nginx_wrr({three: 3, one: 1}), 40))  # not the wrr order
+
+
+def test_least_conn_follows_open_connections(fresh):
+    """scheduler least-conn (IPVS wlc): a new flow goes to the backend with the fewest open
+    connections per weight (the first of equals), counted per connection: at its
+    confirmation (a half-open flow does not count) and its end (FIN, RST). Ends the data
+    path cannot see are the agent's sweep's (agent/connsweep.py): an evicted entry, a UDP
+    flow idle past the timeout. Same in both engines, against a count kept here."""
+    a, b = fresh
+    heavy, light = "10.20.0.12:8080", "10.20.0.11:80"  # weights 2 and 1, in ring order
+    udp1, udp2 = "10.20.0.11:53", "10.20.0.13:53"
+    for e in (a, b):
+        e.configure(config(corpus_pool(
+            web=(Backend(BE2, port=8080, weight=2), Backend(BE1, weight=1)),
+            dns=(BE1, "10.20.0.13"), scheduler="least-conn", udp_idle_timeout="1s")))
+        connsweep.sweep(e.maps, 10**9)  # earlier tests' flows were cleared unseen
+    weight = {heavy: 2, light: 1, udp1: 1, udp2: 1}
+    open_ = dict.fromkeys(weight, 0)
+    held: list[tuple[int, str]] = []
+
+    def expect(*bes: str) -> str:
+        return min(bes, key=lambda x: Fraction(open_[x], weight[x]))  # first of equals
+
+    def connect(sport: int, confirm: bool = True) -> str:
+        r = run_both(a, b, build(CLIENT, VIP, 6, sport, 80, flags="S"), 0)
+        assert (r.effect, r.backend) == ("created", expect(heavy, light)), (sport, open_, r)
+        if confirm:
+            run_both(a, b, build(CLIENT, VIP, 6, sport, 80, flags="A"), 0)
+            open_[r.backend] += 1
+            held.append((sport, r.backend))
+        return r.backend
+
+    for i in range(12):
+        connect(36000 + i, confirm=i % 4 != 3)  # every fourth stays half-open: not counted
+    assert open_ == {heavy: 6, light: 3, udp1: 0, udp2: 0}
+    for sport, be in [h for h in held if h[1] == heavy][:4]:  # four of heavy's end
+        run_both(a, b, build(CLIENT, VIP, 6, sport, 80, flags="FA" if sport % 2 else "R"), 0)
+        open_[be] -= 1
+    assert [connect(36100 + i) for i in range(3)] == [heavy, heavy, heavy]
+
+    # Evicted (as the LRU would: no packet says so): light's connections no longer weigh
+    # once the agent's sweep has seen they are gone.
+    for sport, be in held:
+        if be == light:
+            for e in (a, b):
+                e.maps.delete("flows", flow_key(CLIENT, sport, VIP, 80, 6))
+            open_[light] -= 1
+    r = run_both(a, b, build(CLIENT, VIP, 6, 36200, 80, flags="S"), 0)  # half-open: no count
+    assert r.backend == heavy, r  # before the sweep: light's stale 3 > heavy's 5 / 2
+    for e in (a, b):
+        connsweep.sweep(e.maps, 10**9)
+    assert [connect(36300 + i) for i in range(2)] == [light, light]
+
+    # UDP: two confirmed flows to each backend, then idle past the timeout: the sweep finds
+    # them over (their next datagram would be a new flow), and they weigh nothing.
+    for i in range(3):
+        r = run_both(a, b, build(CLIENT, VIP, 17, 37000 + i, 53), 0)
+        assert r.backend == expect(udp1, udp2), (i, r)
+        run_both(a, b, build(CLIENT, VIP, 17, 37000 + i, 53), 0)
+        open_[r.backend] += 1
+    assert (open_[udp1], open_[udp2]) == (2, 1)
+    time.sleep(1.1)
+    for e in (a, b):
+        connsweep.sweep(e.maps, 10**9)
+    open_[udp1] = open_[udp2] = 0
+    assert run_both(a, b, build(CLIENT, VIP, 17, 37100, 53), 0).backend == udp1  # not udp2
 
 
 def test_udp_flow_idle_past_the_timeout_is_a_new_flow(fresh):

@@ -6,6 +6,9 @@ HTTP connections with curl through the VIP, prints how many each backend served,
 address the backends saw and the balancer's counters, and tears everything down (also on
 Ctrl-C or failure).
 
+``--scheduler`` picks the VIP's scheduler (default maglev; ``wrr`` is nginx's smooth weighted
+round robin: exactly 300 and 100 of 400 connections).
+
 ``--forwarding`` picks the forwarding mode (pool.yaml's ``forwarding``/``encap``):
 
 - ``nat`` (default): the one-armed lab; backends answer through the LB (their gateway).
@@ -31,10 +34,11 @@ from lab import Lab, run_command  # noqa: E402
 from pools import BE1, BE2, VIP, Backend, Vip, pool_yaml  # noqa: E402
 
 FORWARDING = ("nat", "fullnat", "dsr-l2", "dsr-ipip")
+SCHEDULERS = ("maglev", "wrr", "rr", "random", "source-hash", "least-conn")
 
 
-def demo_pool(forwarding: str) -> str:
-    mode: dict[str, str] = {}
+def demo_pool(forwarding: str, scheduler: str = "maglev") -> str:
+    mode: dict[str, str] = {"scheduler": scheduler}
     if forwarding != "nat":
         mode["forwarding"] = forwarding.split("-")[0]
     if forwarding.startswith("dsr-"):
@@ -53,6 +57,8 @@ def main() -> int:
                     help="XDP attach mode")
     ap.add_argument("--forwarding", choices=FORWARDING, default="nat",
                     help="forwarding mode of the VIP (non-nat: the routed lab)")
+    ap.add_argument("--scheduler", choices=SCHEDULERS, default="maglev",
+                    help="the VIP's scheduler (wrr: nginx's order, exactly 300/100 of 400)")
     args = ap.parse_args()
     n = max(1, min(args.connections, 10000))  # bounded: this is a demo, not a load test
     fw = args.forwarding
@@ -63,9 +69,10 @@ def main() -> int:
             Lab(topology="routed" if routed else "one-armed", backends=2, prefix="xldemo",
                 **lab_kw) as lab:  # fmt: skip
         pool = Path(tmp) / "pool.yaml"
-        pool.write_text(demo_pool(fw))
+        pool.write_text(demo_pool(fw, args.scheduler))
         print(f"lab up ({lab.topology}): client {lab.client_addr} -> VIP {VIP}:80 -> "
-              f"backends {', '.join(lab.backend_addrs)} (weights 3:1), forwarding {fw}")
+              f"backends {', '.join(lab.backend_addrs)} (weights 3:1), forwarding {fw}, "
+              f"scheduler {args.scheduler}")
         decapped = []
         try:
             if fw == "dsr-ipip":

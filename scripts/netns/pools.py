@@ -73,6 +73,7 @@ class Vip:
     source_ports: str | None = None  # fullnat only: "FIRST-LAST"
     table_size: int | None = None  # the VIP's own maglev.table_size (None: the pool's)
     backends_from: Dns | None = None  # instead of backends (give backends=())
+    scheduler: str | None = None  # None: the default (maglev)
 
 
 # What several pools share: the lab's backends serve HTTP on 80 and 8080, UDP echo on 5000 and
@@ -119,7 +120,7 @@ def _vip(v: Vip) -> dict[str, Any]:
     d: dict[str, Any] = {"name": v.name, "address": v.address, "port": v.port,
                          "protocol": v.protocol}
     d |= _set({"forwarding": v.forwarding, "encap": v.encap, "source": v.source,
-               "source_ports": v.source_ports})
+               "source_ports": v.source_ports, "scheduler": v.scheduler})
     if v.health_check is not None:
         d["health_check"] = _set(asdict(v.health_check))
     if v.table_size is not None:

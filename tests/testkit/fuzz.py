@@ -173,8 +173,8 @@ def mutate(frame: bytes, names: list[str], rnd: random.Random) -> bytes:
 
 
 def random_config(rnd: random.Random, flow_max: int = FLOW_MAX) -> Config:
-    """A config over the bench's backends: services present or not, backends, ports and
-    weights drawn afresh."""
+    """A config over the bench's backends: services present or not, backends, ports,
+    weights and schedulers drawn afresh."""
     vips = []
     for i, (addr, port, proto) in enumerate(SERVICES):
         if vips and rnd.random() < 0.15:
@@ -188,7 +188,11 @@ def random_config(rnd: random.Random, flow_max: int = FLOW_MAX) -> Config:
             # dsr keeps the VIP's port: the backend answers the client itself
             bes.append(Backend(a, port=None if mode.get("forwarding") == "dsr" else target,
                                weight=weight))
-        vips.append(Vip(f"s{i}", port, tuple(bes), protocol=proto, address=addr, **mode))
+        # maglev twice as likely: the default
+        sched = rnd.choice(("maglev", "maglev", "wrr", "rr", "random", "source-hash",
+                            "least-conn"))
+        vips.append(Vip(f"s{i}", port, tuple(bes), protocol=proto, address=addr, **mode,
+                        scheduler=sched))
     return Config.model_validate(pool_data(*vips, table_size=RING_SIZE, seed=rnd.randrange(2),
                                            flows={"max_entries": flow_max}))
 

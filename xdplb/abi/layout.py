@@ -49,6 +49,15 @@ OUTER_TTL = 64
 REV_TARGETS = 4
 MAX_REV_NAT = 4 * MAX_BACKENDS
 REV_ANY_PORT = 0  # RevKey.port of an address entry (every port of it): used for fragments
+# scheduler random: its per-flow pick hashes the 5-tuple with seed ^ RANDOM_SALT, so that it is
+# independent of the Maglev pick of the same flow and reproducible in both data paths
+RANDOM_SALT = 0x5BD1E995
+# wrr, rr, random: the longest turn sequence (sum of weights / their gcd); longer ones are
+# scaled down (model/sequence.py)
+MAX_SEQUENCE = 65537
+# least-conn: the most backends a VIP's pick compares (a bounded loop in the program: each
+# one costs three map lookups per new flow)
+LC_MAX_BACKENDS = 64
 
 U8, U16, U32, U64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 Addr = ctypes.c_uint8 * ADDR_LEN
@@ -122,6 +131,19 @@ class Forwarding(enum.IntEnum):
     FULLNAT = 1  # source rewritten too, to the balancer's address and a port per flow
     DSR_L2 = 2  # frame to the backend's MAC, IP packet as sent; replies go direct
     DSR_IPIP = 3  # wrapped in IPv4 to the backend (outer source: the balancer); direct replies
+
+
+class Scheduler(enum.IntEnum):
+    """How a VIP picks the backend of a new flow (``scheduler`` in pool.yaml; VipInfo). The
+    ring is a Maglev table for MAGLEV and SOURCE_HASH, the VIP's turn sequence for WRR, RR
+    and RANDOM (model/sequence.py), its serving backends for LEAST_CONN."""
+
+    MAGLEV = 0  # slot = flow hash % ring_size
+    SOURCE_HASH = 1  # slot = hash of the client address alone % ring_size
+    WRR = 2  # slot = the VIP's shared counter (sched_cursor) % ring_size, one turn a flow
+    RR = 3  # as WRR over a sequence of equal turns
+    RANDOM = 4  # slot = flow hash with seed ^ RANDOM_SALT % ring_size (a weighted sequence)
+    LEAST_CONN = 5  # the ring's backend of fewest open connections per weight (IPVS wlc)
 
 
 class TcpState(enum.IntEnum):
@@ -299,9 +321,9 @@ class VipInfo(_Struct):
     c_name = "xl_vip_info"
     _fields_ = [
         ("vip_id", U32),  # index of the VIP's ring in ``maglev`` (and of its counters)
-        ("ring_size", U32),  # slots of that ring (M, prime)
+        ("ring_size", U32),  # slots of that ring (M: prime for a Maglev table)
         ("mode", U8),  # Forwarding of the VIP's new flows
-        ("pad", U8),
+        ("scheduler", U8),  # Scheduler: how a new flow's slot is chosen
         ("port_min", U16),  # fullnat: first source port (host order)
         ("port_count", U32),  # fullnat: how many source ports from port_min
     ]
@@ -433,6 +455,16 @@ MAPS: tuple[MapSpec, ...] = (
     # LRU would); stale entries are taken over or swept (see FnatKey).
     MapSpec("fnat_ports", "hash", FnatKey, FlowKey, "XL_FLOW_MAX", "datapath"),
     MapSpec("fnat_cursor", "array", U32, U32, "XL_MAX_VIPS", "datapath"),  # next port, per VIP
+    # wrr / rr: the VIP's next turn, ONE counter for all CPUs (not per-CPU: the sequence is
+    # shared), taken with an atomic fetch-and-add per new flow; the agent restarts it at 0
+    # when it writes a new sequence.
+    MapSpec("sched_cursor", "array", U32, U64, "XL_MAX_VIPS", "datapath"),
+    # least-conn: open connections per backend as the data path sees them open and close
+    # (the points of Stat.opened / closed), ONE shared count (atomic adds), minus the ends it
+    # cannot see, which the agent's sweep finds (LRU eviction, UDP idle past the timeout):
+    # open = conns - conns_unseen.
+    MapSpec("conns", "array", U32, U64, "XL_MAX_BACKENDS", "datapath"),
+    MapSpec("conns_unseen", "array", U32, U64, "XL_MAX_BACKENDS"),
     # Prefilter: slot addr_slot(addr) has ADDR_MAYBE_VIP / ADDR_MAYBE_BACKEND set when some
     # VIP / backend address hashes there. An array lookup is inlined by the verifier, so
     # traffic that is neither skips both hash lookups. A superset: it never decides alone.
@@ -501,6 +533,8 @@ def render_structs() -> str:
         out.append(f"#define XL_TCP_{s.name} {int(s)}")
     for m in Forwarding:
         out.append(f"#define XL_MODE_{m.name} {int(m)}")
+    for sc in Scheduler:
+        out.append(f"#define XL_SCHED_{sc.name} {int(sc)}")
     out += [
         f"#define XL_MAX_VIPS {MAX_VIPS}",
         f"#define XL_MAX_BACKENDS {MAX_BACKENDS}",
@@ -523,6 +557,8 @@ def render_structs() -> str:
         f"#define XL_MAX_REV_NAT {MAX_REV_NAT}",
         f"#define XL_REV_ANY_PORT {REV_ANY_PORT}",
         f"#define XL_RATE_WINDOW_NS {RATE_WINDOW_NS}ull",
+        f"#define XL_RANDOM_SALT {RANDOM_SALT}u",
+        f"#define XL_LC_MAX_BACKENDS {LC_MAX_BACKENDS}",
     ]
     for s in _STRUCTS:
         _check_natural(s)

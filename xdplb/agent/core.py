@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from xdplb.abi.codec import PROTOCOLS
-from xdplb.agent import faults, flowsweep, fnatsweep, migrate
+from xdplb.agent import connsweep, faults, flowsweep, fnatsweep, migrate
 from xdplb.agent.bgp import Announcer, NodeView, decide
 from xdplb.agent.detach import detach_if_ours
 from xdplb.agent.discovery import Discovery, DnsFailure, Outcome, Source
@@ -116,6 +116,7 @@ class Agent:
     neighbours: NeighbourKeeper = field(init=False, default_factory=NeighbourKeeper)
     _next_sweep: float = field(init=False, default=0.0)
     _next_flow_sweep: float = field(init=False, default=0.0)
+    _next_conns_sweep: float = field(init=False, default=0.0)
     _slots: dict[int, int] = field(init=False, default_factory=dict)  # published for readers
     # backends_from: cfg is the file's config with the discovered backends put in; this is
     # the file's own, which DNS answers are applied to.
@@ -467,6 +468,7 @@ class Agent:
         changed |= self._announce()  # also: first health checks passed, peers came up
         self._sweep_fnat()
         self._sweep_flows()
+        self._sweep_conns()
         if changed or self._publish_failing:
             self._publish()
         else:
@@ -474,14 +476,30 @@ class Agent:
 
     def _sweep_fnat(self) -> None:
         """Every SWEEP_INTERVAL while a VIP is fullnat: stale reply-table entries go."""
-        now = time.monotonic()
-        if now < self._next_sweep or self.maps is None or \
-                not any(v.forwarding == "fullnat" for v in self.cfg.vips):
-            return
-        self._next_sweep = now + fnatsweep.SWEEP_INTERVAL
-        try:
+        def sweep() -> None:
             if n := fnatsweep.sweep(self.maps):
                 log.info("fullnat: %d stale reply-table entries removed", n)
+
+        self._sweep_every("_next_sweep", fnatsweep.SWEEP_INTERVAL,
+                          any(v.forwarding == "fullnat" for v in self.cfg.vips), sweep)
+
+    def _sweep_conns(self) -> None:
+        """Every connsweep.SWEEP_INTERVAL while a VIP is least-conn: the ends of
+        connections the data path cannot see (eviction, UDP idle) leave its counts."""
+        self._sweep_every(
+            "_next_conns_sweep", connsweep.SWEEP_INTERVAL,
+            any(v.scheduler == "least-conn" for v in self.cfg.vips),
+            lambda: connsweep.sweep(self.maps, round(self.cfg.flows.udp_idle_timeout * 1e9)))
+
+    def _sweep_every(self, due: str, interval: float, wanted: bool, sweep) -> None:
+        """Run ``sweep`` when ``wanted`` and the time in attribute ``due`` has come, at most
+        every ``interval`` seconds; a failure is counted and tried again next time."""
+        now = time.monotonic()
+        if not wanted or now < getattr(self, due) or self.maps is None:
+            return
+        setattr(self, due, now + interval)
+        try:
+            sweep()
         except OSError as e:
             self.errors.count("sweep", e, "sweeping again later")
 

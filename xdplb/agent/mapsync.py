@@ -29,6 +29,7 @@ from xdplb.abi.layout import (
     Meta,
     RevKey,
     RevNat,
+    Scheduler,
     VipInfo,
     addr4,
     addr16,
@@ -223,6 +224,8 @@ class MapSync:
             changed = np.nonzero(have != new)[0]
             self.maps.ring_update(v.vip_id, new, changed)
             self.rings[v.vip_id] = new
+            if len(changed):
+                self._restart_turns(v)
             return len(changed)
         if have is not None and len(new) < len(have):
             old = self.maps.lookup("vips", vip_key(*v.key))
@@ -230,7 +233,14 @@ class MapSync:
                 self.maps.update("vips", vip_key(*v.key), vip_info(v))
         self.maps.put_ring(v.vip_id, new)
         self.rings[v.vip_id] = new
+        self._restart_turns(v)
         return len(new)
+
+    def _restart_turns(self, v: DesiredVip) -> None:
+        """A new sequence of a wrr / rr VIP starts at its first turn, as nginx's does on
+        reload (a data-path write racing this one only shifts where it starts)."""
+        if v.scheduler in (Scheduler.WRR, Scheduler.RR):
+            self.maps.update("sched_cursor", v.vip_id, 0)
 
     def set_tx_ports(self, ifindexes: list[int], macs: dict[int, bytes] | None = None) -> None:
         """Interfaces packets may be redirected to: ifindex -> devmap slot -> ifindex; and
@@ -252,7 +262,8 @@ class MapSync:
 def vip_info(v: DesiredVip) -> VipInfo:
     """A VIP's ``vips`` value: its ring and how its new flows are forwarded."""
     lo, hi = v.ports
-    return VipInfo(v.vip_id, v.ring_size, int(v.mode), 0, lo, hi - lo + 1 if hi else 0)
+    return VipInfo(v.vip_id, v.ring_size, int(v.mode), int(v.scheduler), lo,
+                   hi - lo + 1 if hi else 0)
 
 
 def rev_key(address: str, port: int, proto: int) -> RevKey:

@@ -168,14 +168,19 @@ def stats(iface: str | None, as_json: bool, watch: bool, interval: float,
 @click.command()
 @iface_arg
 @json_opt
-def backends(iface: str | None, as_json: bool) -> None:
-    """Backends: VIP, health and last check, weight, share of the Maglev table, flows."""
+@interval_opt
+def backends(iface: str | None, as_json: bool, interval: float) -> None:
+    """Backends: VIP, health and last check, weight, share of the Maglev table, flows; and
+    each one's share of its VIP's new flows over --interval next to its weight's share
+    (HOT: far above it; --interval 0: not sampled)."""
     from xdplb.inspect import backends as backend_rows
     from xdplb.inspect import render
     from xdplb.inspect.reader import Reader
 
     with _errors(), Reader.open(iface) as r:
         rows = backend_rows.collect(r)
+        if interval > 0:
+            backend_rows.sample_shares(r, rows, interval)
     click.echo(json.dumps({"backends": rows}, indent=2) if as_json
                else render.render_backends(rows))
 

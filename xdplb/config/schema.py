@@ -29,7 +29,14 @@ from pydantic import (
     model_validator,
 )
 
-from xdplb.abi.layout import MAX_BACKENDS, MAX_REV_NAT, MAX_RING_SLOTS, MAX_VIPS, REV_TARGETS
+from xdplb.abi.layout import (
+    LC_MAX_BACKENDS,
+    MAX_BACKENDS,
+    MAX_REV_NAT,
+    MAX_RING_SLOTS,
+    MAX_VIPS,
+    REV_TARGETS,
+)
 from xdplb.config.errors import Loc, Problem, describe, fail
 
 if TYPE_CHECKING:  # defined there, resolved there (Vip.model_rebuild): it builds on this module
@@ -38,6 +45,8 @@ if TYPE_CHECKING:  # defined there, resolved there (Vip.model_rebuild): it build
 Protocol = Literal["tcp", "udp"]
 Forwarding = Literal["nat", "fullnat", "dsr"]
 Encap = Literal["ipip", "l2"]
+# How a VIP picks a new flow's backend (layout.Scheduler, model/desired.py SCHEDULERS)
+SchedulerName = Literal["maglev", "wrr", "rr", "random", "source-hash", "least-conn"]
 # fullnat's default source ports: below Linux's default ip_local_port_range (32768-60999), so
 # that the balancer's own connections (health checks) never pick one of a flow's.
 DEFAULT_SOURCE_PORTS = (1024, 32767)
@@ -309,6 +318,7 @@ class Vip(_Model):
     source: SourceAddress | None = None  # fullnat only; None: the address toward each backend
     source_ports: PortRange | None = None  # fullnat only; None: DEFAULT_SOURCE_PORTS
     maglev: VipMaglev | None = None  # None: the top-level maglev.table_size
+    scheduler: SchedulerName = "maglev"
 
     @property
     def mode(self) -> str:
@@ -345,6 +355,10 @@ class Vip(_Model):
                           None)
                          for i, b in enumerate(self.backends)
                          if b.port is not None and b.port != self.port]
+        if self.scheduler == "least-conn" and len(self.backends) > LC_MAX_BACKENDS:
+            problems.append((("scheduler",), f"least-conn compares at most {LC_MAX_BACKENDS} "
+                             f"backends per new flow (this VIP has {len(self.backends)}): "
+                             "use another scheduler or split the VIP", None))
         if problems:
             fail(*problems)
         return self

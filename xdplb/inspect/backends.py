@@ -1,17 +1,26 @@
 """``xdplb backends``: per backend its VIP, health, weight, share of the VIP's Maglev ring
-and flows, from the pins (health from the live agent's published results)."""
+and flows, from the pins (health from the live agent's published results); and, sampled
+over an interval, its share of the VIP's new flows next to its weight's share, a backend
+far above its share flagged as a hot spot."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 
-from xdplb.abi.layout import MAX_BACKENDS
-from xdplb.inspect.catalog import BackendRef, Catalog, read_rings
+from xdplb.abi.layout import MAX_BACKENDS, Scheduler, Stat
+from xdplb.inspect.catalog import BackendRef, Catalog, read_rings, scheduler_name
 from xdplb.inspect.reader import Reader
 from xdplb.inspect.stats import flow_counts
 from xdplb.instance import runfiles
+
+# A hot spot: a backend's share of its VIP's new flows at least HOT_RATIO times its weight's
+# share and HOT_POINTS percentage points above it, over at least HOT_MIN_FLOWS new flows of
+# the VIP in the interval (fewer say nothing: 3 flows of 4 on one backend is chance).
+HOT_RATIO, HOT_POINTS, HOT_MIN_FLOWS = 1.5, 10.0, 20
+_NEW_FLOWS = [name for name, _ in Stat._fields_].index("flows")
 
 
 def ring_slots(r: Reader) -> dict[int, int]:
@@ -42,6 +51,7 @@ def collect(r: Reader, sweep: dict[str, Any] | None = None) -> list[dict[str, An
         rows.append({
             "backend_id": b.id, "address": b.address, "port": b.port,
             **cat.vip_json(b.vip_id),
+            "scheduler": scheduler_name(v.scheduler) if (v := cat.vips.get(b.vip_id)) else None,
             "weight": b.weight,
             "down": b.down,
             # backup: true (or a higher SRV priority); serving: the VIP's set in the ring
@@ -60,3 +70,39 @@ def collect(r: Reader, sweep: dict[str, Any] | None = None) -> list[dict[str, An
 def _ring_size(cat: Catalog, b: BackendRef) -> int:
     vip = cat.vips.get(b.vip_id)
     return vip.ring_size if vip is not None else 0
+
+
+def sample_shares(r: Reader, rows: list[dict[str, Any]], interval: float,
+                  sleep=time.sleep) -> None:
+    """Add to each row (from :func:`collect` on ``r``, just before) its new flows over the
+    next ``interval`` seconds, its share of its VIP's (``new_flow_share``, %), what its
+    weight entitles it to (``weight_share``, %: of the VIP's serving set, equal turns for
+    rr) and ``hot``. Shares are None when the VIP had no new flow."""
+    sleep(interval)
+    now = r.maps.percpu_array("backend_stats")[:, _NEW_FLOWS]
+    by_vip: dict[int | None, list[dict[str, Any]]] = {}
+    for row in rows:
+        row["new_flows_interval"] = int(now[row["backend_id"]]) - row["new_flows"]
+        by_vip.setdefault(row["vip_id"], []).append(row)
+    for vip_rows in by_vip.values():
+        total = sum(row["new_flows_interval"] for row in vip_rows)
+        want = _weight_shares(vip_rows)
+        for row, ws in zip(vip_rows, want, strict=True):
+            share = 100.0 * row["new_flows_interval"] / total if total else None
+            row["new_flow_share"] = None if share is None else round(share, 1)
+            row["weight_share"] = round(ws, 1)
+            row["hot"] = share is not None and total >= HOT_MIN_FLOWS \
+                and share >= HOT_RATIO * ws and share - ws >= HOT_POINTS
+        for row in vip_rows:
+            row["interval_s"] = interval
+
+
+def _weight_shares(rows: list[dict[str, Any]]) -> list[float]:
+    """Each backend's share (%) of its VIP's new flows by weight: of the serving set (up,
+    weight above 0, in the role the VIP serves), equal for rr."""
+    serving = [not row["down"] and row["weight"] > 0
+               and row["backup"] == (row["serving"] == "backup") for row in rows]
+    rr = rows[0].get("scheduler") == scheduler_name(Scheduler.RR)
+    w = [(1 if rr else row["weight"]) if on else 0 for row, on in zip(rows, serving, strict=True)]
+    total = sum(w)
+    return [100.0 * x / total if total else 0.0 for x in w]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from xdplb.abi.codec import PROTO_NAMES, PROTOCOLS, from_be16, ipv4_of
-from xdplb.abi.layout import Backend, BackendFlag, Forwarding
+from xdplb.abi.layout import Backend, BackendFlag, Forwarding, Scheduler
 from xdplb.instance import pins, runfiles
 from xdplb.kernel.maps import KernelMaps
 
@@ -33,6 +33,18 @@ FORWARDING: dict[int, tuple[str, str | None]] = {
     Forwarding.DSR_L2: ("dsr", "l2"),
     Forwarding.DSR_IPIP: ("dsr", "ipip"),
 }
+
+
+# A scheduler as pool.yaml names it (model.desired.SCHEDULERS, without numpy)
+SCHEDULER_NAMES: dict[int, str] = {
+    Scheduler.MAGLEV: "maglev", Scheduler.SOURCE_HASH: "source-hash", Scheduler.WRR: "wrr",
+    Scheduler.RR: "rr", Scheduler.RANDOM: "random", Scheduler.LEAST_CONN: "least-conn",
+}
+
+
+def scheduler_name(sched: int) -> str:
+    """pool.yaml's name of a Scheduler value; an unknown one as its number."""
+    return SCHEDULER_NAMES.get(sched, str(sched))
 
 
 def forwarding(mode: int) -> tuple[str, str | None]:
@@ -64,7 +76,8 @@ class VipRef:
     name: str | None = None
     mode: int = Forwarding.NAT  # VipInfo.mode: how its new flows are forwarded
     source_ports: tuple[int, int] | None = None  # fullnat: first and last source port
-    ring_size: int = 0  # VipInfo.ring_size: slots of its Maglev ring
+    ring_size: int = 0  # VipInfo.ring_size: slots of its ring
+    scheduler: int = Scheduler.MAGLEV  # VipInfo.scheduler: how its new flows pick a slot
 
     @property
     def forwarding(self) -> tuple[str, str | None]:
@@ -124,7 +137,7 @@ class Catalog:
             ports = (info.port_min, info.port_min + info.port_count - 1) \
                 if info.port_count else None
             vips[info.vip_id] = VipRef(info.vip_id, *key, names.get(key), info.mode, ports,
-                                       info.ring_size)
+                                       info.ring_size, info.scheduler)
         backends = {}
         # Plain ints: IntFlag's & costs more than the rest of a slot's decoding; and only
         # the slots in use are decoded (their flags byte read in place), of 16,384.

@@ -90,13 +90,27 @@ def _last_check(h: dict[str, Any]) -> str:
 
 
 def render_backends(rows: list[dict[str, Any]]) -> str:
+    sampled = any("weight_share" in b for b in rows)
     table = [[_vip_name(b), f"{b['address']}:{b['port']}", b["weight"],
               b["health"]["state"] + (" (drained)" if b["weight"] == 0 else "")
               + role_text(b["backup"], b["serving"]),
-              _last_check(b["health"]), f"{b['maglev_share']:.1f}%", b["flows"],
-              b["active_flows"]] for b in rows]
+              _last_check(b["health"]), f"{b['maglev_share']:.1f}%",
+              *([_new_share(b), f"{b['weight_share']:.1f}%"] if sampled else []),
+              b["flows"], b["active_flows"]] for b in rows]
+    interval = next((b["interval_s"] for b in rows if "interval_s" in b), 0)
     return tabulate(table, headers=["VIP", "BACKEND", "WEIGHT", "HEALTH", "LAST CHECK",
-                                    "SHARE", "FLOWS", "ACTIVE"], tablefmt="plain")
+                                    "SHARE",
+                                    *([f"NEW/{interval:g}s", "BY WEIGHT"] if sampled else []),
+                                    "FLOWS", "ACTIVE"], tablefmt="plain")
+
+
+def _new_share(b: dict[str, Any]) -> str:
+    """New flows in the interval and their share of the VIP's, HOT when far above the
+    weight's share (inspect/backends.py)."""
+    if b["new_flow_share"] is None:
+        return f"{b['new_flows_interval']} (-)"
+    return (f"{b['new_flows_interval']} ({b['new_flow_share']:.1f}%)"
+            + (" HOT" if b["hot"] else ""))
 
 
 def _flow_mode(f: dict[str, Any]) -> str:
@@ -117,8 +131,11 @@ def render_trace(t: dict[str, Any]) -> str:
         why = (f"tracked flow to {be}, age {fmt_seconds(f['age_s'])}, idle "
                f"{fmt_seconds(f['idle_s'])}, {f['tcp_state']}, {_flow_mode(f)}")
     elif d in ("new", "rebalanced") and m:
-        why = (f"hash {m['hash']:#010x} (seed {m['seed']}) % {m['ring_size']} = slot "
-               f"{m['slot']}, owned by {be}")
+        sched = m.get("scheduler", "maglev")
+        what = (f"turn {m['hash']}" if sched in ("wrr", "rr") else
+                f"{'client address ' if sched == 'source-hash' else ''}hash {m['hash']:#010x} "
+                f"(seed {m['seed']}{' ^ random salt' if sched == 'random' else ''})")
+        why = f"{sched}: {what} % {m['ring_size']} = slot {m['slot']}, owned by {be}"
         if d == "rebalanced" and f.get("udp_idle_over"):
             why = (f"tracked flow idle {fmt_seconds(f['idle_s'])}, over "
                    f"flows.udp_idle_timeout: a new flow: {why}")

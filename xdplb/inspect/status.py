@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from xdplb.abi.layout import layout_version
-from xdplb.inspect.catalog import Catalog, mode_text, role_text
+from xdplb.inspect.catalog import Catalog, mode_text, role_text, scheduler_name
 from xdplb.instance import pins, runfiles
 from xdplb.kernel import linkinfo
 from xdplb.kernel.maps import KernelMaps, read_counters
@@ -96,6 +96,7 @@ def _vips(maps: KernelMaps, g: pins.PinGroup | None = None) -> list[dict[str, An
         "forwarding": v.forwarding[0],
         "encap": v.forwarding[1],
         "source_ports": list(v.source_ports) if v.source_ports else None,
+        "scheduler": scheduler_name(v.scheduler),
         "backends": [{"id": b.id, "address": b.address, "port": b.port, "weight": b.weight,
                       "down": b.down, "source": b.source,
                       "backup": b.id in cat.backups}
@@ -138,13 +139,13 @@ def render(groups: list[dict[str, Any]]) -> str:
             parts.append("  pins of another xdplb build (layout differs): not read")
             continue
         rows = [
-            [f"{v['protocol']} {v['address']}:{v['port']}", _mode(v),
+            [f"{v['protocol']} {v['address']}:{v['port']}", _mode(v), v["scheduler"],
              f"{b['address']}:{b['port']}", b["source"] or "-", b["weight"],
              ("down" if b["down"] else "up") + role_text(b["backup"], v["serving"])]
             for v in g["vips"] for b in v["backends"]
         ]
-        parts.append(tabulate(rows, headers=["VIP", "MODE", "BACKEND", "SOURCE", "WEIGHT",
-                                             "STATE"], tablefmt="plain"))
+        parts.append(tabulate(rows, headers=["VIP", "MODE", "SCHEDULER", "BACKEND", "SOURCE",
+                                             "WEIGHT", "STATE"], tablefmt="plain"))
         parts += [_dns_line(v) for v in g["vips"] if v.get("dns")]
         c = {k: v for k, v in g["counters"].items() if v}
         parts.append("counters: " + (", ".join(f"{k}={v}" for k, v in c.items()) or "none"))

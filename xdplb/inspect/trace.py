@@ -23,19 +23,28 @@ from xdplb.abi.layout import (
     IF_MACS,
     MAPS,
     NO_BACKEND,
+    RANDOM_SALT,
     Flow,
     FlowKey,
     Forwarding,
+    Scheduler,
     addr4,
     coarse_ns,
 )
-from xdplb.inspect.catalog import Catalog, forwarding, read_rings, split_endpoint
+from xdplb.inspect.catalog import (
+    Catalog,
+    VipRef,
+    forwarding,
+    read_rings,
+    scheduler_name,
+    split_endpoint,
+)
 from xdplb.inspect.flowtable import STATE_NAMES
 from xdplb.inspect.reader import Reader
 from xdplb.kernel import bpfsys, xdp_link
 from xdplb.kernel.loader import compile_program
 from xdplb.kernel.maps import KernelMaps, read_counters
-from xdplb.model.hashing import flow_hash
+from xdplb.model.hashing import flow_hash, source_hash
 from xdplb.userspace.datapath import ACTIONS as VERDICTS
 from xdplb.userspace.fullnat import fnat_key, same_holder
 from xdplb.userspace.reply import reply_flow, rev_key
@@ -159,6 +168,14 @@ def _seed(maps: KernelMaps, live: Live) -> None:
         maps.update("fnat_ports", live.fnat_key, live.flow_key)
 
 
+def _seed_turn(own: Any, live_maps: KernelMaps, cat: Catalog, p: Probe) -> None:
+    """The probe's VIP's next wrr / rr turn, copied from the live counter into the trace's
+    own (the probe takes it there, not in the live program)."""
+    vip = _find_vip(cat, p)
+    if vip is not None:
+        own.update("sched_cursor", vip.id, int(live_maps.lookup("sched_cursor", vip.id) or 0))
+
+
 def _out(mode: int, address: str, port: int, p: Probe) -> str:
     """Where a forward packet of ``mode`` leaves addressed: dsr/l2 keeps the VIP (only the
     MACs change); the other modes name the backend (dsr/ipip: the outer header's)."""
@@ -185,13 +202,13 @@ def model(maps: KernelMaps, cat: Catalog, p: Probe, live: Live) -> dict[str, Any
         if be is not None and not be.down and be.vip_id == vip.id:
             return {"decision": "tracked", "backend_id": be.id,
                     "out": _out(f.mode, be.address, be.port, p)}
-    h = flow_hash(ipaddress.IPv4Address(p.src).packed, ipaddress.IPv4Address(p.dst).packed,
-                  p.sport, p.dport, p.proto, cat.seed)
+    h = _sched_key(maps, cat, vip, p)
     slot = h % vip.ring_size if vip.ring_size else 0
     table = maps.ring(vip.id, vip.ring_size)
     owner = int(table[slot]) if table is not None and slot < len(table) else NO_BACKEND
     ring = {"hash": h, "seed": cat.seed, "ring_size": vip.ring_size, "slot": slot,
-            "owner": None if owner == NO_BACKEND else owner}
+            "owner": None if owner == NO_BACKEND else owner,
+            "scheduler": scheduler_name(vip.scheduler)}
     be = cat.backends.get(owner) if owner != NO_BACKEND else None
     decision = "rebalanced" if f is not None else "new"
     if be is None or be.down or be.vip_id != vip.id:
@@ -201,6 +218,19 @@ def model(maps: KernelMaps, cat: Catalog, p: Probe, live: Live) -> dict[str, Any
         return {"decision": "drop", "reason": "drop_next_hop", "maglev": ring}
     return {"decision": decision, "backend_id": be.id, "maglev": ring,
             "out": _out(vip.mode, be.address, be.port, p)}
+
+
+def _sched_key(maps: KernelMaps, cat: Catalog, vip: VipRef, p: Probe) -> int:
+    """What the VIP's scheduler takes the slot of (bpf/sched.h): the flow hash (maglev), the
+    client address's (source-hash), the 5-tuple's with the random seed (random), or the
+    VIP's next turn (wrr, rr: as the counter stands now)."""
+    src, dst = ipaddress.IPv4Address(p.src).packed, ipaddress.IPv4Address(p.dst).packed
+    if vip.scheduler == Scheduler.SOURCE_HASH:
+        return source_hash(src, cat.seed)
+    if vip.scheduler in (Scheduler.WRR, Scheduler.RR):
+        return int(maps.lookup("sched_cursor", vip.id) or 0)
+    seed = cat.seed ^ RANDOM_SALT if vip.scheduler == Scheduler.RANDOM else cat.seed
+    return flow_hash(src, dst, p.sport, p.dport, p.proto, seed)
 
 
 def _udp_idle_over(cat: Catalog, p: Probe, f: Flow, now: int) -> bool:
@@ -238,6 +268,7 @@ def run_bpf(r: Reader, p: Probe, live: Live) -> dict[str, Any]:
     try:
         own = KernelMaps(program.map_fds, own=False)
         _seed(own, live)
+        _seed_turn(own, r.maps, r.catalog, p)
         ingress = _ingress(r, live)
         frame = p.frame(_tcp_flags(live), _own_mac(r.maps, ingress))
         before = read_counters(own)
@@ -289,6 +320,7 @@ def scapy_model(r: Reader, p: Probe, live: Live, ingress: str) -> dict[str, Any]
     for vid, ring in read_rings(r.maps, cat).items():
         um.put_ring(vid, ring)
     _seed(um, live)
+    _seed_turn(um, r.maps, cat, p)
     fib = Fib()
     try:
         before = read_counters(um)

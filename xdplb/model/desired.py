@@ -1,4 +1,6 @@
-"""Config -> desired state: VIP and backend ids, and each VIP's Maglev ring.
+"""Config -> desired state: VIP and backend ids, and each VIP's ring: a Maglev table
+(schedulers maglev, source-hash), its turn sequence (wrr, rr, random: model/sequence.py) or
+its serving backends (least-conn).
 
 Ids index the BPF arrays, and a tracked flow stores its backend's id, so ids must stay
 stable across reloads and restarts: they are allocated against what the maps already hold
@@ -17,15 +19,17 @@ import numpy as np
 
 from xdplb.abi.codec import PROTO_NAMES, PROTOCOLS
 from xdplb.abi.layout import (
+    LC_MAX_BACKENDS,
     MAX_BACKENDS,
     MAX_VIPS,
     NO_BACKEND,
     REV_ANY_PORT,
     REV_TARGETS,
     Forwarding,
+    Scheduler,
 )
 from xdplb.config import Config
-from xdplb.model import maglev
+from xdplb.model import maglev, sequence
 
 Service = tuple[str, int, int]  # (address, port, ip proto): what a VIP serves
 BackendKey = tuple[int, str, int]  # (vip id, address, target port)
@@ -65,6 +69,7 @@ class DesiredVip:
     mode: Forwarding = Forwarding.NAT
     source: str | None = None  # fullnat: the configured source; None: toward each backend
     ports: tuple[int, int] = (0, 0)  # fullnat: first and last source port
+    scheduler: Scheduler = Scheduler.MAGLEV
 
     @property
     def serving(self) -> str:
@@ -83,7 +88,7 @@ class DesiredVip:
 
     @property
     def ring_size(self) -> int:
-        """Slots of the VIP's Maglev ring (its table size)."""
+        """Slots of the VIP's ring (its Maglev table size, or its sequence's length)."""
         return len(self.ring)
 
 
@@ -149,6 +154,10 @@ def _allocate(wanted: list, taken: dict, limit: int, what: str) -> dict:
 MODES = {"nat": Forwarding.NAT, "fullnat": Forwarding.FULLNAT, "dsr-l2": Forwarding.DSR_L2,
          "dsr-ipip": Forwarding.DSR_IPIP}
 MODE_NAMES = {m: name for name, m in MODES.items()}
+SCHEDULERS = {"maglev": Scheduler.MAGLEV, "source-hash": Scheduler.SOURCE_HASH,
+              "wrr": Scheduler.WRR, "rr": Scheduler.RR, "random": Scheduler.RANDOM,
+              "least-conn": Scheduler.LEAST_CONN}
+SCHEDULER_NAMES = {s: name for name, s in SCHEDULERS.items()}
 
 
 def serving(backends: tuple[DesiredBackend, ...]) -> str:
@@ -197,19 +206,36 @@ def desired_state(
             bes.append(DesiredBackend(backend_ids[bk], bk[1], bk[2], weight, label in down,
                                       b.backup))
         # Only the serving set is in the ring; the others keep their ids and tracked flows.
-        backups = serving(tuple(bes)) == "backup"
-        table = maglev.build_table(
-            [(b.maglev_key, b.weight if b.up and b.backup == backups else 0) for b in bes],
-            cfg.table_size_of(v), seed)
-        ids = np.array([b.backend_id for b in bes] + [NO_BACKEND], dtype=np.uint32)
-        ring = ids[np.where(table < 0, len(bes), table)]
-        vips.append(DesiredVip(vid, v.name, vk[0], vk[1], vk[2], tuple(bes), ring,
+        sched = SCHEDULERS[v.scheduler]
+        vips.append(DesiredVip(vid, v.name, vk[0], vk[1], vk[2], tuple(bes),
+                               _ring(bes, sched, cfg.table_size_of(v), seed),
                                MODES[v.mode], None if v.source is None else str(v.source),
-                               v.port_range if v.forwarding == "fullnat" else (0, 0)))
+                               v.port_range if v.forwarding == "fullnat" else (0, 0), sched))
     state = DesiredState(tuple(vips), seed, cfg.flows.next_hop_cache_ms * 1_000_000,
                          round(cfg.flows.udp_idle_timeout * 1e9), cfg.flows.new_flow_rate_limit)
     _check_reverse(state)
     return state
+
+
+def _ring(bes: list[DesiredBackend], sched: Scheduler, table_size: int, seed: int
+          ) -> np.ndarray:
+    """A VIP's ring over its serving set: backend id per slot (NO_BACKEND: none)."""
+    backups = serving(tuple(bes)) == "backup"
+    weights = [b.weight if b.up and b.backup == backups else 0 for b in bes]
+    ids = np.array([b.backend_id for b in bes] + [NO_BACKEND], dtype=np.uint32)
+    if sched in (Scheduler.MAGLEV, Scheduler.SOURCE_HASH):
+        table = maglev.build_table([(b.maglev_key, w) for b, w in zip(bes, weights, strict=True)],
+                                   table_size, seed)
+        return ids[np.where(table < 0, len(bes), table)]
+    if sched == Scheduler.LEAST_CONN:  # the serving backends, one slot each (config checks
+        # LC_MAX_BACKENDS; DNS may find more: the pick compares the first ones)
+        turns = sequence.round_robin(weights)[:LC_MAX_BACKENDS]
+    elif sched == Scheduler.RR:
+        turns = sequence.round_robin(weights)
+    else:
+        turns = sequence.smooth_wrr(weights)
+    # No serving backend: one empty slot (a ring of 0 slots would not be a map)
+    return ids[np.array(turns or [len(bes)], dtype=np.int64)]
 
 
 def ring_slots(state: DesiredState) -> dict[int, int]:

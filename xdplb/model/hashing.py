@@ -74,6 +74,12 @@ def flow_hash(saddr: bytes, daddr: bytes, sport: int, dport: int, proto: int, se
     return murmur3_32(flow_hash_bytes(saddr, daddr, sport, dport, proto), seed)
 
 
+def source_hash(saddr: bytes, seed: int) -> int:
+    """Hash of the client address alone (scheduler source-hash), identical to
+    ``xl_source_hash`` in bpf/hash.h."""
+    return murmur3_32(saddr[:4], seed)
+
+
 def _rotl32_np(x: np.ndarray, r: int) -> np.ndarray:
     return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
 

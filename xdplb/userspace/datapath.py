@@ -22,9 +22,11 @@ from xdplb.abi.layout import (
     FNAT_TRIES,
     IF_MACS,
     IPIP_OVERHEAD,
+    LC_MAX_BACKENDS,
     NO_BACKEND,
     NO_TX_SLOT,
     OUTER_TTL,
+    RANDOM_SALT,
     RATE_WINDOW_NS,
     Backend,
     BackendFlag,
@@ -34,12 +36,13 @@ from xdplb.abi.layout import (
     Forwarding,
     NextHop,
     RevTarget,
+    Scheduler,
     Stat,
     TcpState,
     VipInfo,
     coarse_ns,
 )
-from xdplb.model.hashing import addr_slot, flow_hash
+from xdplb.model.hashing import addr_slot, flow_hash, source_hash
 from xdplb.userspace import csum
 from xdplb.userspace.fib import FRAG_NEEDED, LOOPBACK_IFINDEX, SUCCESS, Fib
 from xdplb.userspace.fullnat import fnat_key, htons, same_holder
@@ -92,6 +95,7 @@ _FAMILY = bytes((FAMILY_IPV4,))
 _NAT, _FULLNAT = Forwarding.NAT, Forwarding.FULLNAT
 _DSR_L2, _DSR_IPIP = Forwarding.DSR_L2, Forwarding.DSR_IPIP
 _IPPROTO_IPIP = 4
+_U64 = (1 << 64) - 1
 
 
 class Outcome(NamedTuple):
@@ -198,7 +202,8 @@ class PyDatapath:
         self.maglev, self.flows, self.rev_nat = t["maglev"], t["flows"], t["rev_nat"]
         self.fnat_ports, self.fnat_cursor = t["fnat_ports"], t["fnat_cursor"]
         self.half_open, self.if_macs = t["half_open"], t["if_macs"]
-        self.new_flow_rate = t["new_flow_rate"]
+        self.new_flow_rate, self.sched_cursor = t["new_flow_rate"], t["sched_cursor"]
+        self.conns, self.conns_unseen = t["conns"], t["conns_unseen"]
         self.tracked = _Tracked(self.flows, self.half_open)
         self.tx_ports, self.tx_devs, self.meta = t["tx_ports"], t["tx_devs"], t["meta"]
         self.counters, self.vip_stats = t["counters"], t["vip_stats"]
@@ -470,12 +475,13 @@ class PyDatapath:
         if self._ttl_expired(buf, p):
             return self._time_exceeded(buf, p, ingress)
         saddr, daddr, sport, dport = fk[:4], fk[4:8], fk[8:10], fk[10:12]
+        seed = self.meta.ref(_ZERO).seed
         h = flow_hash(saddr, daddr, int.from_bytes(sport, "big"), int.from_bytes(dport, "big"),
-                      p.proto, self.meta.ref(_ZERO).seed)
+                      p.proto, seed)
         # The VIP's own ring; a slot outside it (ring_size naming a ring being swapped in)
         # finds no owner, as the inner map lookup fails in the BPF program
         ring = self.maglev.ring(vip.vip_id)
-        slot = h % vip.ring_size if vip.ring_size else 0
+        slot = self._sched_slot(vip, fk, h, seed)
         owner = int(ring[slot]) if ring is not None and vip.ring_size and slot < len(ring) \
             else None
         if owner is None or owner == NO_BACKEND:
@@ -513,6 +519,50 @@ class PyDatapath:
             self.flows.remove(fk)
         return verdict
 
+    def _sched_slot(self, vip: VipInfo, fk: bytes, h: int, seed: int) -> int:
+        """xl_sched_slot (bpf/sched.h): the ring slot the VIP's scheduler gives a new flow."""
+        size = vip.ring_size
+        if not size:
+            return 0
+        sched = vip.scheduler
+        if sched == Scheduler.LEAST_CONN:
+            return self._least_conn(vip.vip_id, size)
+        if sched == Scheduler.SOURCE_HASH:
+            return source_hash(fk[:4], seed) % size
+        if sched in (Scheduler.WRR, Scheduler.RR):
+            turn = self.sched_cursor.ref(key_bytes(vip.vip_id))
+            if turn is None:
+                return 0
+            n = turn.value
+            turn.value = (n + 1) & _U64  # __sync_fetch_and_add on a u64
+            return n % size
+        if sched == Scheduler.RANDOM:
+            return flow_hash(fk[:4], fk[4:8], int.from_bytes(fk[8:10], "big"),
+                             int.from_bytes(fk[10:12], "big"), fk[12], seed ^ RANDOM_SALT) % size
+        return h % size
+
+    def _least_conn(self, vip_id: int, size: int) -> int:
+        """xl_least_conn: the slot of the ring's backend with the fewest open connections
+        per weight (conns - conns_unseen), the first of equals, over at most
+        LC_MAX_BACKENDS slots."""
+        ring = self.maglev.ring(vip_id)
+        if ring is None:
+            return 0
+        best, best_conns, best_weight = 0, 0, 0
+        for i in range(min(size, LC_MAX_BACKENDS)):
+            if i >= len(ring):  # the inner map lookup fails past the ring's words
+                break
+            bid = int(ring[i]) & 0xFFFF
+            be = self.backends.ref(key_bytes(bid))
+            c, u = self.conns.ref(key_bytes(bid)), self.conns_unseen.ref(key_bytes(bid))
+            if be is None or c is None or u is None or not be.weight:
+                continue
+            open_ = (c.value - u.value) & _U64
+            n = open_ if open_ < 1 << 63 else 0  # signed: below zero counts as none
+            if not best_weight or n * best_weight < best_conns * be.weight:
+                best, best_conns, best_weight = i, n, be.weight
+        return best
+
     def _flow_seen(self, f: Flow | None, buf: bytearray, p: Pkt, now: int, reply: bool
                    ) -> NextHop | None:
         """xl_flow_seen: one packet of a tracked flow (None: none), one direction: last seen,
@@ -539,6 +589,9 @@ class PyDatapath:
                     s.closed += 1
                 else:
                     s.opened += 1
+        c = self.conns.ref(key_bytes(f.backend_id))  # least-conn's shared count
+        if c is not None:
+            c.value = (c.value + (-1 if closed else 1)) & _U64
 
     def _insert_allowed(self, now: int) -> bool:
         """xl_insert_allowed: under meta.new_flows_per_cpu new flows in this window."""
