@@ -77,6 +77,8 @@ HOP_PAIRS = {"new_flow": ("baseline_insert_fib", 1.2)}
 # The other forwarding modes: one port each on MODE_VIP, same backends.
 MODE_VIP = "10.200.0.40"
 MODES = (("fullnat", 80), ("dsr_l2", 81), ("dsr_ipip", 82))
+# A nat VIP per scheduler besides maglev, on the web VIP's address: (scheduler, port)
+SCHEDULERS = (("source-hash", 90), ("wrr", 91), ("rr", 92), ("random", 93), ("least-conn", 94))
 # fullnat's source ports, below the LB namespace's ip_local_port_range (set to LOCAL_PORTS).
 FNAT_PORTS, LOCAL_PORTS = "1024-60999", "61000 65535"
 # fullnat new flows per measurement: ~5,000 per backend in 59,976 ports, so that the port
@@ -93,6 +95,7 @@ FNAT_TOLERANCE = 0.01
 MODE_PAIRS = {f"{kind}_{mode}": kind for mode, _ in MODES for kind in ("established", "new_flow")}
 MODE_PAIRS |= {f"new_flow_{mode}_empty": "new_flow_empty" for mode, _ in MODES}
 MODE_PAIRS["reply_fullnat"] = "reply"
+MODE_PAIRS |= {f"new_flow_{s.replace('-', '_')}": "new_flow" for s, _ in SCHEDULERS}
 MODE_PAIRS["baseline_encap"] = "baseline"
 # maglev and flows at their defaults: M = 65537, 1,000,000 tracked flows
 CONFIG = pool_yaml(
@@ -100,7 +103,8 @@ CONFIG = pool_yaml(
     Vip("fullnat", 80, (BE1, BE2), address=MODE_VIP, forwarding="fullnat",
         source_ports=FNAT_PORTS),
     Vip("dsr-l2", 81, (BE1, BE2), address=MODE_VIP, forwarding="dsr", encap="l2"),
-    Vip("dsr-ipip", 82, (BE1, BE2), address=MODE_VIP, forwarding="dsr", encap="ipip"))
+    Vip("dsr-ipip", 82, (BE1, BE2), address=MODE_VIP, forwarding="dsr", encap="ipip"),
+    *(Vip(s, port, (BE1, BE2), scheduler=s) for s, port in SCHEDULERS))
 
 def frame(src_mac: str, dst_mac: str, src: str, dst: str, sport: int, dport: int,
           flags: str) -> bytes:
@@ -308,6 +312,9 @@ def measure(lab: Lab, repeat: int, runs: int) -> dict:
                  tracked="dsr_ipip"),
             Case("new_flow_dsr_ipip", xdp, mode_new["dsr_ipip"], TX, new | encap,
                  new_flow=True),
+            *(Case(f"new_flow_{s.replace('-', '_')}", xdp,
+                   frame(c_mac, lb_mac, lab.client_addr, VIP, SPORT + 2, port, "S"), TX, new,
+                   new_flow=True) for s, port in SCHEDULERS),
             Case("baseline_direct", base["baseline"], est, TX, harness=False),
             Case("baseline_lookup_direct", base["baseline_lookup"], est, TX, harness=False),
             Case("baseline_fib_direct", base["baseline_fib"], to_backend, TX, harness=False),

@@ -112,6 +112,24 @@ def perpacket_modes(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+SCHEDULER_NAMES = ("source-hash", "wrr", "rr", "random", "least-conn")
+
+
+def perpacket_schedulers(r: dict[str, Any]) -> str:
+    """A new flow's cost per scheduler, next to maglev's (nat, same run and rounds)."""
+    cases, vs = r["cases"], r.get("mode_ratios", {})
+    keys = [(s, f"new_flow_{s.replace('-', '_')}") for s in SCHEDULER_NAMES]
+    if not all(k in cases for _, k in keys):
+        return "Not measured in this run (bench/perpacket.py before the schedulers)."
+    out = ["| scheduler (nat VIP, 2 backends) | new flow ns/packet | x maglev |",
+           "|---|---:|---:|", f"| maglev (default) | {cases['new_flow']['ns']:.0f} | 1.0 |"]
+    out += [f"| {s} | {cases[k]['ns']:.0f} | {_n(vs.get(k), 2)} |" for s, k in keys]
+    out += ["", "\"x maglev\" is the median of the ratios within each round. wrr and rr add "
+            "one atomic add on the VIP's shared counter, least-conn a loop over the VIP's "
+            "serving backends (three lookups each) and atomic counts at each open and close."]
+    return "\n".join(out)
+
+
 E2E_HEAD = ("| peer | UDP packets/s out of the LB | xdplb native / peer | CPU ns per packet "
             "| UDP packets/s at the backends | xdplb native / peer | TCP Gbit/s "
             "| TCP download Gbit/s | new TCP conn/s | CPU µs per conn |\n"
@@ -359,7 +377,8 @@ def main() -> int:
     cv = load("convergence")
     plot(ee)
     parts = {"machine": machine(ee["machine"]), "perpacket": perpacket(pp),
-             "perpacket_modes": perpacket_modes(pp), "e2e": e2e(ee),
+             "perpacket_modes": perpacket_modes(pp),
+             "perpacket_schedulers": perpacket_schedulers(pp), "e2e": e2e(ee),
              "e2e_directions": e2e_directions(ee),
              "controlplane": controlplane(cp), "footprint": footprint(fp),
              "scale": scale(sc), "convergence": convergence(cv),
