@@ -85,6 +85,9 @@ class Nodes:
         todo = [ns for ns in self.lab.node_ns if not self.running(ns)]
         for ns in todo:  # a node a test took dark: light it again, nothing of it left
             self.lab.run(ns, "ip", "link", "set", "eth0", "up")
+            # the link going down took the node's default route with it
+            self.lab.run(ns, "ip", "route", "replace", "default", "via",
+                         self.lab.router_backend_addr)
             xdplb(ns, "detach", "eth0", check=False)
         with ThreadPoolExecutor(len(todo) or 1) as ex:
             list(ex.map(self.start, todo))
