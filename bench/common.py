@@ -143,3 +143,24 @@ def private_instance(prefix: str) -> Iterator[Path]:
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def loaded_program(cfg: Any, pin_dir: Path | None) -> tuple[Any, Any, Any]:
+    """The real program compiled for ``cfg`` (maps pinned in ``pin_dir``) and its maps filled
+    by MapSync as the agent does: (program, maps, desired state). Close the program."""
+    from xdplb.agent.mapsync import MapSync
+    from xdplb.kernel.loader import compile_program
+    from xdplb.kernel.maps import KernelMaps
+    from xdplb.model.desired import desired_state
+
+    program = compile_program(cfg.flows.max_entries, pin_dir)
+    try:
+        maps = KernelMaps(program.map_fds, own=False)
+        sync = MapSync(maps)
+        state = desired_state(cfg, sync.read_current())
+        sync.apply(state, sync.read_current())
+    except BaseException:
+        program.close()
+        raise
+    return program, maps, state
+

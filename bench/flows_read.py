@@ -119,13 +119,9 @@ def main() -> int:
 
 def run(n: int, run_dir: Path) -> int:
     from xdplb.abi.layout import Flow, FlowKey, coarse_ns
-    from xdplb.agent.mapsync import MapSync
     from xdplb.config import parse_config
     from xdplb.instance import pins, runfiles
     from xdplb.kernel import bulk
-    from xdplb.kernel.loader import compile_program
-    from xdplb.kernel.maps import KernelMaps
-    from xdplb.model.desired import desired_state
 
     pool = run_dir / "pool.yaml"
     # Room for every flow: the LRU never evicts.
@@ -133,12 +129,8 @@ def run(n: int, run_dir: Path) -> int:
     cfg = parse_config(pool.read_text(), str(pool))
     group = pins.group_for([IFACE])
     t0 = time.perf_counter()
-    program = compile_program(cfg.flows.max_entries, group.path)
+    program, maps, state = common.loaded_program(cfg, group.path)
     try:
-        maps = KernelMaps(program.map_fds, own=False)
-        sync = MapSync(maps)
-        state = desired_state(cfg, sync.read_current())
-        sync.apply(state, sync.read_current())
         # A live agent as far as readers can tell: VIP names resolve from its config.
         runfiles.write_json(group, runfiles.AGENT_FILE, {"pid": os.getpid(),
                                                          "config": str(pool)})

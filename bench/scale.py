@@ -32,7 +32,7 @@ from typing import Any
 import common  # noqa: F401 (first: puts the lab modules on sys.path)
 
 # isort: split
-from common import private_instance, save
+from common import loaded_program, private_instance, save
 from flows_read import fill, synthetic_flows
 from pools import WEB, Vip, pool_yaml
 
@@ -87,23 +87,16 @@ def scrape_at(n: int, runs: int, results: dict[str, Any]) -> None:
 
     from xdplb.abi.layout import Flow, FlowKey, coarse_ns
     from xdplb.agent import flowsweep, metrics
-    from xdplb.agent.mapsync import MapSync
     from xdplb.config import parse_config
     from xdplb.inspect import backends, stats
     from xdplb.inspect.reader import Reader
     from xdplb.instance import pins, runfiles
-    from xdplb.kernel.loader import compile_program
-    from xdplb.kernel.maps import KernelMaps
-    from xdplb.model.desired import desired_state, ring_slots
+    from xdplb.model.desired import ring_slots
 
     group = pins.group_for([IFACE])
     cfg = parse_config(pool_yaml(WEB, flows={"max_entries": n + n // 10}), "pool.yaml")
-    program = compile_program(cfg.flows.max_entries, group.path)
+    program, maps, state = loaded_program(cfg, group.path)
     try:
-        maps = KernelMaps(program.map_fds, own=False)
-        sync = MapSync(maps)
-        state = desired_state(cfg, sync.read_current())
-        sync.apply(state, sync.read_current())
         # A live agent as far as readers can tell: what it publishes at each apply
         runfiles.write_json(group, runfiles.AGENT_FILE, {"pid": os.getpid()})
         runfiles.write_json(group, runfiles.SLOTS_FILE, {"generation": 1,
